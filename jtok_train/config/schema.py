@@ -1,0 +1,304 @@
+"""Structured config schemas. Hydra composes YAML from ``configs/`` onto these dataclasses, so an
+unknown key or a wrongly typed value fails at composition; ``validate`` then checks the values
+against each other and names the offending key and the fix.
+
+Field docstrings (the string after each field) are the documentation ``jtok-train --help`` shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+__all__ = [
+    "ModelConfig",
+    "JTokConfig",
+    "ParallelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "RunConfig",
+    "ConfigError",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    "Config name (for logs and checkpoints)."
+    num_layers: int = MISSING
+    "Transformer layers (N_l)."
+    hidden_size: int = MISSING
+    "Model width d."
+    num_attention_heads: int = MISSING
+    "Attention heads."
+    num_query_groups: Optional[int] = None
+    "Key/value heads for grouped-query attention (None = multi-head)."
+    ffn_hidden_size: int = MISSING
+    "Dense MLP width (ignored by MoE layers, which use moe_ffn_hidden_size)."
+    vocab_size: int = MISSING
+    "Vocabulary size of the model and of the JTok tables (must cover the tokenizer's)."
+    seq_length: int = 2048
+    "Training sequence length."
+    gated_linear_unit: bool = True
+    "SwiGLU MLPs (Megatron-typical; the paper does not say)."
+    normalization: str = "RMSNorm"
+    "RMSNorm or LayerNorm."
+    layernorm_epsilon: float = 1e-6
+    "Epsilon of the backbone norms."
+    position_embedding_type: str = "rope"
+    "rope or learned_absolute."
+    rotary_base: int = 10000
+    "RoPE base."
+    untie_embeddings_and_output_weights: bool = True
+    "Separate output projection (True) or tied to the input embedding (False)."
+    init_method_std: float = 0.02
+    "Std of the backbone's weight init."
+    num_experts: Optional[int] = None
+    "Routed experts per layer; None = dense MLP backbone."
+    moe_ffn_hidden_size: Optional[int] = None
+    "Width of each routed expert."
+    moe_router_topk: int = 2
+    "Experts per token."
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    "Total width of the shared expert(s) (None = no shared expert)."
+    moe_aux_loss_coeff: float = 1e-2
+    "Megatron MoE load-balancing loss coefficient."
+    moe_token_dispatcher_type: str = "alltoall"
+    "Megatron token dispatcher: alltoall or allgather."
+    moe_router_score_function: str = "softmax"
+    "MoE router score function (softmax or sigmoid)."
+
+
+@dataclass
+class JTokConfig:
+    variant: str = "none"
+    "none (backbone alone), jtok (static gate on the FFN increment) or jtokm (routed mixture residual)."
+    num_sets: int = 1
+    "n_e: rows per token per layer (JTok: 1; JTok-M main runs: 5)."
+    top_k: int = 1
+    "K: rows blended per position (JTok-M main runs: 2, rho = K/n_e = 0.4)."
+    eps: float = 1e-6
+    "eps in normalize(u) = u / (||u||_2 + eps)."
+    scale_init: float = 0.0
+    "Initial value of the per-dimension scale s_l (0: the module starts as an identity)."
+    table_init_std: float = 1.0
+    "Std of the N(0, std^2) table init (normalize() removes the scale; only non-degeneracy matters)."
+    router_init_std: float = 0.02
+    "Std of JTok-M's router R_l init."
+    router_norm_eps: float = 1e-6
+    "Epsilon of JTok-M's router RMSNorm."
+    aux_loss_coeff: float = 1e-4
+    "lambda of JTok-M's load-balancing loss."
+    aux_prob: str = "sigmoid"
+    "P_i of the aux loss: sigmoid scores normalised over n_e (default) or softmax of the logits."
+    depth_scaling: bool = True
+    "JTok-M's 1/sqrt(2 N_l) factor (the paper: essential)."
+    table_seed: int = 1234
+    "Seed of the tables' init and row permutation (independent of the training seed and world size)."
+    lr_mult: float = 1.0
+    "Learning-rate multiplier of the token tables' parameter group."
+    weight_decay: float = 0.1
+    "Weight decay of the token tables' parameter group."
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    "Tensor parallel size."
+    pipeline_model_parallel_size: int = 1
+    "Pipeline parallel size (JTok needs 1 for now)."
+    expert_model_parallel_size: int = 1
+    "Expert parallel size (MoE)."
+    expert_tensor_parallel_size: Optional[int] = None
+    "Tensor parallel size inside experts (None: 1 when expert parallel > 1, else the TP size)."
+    sequence_parallel: bool = False
+    "Megatron sequence parallelism (needs tensor parallel > 1)."
+    use_distributed_optimizer: bool = False
+    "Shard optimizer states over data-parallel ranks (Megatron DistributedOptimizer)."
+    embedding: str = "replicated"
+    "Token table storage: replicated (every rank holds the whole table)."
+    backend: Optional[str] = None
+    "torch.distributed backend; None picks nccl on GPU, gloo on CPU."
+
+
+@dataclass
+class DataConfig:
+    prefixes: list[str] = field(default_factory=list)
+    "Megatron indexed dataset prefixes (path without .bin/.idx)."
+    weights: Optional[list[float]] = None
+    "Blend weights, one per prefix (None: one dataset, or equal weights)."
+    tokenizer: str = MISSING
+    "Path of the tokenizer.json the data was built with."
+    split: str = "98,2,0"
+    "Train/valid/test split of each dataset, in parts."
+    cache_dir: Optional[str] = None
+    "Where Megatron caches sample indices (default: next to the data)."
+    num_workers: int = 0
+    "DataLoader worker processes."
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    "Sequences per micro-batch per data-parallel rank."
+    global_batch_size: int = 8
+    "Sequences per optimizer step over all ranks (= micro * accumulation * data-parallel size)."
+    train_iters: int = 100
+    "Optimizer steps."
+    lr: float = 3e-4
+    "Peak learning rate."
+    min_lr: float = 3e-5
+    "Final learning rate of the decay."
+    lr_schedule: str = "cosine"
+    "cosine or wsd (warmup-stable-decay)."
+    warmup_fraction: float = 0.05
+    "Share of train_iters spent in linear warmup."
+    wsd_decay_fraction: float = 0.2
+    "wsd: share of train_iters spent in the final decay."
+    wsd_decay_style: str = "linear"
+    "wsd: shape of the final decay (linear, cosine, exponential, minus_sqrt)."
+    weight_decay: float = 0.1
+    "AdamW weight decay of the backbone."
+    adam_beta1: float = 0.9
+    "AdamW beta1."
+    adam_beta2: float = 0.95
+    "AdamW beta2."
+    adam_eps: float = 1e-8
+    "AdamW epsilon."
+    clip_grad: float = 1.0
+    "Gradient clipping by global norm."
+    precision: str = "fp32"
+    "fp32 or bf16 (bf16 params with fp32 main weights in the optimizer)."
+    seed: int = 1234
+    "Training seed (data order, dropout)."
+    eval_interval: int = 0
+    "Validate every N steps (0: only at the end)."
+    eval_iters: int = 10
+    "Validation micro-batches per data-parallel rank."
+    log_interval: int = 1
+    "Log metrics every N steps."
+    run_dir: str = "runs/default"
+    "Run directory (checkpoints, resolved config, metrics)."
+    save: bool = True
+    "Save a checkpoint at the end."
+    save_interval: int = 0
+    "Save every N steps (0: only at the end)."
+    threads: int = 0
+    "torch intra-op threads per rank (0: cores / local ranks)."
+    progress: bool = True
+    "Console progress bar."
+    peak_flops: float = 0.0
+    "Per-rank peak FLOP/s for MFU (0: auto, a nominal CPU figure on CPU)."
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    "Log to Weights & Biases."
+    wandb_mode: str = "offline"
+    "offline (default; sync later with `wandb sync`) or online."
+    wandb_project: str = "jtok-train"
+    "W&B project."
+    metrics_file: bool = True
+    "Write metrics.jsonl in the run directory."
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    jtok: JTokConfig = field(default_factory=JTokConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _need(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: {expected}")
+
+
+def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
+    """Check values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
+    (dataclass or OmegaConf node)."""
+    m, j, p, t = cfg.model, cfg.jtok, cfg.parallel, cfg.train
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
+        _need(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")
+    _need(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads", m.num_attention_heads,
+          f"must divide model.hidden_size={m.hidden_size}")
+    if m.num_query_groups is not None:
+        _need(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
+              "model.num_query_groups", m.num_query_groups, f"must divide num_attention_heads={m.num_attention_heads}")
+    _need(m.normalization in ("RMSNorm", "LayerNorm"), "model.normalization", m.normalization, "RMSNorm or LayerNorm")
+    _need(m.position_embedding_type in ("rope", "learned_absolute"), "model.position_embedding_type",
+          m.position_embedding_type, "rope or learned_absolute")
+    if m.num_experts is not None:
+        _need(m.num_experts > 0, "model.num_experts", m.num_experts, "must be positive (or null for a dense MLP)")
+        _need(m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size > 0, "model.moe_ffn_hidden_size",
+              m.moe_ffn_hidden_size, "must be a positive integer for an MoE backbone")
+        _need(1 <= m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
+              f"must be in [1, num_experts={m.num_experts}]")
+        _need(m.moe_token_dispatcher_type in ("alltoall", "allgather"), "model.moe_token_dispatcher_type",
+              m.moe_token_dispatcher_type, "alltoall or allgather")
+
+    _need(j.variant in ("none", "jtok", "jtokm"), "jtok.variant", j.variant, "none, jtok or jtokm")
+    if j.variant != "none":
+        _need(j.num_sets >= 1, "jtok.num_sets", j.num_sets, "must be >= 1")
+        _need(1 <= j.top_k <= j.num_sets, "jtok.top_k", j.top_k, f"K must be in [1, jtok.num_sets={j.num_sets}]")
+        if j.variant == "jtok":
+            _need(j.num_sets == 1 and j.top_k == 1, "jtok.num_sets", j.num_sets,
+                  "static JTok has one row per token per layer (num_sets=1, top_k=1); use jtok=jtokm for a mixture")
+        _need(j.eps > 0, "jtok.eps", j.eps, "must be > 0")
+        _need(j.table_init_std > 0, "jtok.table_init_std", j.table_init_std, "must be > 0")
+        _need(j.aux_loss_coeff >= 0, "jtok.aux_loss_coeff", j.aux_loss_coeff, "must be >= 0")
+        _need(j.aux_prob in ("sigmoid", "softmax"), "jtok.aux_prob", j.aux_prob, "sigmoid or softmax")
+        _need(j.lr_mult > 0, "jtok.lr_mult", j.lr_mult, "must be > 0")
+        _need(p.pipeline_model_parallel_size == 1, "parallel.pipeline_model_parallel_size",
+              p.pipeline_model_parallel_size, "JTok does not support pipeline parallelism yet; use 1")
+
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
+    _need(p.embedding in ("replicated",), "parallel.embedding", p.embedding, "replicated")
+    if p.sequence_parallel:
+        _need(p.tensor_model_parallel_size > 1, "parallel.sequence_parallel", True,
+              "needs parallel.tensor_model_parallel_size > 1")
+    if p.expert_model_parallel_size > 1:
+        _need(m.num_experts is not None and m.num_experts % p.expert_model_parallel_size == 0,
+              "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
+              f"needs an MoE model whose num_experts ({m.num_experts}) it divides")
+    if p.tensor_model_parallel_size > 1:
+        _need(m.num_attention_heads % p.tensor_model_parallel_size == 0, "parallel.tensor_model_parallel_size",
+              p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")
+
+    for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
+        _need(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be a positive integer")
+    _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
+    _need(t.lr_schedule in ("cosine", "wsd", "constant"), "train.lr_schedule", t.lr_schedule, "cosine, wsd or constant")
+    _need(0 <= t.warmup_fraction < 1, "train.warmup_fraction", t.warmup_fraction, "must be in [0, 1)")
+    _need(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in (0, 1]")
+    _need(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32 or bf16")
+    _need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0")
+    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+
+    if world_size is not None:
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        _need(world_size % mp == 0, "parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
+              f"TP x PP = {mp} must divide the world size {world_size}")
+        dp = world_size // mp
+        _need(dp % p.expert_model_parallel_size == 0 or p.expert_model_parallel_size % dp == 0,
+              "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
+              f"incompatible with data-parallel size {dp} (world {world_size})")
+        per_step = t.micro_batch_size * dp
+        _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+              f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    if tokenizer_vocab is not None:
+        _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,
+              f"smaller than the tokenizer's vocabulary ({tokenizer_vocab}); set model.vocab_size>={tokenizer_vocab}")

@@ -1,0 +1,183 @@
+"""Build the GPT model: Megatron-Core's GPTModel, plus JTok / JTok-M when the config asks for it.
+
+With ``jtok.variant=none`` the result *is* Megatron's GPTModel built from Megatron's own spec, so the
+backbone alone is exactly what Megatron trains. Otherwise ``JTokGPTModel`` (a GPTModel subclass)
+owns a token-row provider and looks up the micro-batch's rows before running the layers.
+
+Megatron's parallel state must be initialised before building (see ``jtok_train.compat``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from jtok_train.model.layer import jtok_module_spec, with_jtok
+from jtok_train.model.token_table import ReplicatedTokenTable, TokenRowProvider, TokenRowsContext
+
+__all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_token_table"]
+
+
+class JTokGPTModel(GPTModel):
+    """GPTModel whose layers add JTok / JTok-M; ``token_table`` provides the rows per micro-batch."""
+
+    def __init__(self, *args: Any, token_table: TokenRowProvider, token_context: TokenRowsContext, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.token_table = token_table
+        self.token_context = token_context
+
+    def forward(self, input_ids, position_ids, attention_mask, *args: Any, **kwargs: Any):
+        self.token_context.current = self.token_table.lookup(input_ids)
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self.token_context.current = None
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return getattr(cfg, key, default)
+
+
+def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
+    """Megatron TransformerConfig from a RunConfig (model + parallel + train.precision)."""
+    m, p = cfg.model, cfg.parallel
+    bf16 = cfg.train.precision == "bf16"
+    moe = m.num_experts is not None
+    etp = p.expert_tensor_parallel_size
+    if etp is None:
+        etp = 1 if p.expert_model_parallel_size > 1 else p.tensor_model_parallel_size
+    kw: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization=m.normalization,
+        layernorm_epsilon=m.layernorm_epsilon,
+        gated_linear_unit=m.gated_linear_unit,
+        activation_func=torch.nn.functional.silu if m.gated_linear_unit else torch.nn.functional.gelu,
+        add_bias_linear=False,           # per-expert MLPs fail with bias (DESIGN.md); modern LLMs drop it
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=etp,
+        sequence_parallel=p.sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=True,
+    )
+    if moe:
+        kw.update(
+            num_moe_experts=m.num_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss",
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_grouped_gemm=False,      # needs a CUDA-only package; per-expert MLPs everywhere for now
+        )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None) -> ReplicatedTokenTable:
+    j, m = cfg.jtok, cfg.model
+    if cfg.parallel.embedding != "replicated":
+        raise NotImplementedError(f"parallel.embedding={cfg.parallel.embedding!r} is not available yet")
+    return ReplicatedTokenTable(
+        vocab_size=m.vocab_size,
+        num_layers=m.num_layers,
+        num_sets=j.num_sets,
+        hidden_size=m.hidden_size,
+        seed=j.table_seed,
+        init_std=j.table_init_std,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None, use_te: bool = False) -> ModuleSpec:
+    """Megatron's GPT layer spec (local, or Transformer Engine on GPU), with JTok when enabled."""
+    m, j = cfg.model, cfg.jtok
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=m.num_experts, moe_grouped_gemm=m.num_experts is not None)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=m.num_experts, moe_grouped_gemm=False, normalization=m.normalization)
+    if j.variant == "none":
+        return spec
+    if token_context is None:
+        raise ValueError("a JTok layer spec needs the TokenRowsContext shared with its model")
+    if j.variant == "jtok":
+        jspec = jtok_module_spec("jtok", hidden_size=m.hidden_size, eps=j.eps, scale_init=j.scale_init)
+    else:
+        jspec = jtok_module_spec(
+            "jtokm",
+            hidden_size=m.hidden_size,
+            num_sets=j.num_sets,
+            top_k=j.top_k,
+            num_layers=m.num_layers,
+            eps=j.eps,
+            router_norm_eps=j.router_norm_eps,
+            scale_init=j.scale_init,
+            router_init_std=j.router_init_std,
+            aux_loss_coeff=j.aux_loss_coeff,
+            aux_prob=j.aux_prob,
+            depth_scaling=j.depth_scaling,
+        )
+    return with_jtok(spec, jspec, token_context)
+
+
+def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: bool = False, device: Any = None) -> GPTModel:
+    """Build the (JTok)GPTModel for ``cfg``. ``device='meta'`` builds without allocating (accounting)."""
+    m = cfg.model
+    if config is None:
+        config = build_transformer_config(cfg)
+    common = dict(
+        config=config,
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_length,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+        parallel_output=True,
+    )
+    ctx = torch.device("meta") if device == "meta" else torch.device(device) if device is not None else None
+    with ctx if ctx is not None else _nullcontext():
+        if cfg.jtok.variant == "none":
+            return GPTModel(transformer_layer_spec=build_layer_spec(cfg, use_te=use_te), **common)
+        token_context = TokenRowsContext()
+        spec = build_layer_spec(cfg, token_context, use_te=use_te)
+        table = build_token_table(cfg, dtype=torch.float32, device="meta" if device == "meta" else None)
+        model = JTokGPTModel(transformer_layer_spec=spec, token_table=table, token_context=token_context, **common)
+    for p in model.token_table.parameters():
+        p.sequence_parallel = bool(config.sequence_parallel)
+    return model
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
