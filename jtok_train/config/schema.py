@@ -75,6 +75,8 @@ class ModelConfig:
     "Megatron token dispatcher: alltoall or allgather."
     moe_router_score_function: str = "softmax"
     "MoE router score function (softmax or sigmoid)."
+    moe_router_load_balancing_type: str = "aux_loss"
+    "Megatron MoE balancing loss: aux_loss (per micro-batch over its ranks), seq_aux_loss (per sequence) or none."
 
 
 @dataclass
@@ -181,8 +183,8 @@ class TrainConfig:
     "Training seed (data order, dropout)."
     eval_interval: int = 0
     "Validate every N steps (0: only at the end)."
-    eval_iters: int = 10
-    "Validation micro-batches per data-parallel rank."
+    eval_samples: int = 64
+    "Validation sequences per evaluation, over all ranks (the same sequences at any world size)."
     log_interval: int = 1
     "Log metrics every N steps."
     run_dir: str = "runs/default"
@@ -246,6 +248,8 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
               m.moe_ffn_hidden_size, "must be a positive integer for an MoE backbone")
         _need(1 <= m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
               f"must be in [1, num_experts={m.num_experts}]")
+        _need(m.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "none"),
+              "model.moe_router_load_balancing_type", m.moe_router_load_balancing_type, "aux_loss, seq_aux_loss or none")
         _need(m.moe_token_dispatcher_type in ("alltoall", "allgather"), "model.moe_token_dispatcher_type",
               m.moe_token_dispatcher_type, "alltoall or allgather")
 
@@ -278,7 +282,7 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.num_attention_heads % p.tensor_model_parallel_size == 0, "parallel.tensor_model_parallel_size",
               p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")
 
-    for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
+    for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_samples"):
         _need(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be a positive integer")
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
     _need(t.lr_schedule in ("cosine", "wsd", "constant"), "train.lr_schedule", t.lr_schedule, "cosine, wsd or constant")
@@ -298,6 +302,8 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
               f"incompatible with data-parallel size {dp} (world {world_size})")
         per_step = t.micro_batch_size * dp
         _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+              f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        _need(t.eval_samples % per_step == 0, "train.eval_samples", t.eval_samples,
               f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
     if tokenizer_vocab is not None:
         _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,

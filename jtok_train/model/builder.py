@@ -88,7 +88,7 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
             moe_router_topk=m.moe_router_topk,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss",
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
             moe_router_score_function=m.moe_router_score_function,
             moe_grouped_gemm=False,      # needs a CUDA-only package; per-expert MLPs everywhere for now

@@ -1,0 +1,300 @@
+"""The training loop, driven through Megatron-Core: its DDP, its forward/backward schedule and its
+optimizer. The trainer knows nothing of the table layout: it builds the model, feeds micro-batches
+and steps the optimizer.
+
+Batch order (independent of the number of ranks): optimizer step k consumes global samples
+[k*G, (k+1)*G); micro-step i of data-parallel rank r takes the m samples starting at
+k*G + i*m*W + r*m (``jtok_train.data.datasets.microbatch_indices``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from jtok_train.compat import device as compute_device
+from jtok_train.compat import init_distributed, init_model_parallel
+
+__all__ = ["Trainer", "TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)      # train LM loss per step (global mean)
+    valid_loss: float | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    checkpoint: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _set_threads(cfg: Any) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return threads
+
+
+class Trainer:
+    """``param_init``: optional callable(model) applied after wrapping, before the optimizer is built
+    (tests use it to give every parallel layout the same weights)."""
+
+    def __init__(self, cfg: Any, param_init: Any = None):
+        from megatron.core import parallel_state as ps
+
+        from jtok_train.config import validate
+        from jtok_train.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.param_init = param_init
+        p, t = cfg.parallel, cfg.train
+        self.threads = _set_threads(cfg)
+        init_distributed(p.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        validate(cfg, world_size=self.world, tokenizer_vocab=self.tokenizer.vocab_size)
+        init_model_parallel(
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            ep=p.expert_model_parallel_size,
+            etp=p.expert_tensor_parallel_size,
+            seed=t.seed,
+        )
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        from jtok_train.data.datasets import num_microbatches
+
+        self.num_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
+        self.num_valid_micro = num_microbatches(t.eval_samples, t.micro_batch_size, self.dp_size)
+        self.device = compute_device()
+        self.run_dir = Path(t.run_dir)
+        self._build_data()
+        self._build_model()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        from jtok_train.data.datasets import build_datasets
+
+        cfg, t = self.cfg, self.cfg.train
+        prefixes = list(cfg.data.prefixes)
+        if not prefixes:
+            from jtok_train.config import ConfigError
+
+            raise ConfigError("data.prefixes is empty: build a dataset with `jtok-data build` and list its prefix")
+        weights = list(cfg.data.weights) if cfg.data.weights is not None else None
+        blend = list(zip(prefixes, weights)) if weights is not None else prefixes
+        self.train_ds, self.valid_ds = build_datasets(
+            blend,
+            self.tokenizer,
+            seq_length=cfg.model.seq_length,
+            seed=t.seed,
+            train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=t.eval_samples,
+            split=cfg.data.split,
+            cache_dir=cfg.data.cache_dir,
+        )
+
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.transformer.module import Float16Module
+
+        from jtok_train.model.builder import build_model, build_transformer_config
+        from jtok_train.training.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        self.tconfig = build_transformer_config(cfg)
+        model = build_model(cfg, self.tconfig)
+        model.to(self.device)
+        self.unwrapped = model
+        if cfg.train.precision == "bf16":
+            model = Float16Module(self.tconfig, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        if self.param_init is not None:
+            self.param_init(self.model)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        from jtok_train.model.accounting import flops_per_token, formula_params
+
+        self.flops_per_token = flops_per_token(cfg, formula_params(cfg))
+
+    # -- batches -------------------------------------------------------------------------------------
+    def _train_batches(self, step: int) -> Iterator[dict]:
+        from jtok_train.data.datasets import get_microbatch, microbatch_indices
+
+        t = self.cfg.train
+        for k in range(self.num_micro):
+            idx = microbatch_indices(step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size)
+            yield get_microbatch(self.train_ds, idx)
+
+    def _valid_batches(self) -> Iterator[dict]:
+        """The first eval_samples validation sequences, split over ranks like a training batch."""
+        from jtok_train.data.datasets import get_microbatch, microbatch_indices
+
+        t = self.cfg.train
+        for k in range(self.num_valid_micro):
+            idx = microbatch_indices(0, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.eval_samples)
+            yield get_microbatch(self.valid_ds, idx)
+
+    def _forward_step(self, data_iterator, model):
+        from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        loss_mask = batch["loss_mask"].to(self.device)
+        position_ids = batch["position_ids"].to(self.device)
+        if self.tconfig.num_moe_experts is None and self.cfg.jtok.variant == "jtokm":
+            # Megatron sets this scale only for MoE backbones; JTok-M's aux loss uses the same mechanism.
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=self.device) / self.num_micro)
+        output = model(tokens, position_ids, None, labels=labels)
+
+        def loss_func(output_tensor):
+            per_token = output_tensor.float()
+            loss = torch.sum(per_token * loss_mask) / loss_mask.sum().clamp(min=1)
+            # The schedule divides the returned loss in place: log a copy.
+            return loss, {"lm_loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def _run_schedule(self, batches: Iterator[dict], num_micro: int, forward_only: bool) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        outs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=num_micro,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+        local = torch.stack([o["lm_loss"] for o in outs]).mean() if outs else torch.zeros(())
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        return float(local) / self.dp_size
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def _aux_metrics(self) -> dict[str, float]:
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        out: dict[str, float] = {}
+        tracker = get_moe_layer_wise_logging_tracker()
+        if tracker:
+            reduce_aux_losses_tracker_across_ranks()
+            for name, entry in tracker.items():
+                values = entry["values"].float() / self.num_micro
+                out[f"aux/{name}"] = float(values.sum())
+            clear_aux_losses_tracker()
+        loads = [l.last_load for l in self.unwrapped.decoder.layers if getattr(l, "last_load", None) is not None]
+        if loads:
+            # router balance of JTok-M: max/mean of the share of assignments per row set (1 = even)
+            imb = [float(f.max() / f.mean()) for f in loads]
+            out["jtokm/load_imbalance_mean"] = sum(imb) / len(imb)
+            for i, v in enumerate(imb):
+                out[f"jtokm/load_imbalance_layer{i}"] = v
+        return out
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        if self.valid_ds is None:
+            return None
+        self.model.eval()
+        with torch.no_grad():
+            loss = self._run_schedule(self._valid_batches(), self.num_valid_micro, forward_only=True)
+        self.model.train()
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        return loss
+
+    def fit(self) -> TrainResult:
+        from jtok_train.training.metrics import MetricsLogger, StepTimer, peak_flops_per_rank
+
+        cfg, t = self.cfg, self.cfg.train
+        result = TrainResult()
+        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, 0, self.rank == 0)
+        peak = peak_flops_per_rank(t.peak_flops, self.threads)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        self.model.train()
+        timer = StepTimer()
+        t_start = time.perf_counter()
+        for step in range(t.train_iters):
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=t.global_batch_size)
+            dt = timer.lap()
+            result.losses.append(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}: lower train.lr or check the data")
+            tps = tokens_per_step / dt
+            metrics = {
+                "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tps,
+                "step_time_s": dt,
+                "mfu": self.flops_per_token * tps / (self.world * peak),
+                "consumed_samples": (step + 1) * t.global_batch_size,
+            }
+            metrics.update(self._aux_metrics())
+            if (step + 1) % t.log_interval == 0 or step + 1 == t.train_iters:
+                logger.log(step + 1, metrics)
+            if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.train_iters:
+                vl = self.evaluate()
+                logger.message(f"step {step + 1}: validation loss {vl:.4f}")
+                logger.log(step + 1, {"valid_loss": vl}, advance=False)
+            if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 < t.train_iters:
+                self.save(step + 1)
+            result.final_metrics = metrics
+        result.wall_s = time.perf_counter() - t_start
+        result.steps = t.train_iters
+        result.tokens_per_s = tokens_per_step * t.train_iters / result.wall_s
+        result.valid_loss = self.evaluate()
+        if result.valid_loss is not None:
+            logger.log(t.train_iters, {"valid_loss": result.valid_loss}, advance=False)
+        logger.close()
+        if t.save:
+            result.checkpoint = self.save(t.train_iters)
+        if self.rank == 0:
+            msg = (
+                f"done: {t.train_iters} steps in {result.wall_s:.1f}s, final train loss {result.losses[-1]:.4f}, "
+                f"validation loss {result.valid_loss if result.valid_loss is None else round(result.valid_loss, 4)}, "
+                f"{result.tokens_per_s:,.0f} tokens/s"
+            )
+            print(msg + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""), flush=True)
+        return result
+
+    def save(self, step: int) -> str:
+        from jtok_train.training.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(self, step))
+
+
+def train(cfg: Any) -> TrainResult:
+    """Build a Trainer for ``cfg`` and run it."""
+    return Trainer(cfg).fit()
