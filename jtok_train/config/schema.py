@@ -228,9 +228,30 @@ def _need(cond: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {expected}")
 
 
+def _check_known_keys(cfg: Any) -> None:
+    """Hydra lets ``+section.key=...`` add keys even to a structured node; reject them here."""
+    import dataclasses
+    import difflib
+
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    for name, node in cfg.items() if hasattr(cfg, "items") else []:
+        if name == "hydra":
+            continue
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}: expected one of {sorted(sections)}")
+        schema = globals()[sections[name]] if isinstance(sections[name], str) else sections[name]
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                extra = f" (did you mean {name}.{hint[0]}?)" if hint else ""
+                raise ConfigError(f"unknown config key {name}.{key}{extra}")
+
+
 def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
-    """Check values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
+    """Check keys, values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
     (dataclass or OmegaConf node)."""
+    _check_known_keys(cfg)
     m, j, p, t = cfg.model, cfg.jtok, cfg.parallel, cfg.train
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
         _need(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")

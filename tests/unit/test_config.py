@@ -1,0 +1,70 @@
+"""Config composition and validation: bad values are rejected with a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from jtok_train.config import ConfigError, compose, validate
+
+
+def test_every_model_and_variant_composes_and_validates():
+    for model in ("tiny", "tiny_dense", "dense_s", "dense_xl_1.5b", "moe_1.5b_a250m", "moe_3.2b_a0.5b", "moe_17b_a2b"):
+        for jtok in ("none", "jtok", "jtokm"):
+            cfg = compose([f"model={model}", f"jtok={jtok}"])
+            validate(cfg)
+            assert cfg.model.name == model and cfg.jtok.variant == jtok
+
+
+def test_jtokm_defaults_follow_the_paper():
+    j = compose(["jtok=jtokm"]).jtok
+    assert (j.num_sets, j.top_k, j.aux_loss_coeff, j.aux_prob, j.depth_scaling) == (5, 2, 1e-4, "sigmoid", True)
+    assert compose(["jtok=jtok"]).jtok.scale_init == 0.0
+    t = compose([]).train
+    assert (t.weight_decay, t.clip_grad) == (0.1, 1.0)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(ConfigCompositionException, match="jtok.bogus"):
+        compose(["jtok.bogus=1"])
+    # Hydra lets '+' add a key to a structured node; validate() catches it and suggests the right one
+    with pytest.raises(ConfigError, match=r"unknown config key model\.hiden_size \(did you mean model\.hidden_size\?\)"):
+        validate(compose(["+model.hiden_size=3"]))
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="hidden_size"):
+        compose(["model.hidden_size=wide"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.hidden_size=-8", "model.hidden_size"),
+        ("model.num_layers=0", "model.num_layers"),
+        ("jtok.top_k=6", "jtok.top_k"),
+        ("jtok.num_sets=0", "jtok.num_sets"),
+        ("jtok.variant=jtokx", "jtok.variant"),
+        ("model.moe_router_topk=9", "model.moe_router_topk"),
+        ("train.precision=fp8", "train.precision"),
+        ("train.lr_schedule=linear", "train.lr_schedule"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
+        ("parallel.expert_model_parallel_size=3", "parallel.expert_model_parallel_size"),
+        ("parallel.pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size"),
+        ("model.num_attention_heads=3", "model.num_attention_heads"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    cfg = compose(["model=tiny", "jtok=jtokm", override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_world_size_and_tokenizer_relations():
+    cfg = compose(["model=tiny", "train.micro_batch_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size=12"):
+        validate(cfg, world_size=2)
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=4096 .*tokenizer's vocabulary \(5000\)"):
+        validate(compose(["model=tiny"]), tokenizer_vocab=5000)
