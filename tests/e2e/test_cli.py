@@ -1,0 +1,85 @@
+"""The real command lines: torchrun with 2 gloo ranks, a single process, bad overrides, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def _torchrun(n: int) -> list[str]:
+    from jtok_train.testing.distributed import _free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(_free_port())]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_ranks_jtokm_trains_evaluates_and_saves(small_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(small_dataset, str(run), **{"train.train_iters": 20, "train.save": "true",
+                                                      "train.lr": 3e-3, "train.progress": "true"})
+    proc = subprocess.run(_torchrun(2) + ["-m", "jtok_train", *args], capture_output=True, text=True,
+                          timeout=600, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 20 steps" in proc.stdout and "tokens/s" in proc.stdout
+    rows = _metrics(run)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    assert "aux/jtokm_load_balancing_loss" in train[0] and "jtokm/load_imbalance_mean" in train[0]
+    assert any("valid_loss" in r for r in rows)
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_0000020"
+    assert any((ckpt / "step_0000020").iterdir())
+    assert (run / ".hydra" / "config.yaml").is_file()   # Hydra saved the composed config
+    assert "train:" in proc.stderr or "it/s" in proc.stderr or "step" in proc.stderr  # the progress bar
+
+
+def test_single_process_backbone_alone(small_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(small_dataset, str(run), jtok="none", **{"train.train_iters": 4})
+    proc = subprocess.run([sys.executable, "-m", "jtok_train", *args], capture_output=True, text=True,
+                          timeout=600, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in _metrics(run) if "loss" in r]
+    assert len(rows) == 4 and not any(k.startswith("jtokm/") for k in rows[0])
+
+
+def test_bad_override_names_the_key(small_dataset, tmp_path):
+    args = tiny_overrides(small_dataset, str(tmp_path / "r"), **{"jtok.top_k": 7})
+    proc = subprocess.run([sys.executable, "-m", "jtok_train", *args], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "jtok.top_k=7" in proc.stderr
+    small_vocab = tiny_overrides(small_dataset, str(tmp_path / "r2"), **{"model.vocab_size": 100})
+    proc = subprocess.run([sys.executable, "-m", "jtok_train", *small_vocab], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2 and "model.vocab_size=100" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/doc/python3.11/html/_sources").is_dir(), reason="needs python3.11-doc")
+def test_demo_script_loss_goes_down(tmp_path):
+    """The README's demo command, shortened to 40 steps."""
+    run = tmp_path / "demo"
+    proc = subprocess.run(["bash", "launch/demo.sh", "train.train_iters=40", f"train.run_dir={run}",
+                           "train.progress=false"], capture_output=True, text=True, timeout=1500, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in _metrics(run) if "loss" in r]
+    assert len(train) == 40 and train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert "validation loss" in proc.stdout or any("valid_loss" in r for r in _metrics(run))
