@@ -75,6 +75,8 @@ class ModelConfig:
     "Megatron token dispatcher: alltoall or allgather."
     moe_router_score_function: str = "softmax"
     "MoE router score function (softmax or sigmoid)."
+    transformer_impl: str = "local"
+    "Layer implementation: local (Megatron's own modules, CPU and GPU) or transformer_engine (GPU only)."
     moe_router_load_balancing_type: str = "aux_loss"
     "Megatron MoE balancing loss: aux_loss (per micro-batch over its ranks), seq_aux_loss (per sequence) or none."
 
@@ -261,6 +263,14 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
               "model.num_query_groups", m.num_query_groups, f"must divide num_attention_heads={m.num_attention_heads}")
     _need(m.normalization in ("RMSNorm", "LayerNorm"), "model.normalization", m.normalization, "RMSNorm or LayerNorm")
+    _need(m.transformer_impl in ("local", "transformer_engine"), "model.transformer_impl", m.transformer_impl,
+          "local or transformer_engine")
+    if m.transformer_impl == "transformer_engine":
+        import importlib.util
+
+        _need(importlib.util.find_spec("transformer_engine") is not None, "model.transformer_impl",
+              m.transformer_impl, "transformer-engine is not installed (GPU only: pip install 'jtok-train[gpu]', "
+              "or use the docker image); use model.transformer_impl=local")
     _need(m.position_embedding_type in ("rope", "learned_absolute"), "model.position_embedding_type",
           m.position_embedding_type, "rope or learned_absolute")
     if m.num_experts is not None:

@@ -113,9 +113,11 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
     )
 
 
-def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None, use_te: bool = False) -> ModuleSpec:
+def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None, use_te: Optional[bool] = None) -> ModuleSpec:
     """Megatron's GPT layer spec (local, or Transformer Engine on GPU), with JTok when enabled."""
     m, j = cfg.model, cfg.jtok
+    if use_te is None:
+        use_te = getattr(m, "transformer_impl", "local") == "transformer_engine"
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -146,7 +148,7 @@ def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None,
     return with_jtok(spec, jspec, token_context)
 
 
-def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: bool = False, device: Any = None) -> GPTModel:
+def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None) -> GPTModel:
     """Build the (JTok)GPTModel for ``cfg``. ``device='meta'`` builds without allocating (accounting)."""
     m = cfg.model
     if config is None:

@@ -53,6 +53,7 @@ def test_wrong_type_is_rejected():
         ("parallel.expert_model_parallel_size=3", "parallel.expert_model_parallel_size"),
         ("parallel.pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size"),
         ("model.num_attention_heads=3", "model.num_attention_heads"),
+        ("model.transformer_impl=apex", "model.transformer_impl"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -68,3 +69,12 @@ def test_world_size_and_tokenizer_relations():
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match=r"model\.vocab_size=4096 .*tokenizer's vocabulary \(5000\)"):
         validate(compose(["model=tiny"]), tokenizer_vocab=5000)
+
+
+def test_transformer_engine_is_rejected_where_it_is_missing():
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("transformer-engine is installed here")
+    with pytest.raises(ConfigError, match=r"model\.transformer_impl=.*transformer-engine is not installed"):
+        validate(compose(["model.transformer_impl=transformer_engine"]))
