@@ -111,6 +111,8 @@ class JTokConfig:
     "Learning-rate multiplier of the token tables' parameter group."
     weight_decay: float = 0.1
     "Weight decay of the token tables' parameter group."
+    table_optimizer: str = "adamw"
+    "sharded tables: adamw (dense over the shard, exact) or sparse_adamw (touched rows only, lazy moments)."
 
 
 @dataclass
@@ -128,7 +130,11 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     "Shard optimizer states over data-parallel ranks (Megatron DistributedOptimizer)."
     embedding: str = "replicated"
-    "Token table storage: replicated (every rank holds the whole table)."
+    "Token table storage: replicated (every rank holds the whole table) or sharded (rows split over ranks, exchanged by all-to-all)."
+    overlap: bool = True
+    "sharded: start each micro-batch's row exchange while the previous one computes."
+    dedup: bool = True
+    "sharded: exchange each distinct token id of a micro-batch once."
     backend: Optional[str] = None
     "torch.distributed backend; None picks nccl on GPU, gloo on CPU."
 
@@ -301,7 +307,16 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
 
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
-    _need(p.embedding in ("replicated",), "parallel.embedding", p.embedding, "replicated")
+    _need(p.embedding in ("replicated", "sharded"), "parallel.embedding", p.embedding, "replicated or sharded")
+    _need(j.table_optimizer in ("adamw", "sparse_adamw"), "jtok.table_optimizer", j.table_optimizer,
+          "adamw or sparse_adamw")
+    if p.embedding == "sharded" and p.tensor_model_parallel_size > 1:
+        _need(p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+              "sharded tables with tensor parallelism need sequence parallelism (each TP rank serves its own "
+              "sequence shard): set parallel.sequence_parallel=true")
+    if p.embedding == "replicated":
+        _need(j.table_optimizer == "adamw", "jtok.table_optimizer", j.table_optimizer,
+              "sparse_adamw needs parallel.embedding=sharded (replicated tables use Megatron's optimizer)")
     if p.sequence_parallel:
         _need(p.tensor_model_parallel_size > 1, "parallel.sequence_parallel", True,
               "needs parallel.tensor_model_parallel_size > 1")

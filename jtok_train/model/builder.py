@@ -97,10 +97,31 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None) -> ReplicatedTokenTable:
-    j, m = cfg.jtok, cfg.model
-    if cfg.parallel.embedding != "replicated":
-        raise NotImplementedError(f"parallel.embedding={cfg.parallel.embedding!r} is not available yet")
+def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None):
+    """The table provider: replicated (a model parameter) or row-sharded over the ranks."""
+    j, m, p = cfg.jtok, cfg.model, cfg.parallel
+    if p.embedding == "sharded" and device != "meta":
+        from megatron.core import parallel_state as ps
+
+        from jtok_train.parallel.groups import embedding_parallel_group
+        from jtok_train.parallel.sharded_table import ShardedTokenTable
+
+        tp = ps.get_tensor_model_parallel_world_size()
+        return ShardedTokenTable(
+            vocab_size=m.vocab_size,
+            num_layers=m.num_layers,
+            num_sets=j.num_sets,
+            hidden_size=m.hidden_size,
+            group=embedding_parallel_group(),
+            seed=j.table_seed,
+            init_std=j.table_init_std,
+            dedup=p.dedup,
+            overlap=p.overlap,
+            grad_scale=1.0 / ps.get_data_parallel_world_size(),
+            sequence_shard=(ps.get_tensor_model_parallel_rank(), tp) if p.sequence_parallel and tp > 1 else None,
+            dtype=dtype,
+            device=device if device is not None else "cpu",
+        )
     return ReplicatedTokenTable(
         vocab_size=m.vocab_size,
         num_layers=m.num_layers,
@@ -170,7 +191,12 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
             return GPTModel(transformer_layer_spec=build_layer_spec(cfg, use_te=use_te), **common)
         token_context = TokenRowsContext()
         spec = build_layer_spec(cfg, token_context, use_te=use_te)
-        table = build_token_table(cfg, dtype=torch.float32, device="meta" if device == "meta" else None)
+        if device == "meta":
+            table = build_token_table(cfg, device="meta")
+        else:
+            from jtok_train.compat import device as compute_device
+
+            table = build_token_table(cfg, device=compute_device())
         model = JTokGPTModel(transformer_layer_spec=spec, token_table=table, token_context=token_context, **common)
     for p in model.token_table.parameters():
         p.sequence_parallel = bool(config.sequence_parallel)

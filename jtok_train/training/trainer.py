@@ -128,6 +128,16 @@ class Trainer:
             self.param_init(self.model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        # A table provider with its own optimizer (sharded tables) is stepped next to Megatron's.
+        self.table = getattr(self.unwrapped, "token_table", None)
+        self.table_opt = None
+        if getattr(self.table, "has_own_optimizer", False):
+            from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+
+            t = cfg.train
+            self.table_opt = ShardedTableOptimizer(
+                self.table, cfg.jtok.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, cfg.jtok.table_optimizer
+            )
         self.tconfig.no_sync_func = self.model.no_sync
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         from jtok_train.model.accounting import flops_per_token, formula_params
@@ -135,13 +145,27 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg, formula_params(cfg))
 
     # -- batches -------------------------------------------------------------------------------------
+    def _with_prefetch(self, batches: list[dict]) -> Iterator[dict]:
+        """Yield micro-batches; when micro-batch i is handed to the schedule, the table provider has
+        already been told about micro-batch i+1, so its row exchange runs while i computes."""
+        prefetch = getattr(self.table, "prefetch", None)
+        if prefetch is not None and batches:
+            prefetch(batches[0]["tokens"].to(self.device))
+        for i, batch in enumerate(batches):
+            if prefetch is not None and i + 1 < len(batches):
+                prefetch(batches[i + 1]["tokens"].to(self.device))
+            yield batch
+
     def _train_batches(self, step: int) -> Iterator[dict]:
         from jtok_train.data.datasets import get_microbatch, microbatch_indices
 
         t = self.cfg.train
-        for k in range(self.num_micro):
-            idx = microbatch_indices(step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size)
-            yield get_microbatch(self.train_ds, idx)
+        batches = [
+            get_microbatch(self.train_ds,
+                           microbatch_indices(step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size))
+            for k in range(self.num_micro)
+        ]
+        return self._with_prefetch(batches)
 
     def _valid_batches(self) -> Iterator[dict]:
         """The first eval_samples validation sequences, split over ranks like a training batch."""
@@ -192,6 +216,31 @@ class Trainer:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
         return float(local) / self.dp_size
 
+    def _optimizer_step(self) -> tuple[bool, float | None]:
+        """Megatron's optimizer step; with sharded tables, the table's gradient joins the global norm
+        (one clipping coefficient for backbone and tables, as an unsharded model computes it)."""
+        if self.table_opt is None:
+            ok, grad_norm, _ = self.optimizer.step()
+            return ok, grad_norm
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        t, j = self.cfg.train, self.cfg.jtok
+        self.table.finish_backward()
+        if self.optimizer.prepare_grads():      # found inf/nan in the backbone's grads
+            return False, None
+        total = math.sqrt(float(self.optimizer.get_grad_norm()) ** 2 + self.table.grad_norm_sq())
+        if t.clip_grad > 0:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                params = opt.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=total)
+            coeff = t.clip_grad / (total + 1.0e-6)
+            if coeff < 1.0:
+                self.table.shard_grad.mul_(coeff)
+        ok = self.optimizer.step_with_ready_grads()
+        self.table_opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult, "min_lr": t.min_lr * j.lr_mult}))
+        return ok, total
+
     # -- metrics -------------------------------------------------------------------------------------
     def _aux_metrics(self) -> dict[str, float]:
         from megatron.core.transformer.moe.moe_utils import (
@@ -223,7 +272,8 @@ class Trainer:
             return None
         self.model.eval()
         with torch.no_grad():
-            loss = self._run_schedule(self._valid_batches(), self.num_valid_micro, forward_only=True)
+            loss = self._run_schedule(self._with_prefetch(list(self._valid_batches())), self.num_valid_micro,
+                                      forward_only=True)
         self.model.train()
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
@@ -244,8 +294,10 @@ class Trainer:
         for step in range(t.train_iters):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.table_opt is not None:
+                self.table.zero_grad()
             loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm = self._optimizer_step()
             self.scheduler.step(increment=t.global_batch_size)
             dt = timer.lap()
             result.losses.append(loss)
@@ -262,6 +314,8 @@ class Trainer:
                 "consumed_samples": (step + 1) * t.global_batch_size,
             }
             metrics.update(self._aux_metrics())
+            if self.table_opt is not None:
+                metrics.update(self.table.pop_stats())
             if (step + 1) % t.log_interval == 0 or step + 1 == t.train_iters:
                 logger.log(step + 1, metrics)
             if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.train_iters:

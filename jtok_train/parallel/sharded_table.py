@@ -1,0 +1,159 @@
+"""Row-sharded JTok tables behind the same provider interface as the replicated table.
+
+Rank r of the embedding-parallel (EmbP) group stores only its block of rows, ``shard`` of shape
+[block, L, n_e, d] (one row per token holds every layer's candidates, so one request per unique id
+fetches everything the micro-batch needs). No rank ever allocates the full table, and the initial
+values are those of the replicated table (both are defined per token by ``init_rows_for_permuted_range``).
+
+The shard is not an ``nn.Parameter`` of the model: Megatron's DDP must not all-reduce it and Megatron's
+optimizer must not step it. Its gradient arrives through the exchange, and ``ShardedTableOptimizer``
+steps it (clipped jointly with the backbone by the trainer).
+
+Overlap: ``prefetch(ids)`` starts a micro-batch's exchange early (ids are known before the forward);
+``lookup(ids)`` consumes it, or runs the exchange synchronously when nothing was prefetched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from jtok_train.model.token_table import TokenRows, init_rows_for_permuted_range
+from jtok_train.parallel.exchange import ExchangeStats, RowLookup, SideStream, make_plan, rows_with_grad_exchange
+from jtok_train.parallel.placement import RowPlacement
+
+__all__ = ["ShardedTokenTable"]
+
+
+class ShardedTokenTable(nn.Module):
+    has_own_optimizer = True
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_layers: int,
+        num_sets: int,
+        hidden_size: int,
+        group: Any,
+        seed: int = 1234,
+        init_std: float = 1.0,
+        dedup: bool = True,
+        overlap: bool = True,
+        grad_scale: float = 1.0,
+        sequence_shard: tuple[int, int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        """group: the EmbP process group. grad_scale: factor on every row gradient sent (1/DP size, as
+        Megatron's DDP averages the backbone's gradients). sequence_shard: (tp_rank, tp_size) under
+        sequence parallelism, where each TP rank serves its own slice of the sequence."""
+        super().__init__()
+        self.vocab_size, self.num_layers, self.num_sets, self.hidden_size = vocab_size, num_layers, num_sets, hidden_size
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.placement = RowPlacement(vocab_size, self.world, seed)
+        self.dedup, self.overlap, self.grad_scale = dedup, overlap, grad_scale
+        self.sequence_shard = sequence_shard
+        self.start_row, self.stop_row = self.placement.owned_range(self.rank)
+        device = torch.device(device)
+        row_shape = (num_layers, num_sets, hidden_size)
+        self.shard = torch.zeros((self.placement.block, *row_shape), dtype=dtype, device=device)
+        self.shard[: self.stop_row - self.start_row] = init_rows_for_permuted_range(
+            self.start_row, self.stop_row, row_shape, seed, init_std, dtype
+        ).to(device)
+        self.shard_grad = torch.zeros_like(self.shard)
+        self.touched = torch.zeros(self.placement.block, dtype=torch.bool, device=device)  # rows with a gradient this step
+        # A zero-size leaf that makes the fetched rows part of the autograd graph.
+        self._anchor = torch.zeros(0, requires_grad=True, device=device)
+        self.stream = SideStream(device, enabled=overlap)
+        self.stats = ExchangeStats()
+        self._prefetched: deque[tuple[Tensor, RowLookup]] = deque()
+        self._in_backward: list[RowLookup] = []
+
+    # -- provider interface --------------------------------------------------------------------------
+    def _local_positions(self, token_ids: Tensor) -> Tensor:
+        flat = token_ids.t().reshape(-1)               # [b, s] -> [s, b] order, as the hidden states
+        if self.sequence_shard is not None:
+            r, n = self.sequence_shard
+            s = token_ids.shape[1]
+            if s % n:
+                raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {n}")
+            b = token_ids.shape[0]
+            flat = flat.view(s, b)[r * (s // n) : (r + 1) * (s // n)].reshape(-1)
+        return flat
+
+    def _bad_ids(self, flat: Tensor) -> str | None:
+        if flat.numel() == 0:
+            return None
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo >= 0 and hi < self.vocab_size:
+            return None
+        bad = lo if lo < 0 else hi
+        return (f"token id {bad} is outside the JTok table's vocabulary [0, {self.vocab_size}) on rank {self.rank}: "
+                f"the data was tokenised with a larger vocabulary than model.vocab_size={self.vocab_size}; rebuild "
+                f"the data or set model.vocab_size to at least {hi + 1}")
+
+    def _start(self, token_ids: Tensor) -> RowLookup:
+        flat = self._local_positions(token_ids)
+        bad = self._bad_ids(flat)
+        plan = make_plan(flat if bad is None else flat.clamp(0, self.vocab_size - 1), self.placement, self.dedup)
+        return RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad)
+
+    def prefetch(self, token_ids: Tensor) -> None:
+        """Start the exchange for a coming micro-batch (no-op when overlap is off)."""
+        if self.overlap:
+            self._prefetched.append((token_ids, self._start(token_ids)))
+
+    def lookup(self, token_ids: Tensor) -> TokenRows:
+        if self._prefetched:
+            ids, pending = self._prefetched.popleft()
+            if ids.shape != token_ids.shape or not torch.equal(ids, token_ids):
+                raise RuntimeError("token-row exchange: the micro-batch differs from the prefetched one "
+                                   "(prefetch and forward must see the same micro-batches in the same order)")
+        else:
+            pending = self._start(token_ids)
+        rows = pending.wait_rows()
+        if torch.is_grad_enabled():
+            self._in_backward.append(pending)
+            rows = rows_with_grad_exchange(self._anchor, rows, lambda g, p=pending: p.send_grads(g, self.grad_scale))
+        return TokenRows(unique_ids=pending.plan.unique_ids, unique_rows=rows, inverse=pending.plan.inverse)
+
+    # -- gradients and optimizer hooks ---------------------------------------------------------------
+    def finish_backward(self) -> None:
+        """Wait for every row gradient of the step and add the owned ones to ``shard_grad``, in
+        micro-batch order (deterministic)."""
+        if self._prefetched:
+            raise RuntimeError("token-row exchange: a prefetched micro-batch was never consumed")
+        for pending in self._in_backward:
+            pending.accumulate_grads(self.shard_grad)
+            self.touched[self.placement.local_row(pending.recv_ids.cpu()).to(self.touched.device)] = True
+        self._in_backward.clear()
+
+    def zero_grad(self) -> None:
+        self.shard_grad.zero_()
+        self.touched.zero_()
+
+    def grad_norm_sq(self) -> float:
+        """Squared L2 norm of the whole table's gradient (summed over the EmbP group)."""
+        local = torch.sum(self.shard_grad.float() ** 2).reshape(1)
+        dist.all_reduce(local, group=self.group)
+        return float(local)
+
+    def pop_stats(self) -> dict[str, float]:
+        out = self.stats.as_metrics()
+        self.stats = ExchangeStats()
+        return out
+
+    def full_table(self) -> Tensor:
+        """Gather the whole table in token order (tests and small models only)."""
+        parts = [torch.empty_like(self.shard) for _ in range(self.world)]
+        dist.all_gather(parts, self.shard.contiguous(), group=self.group)
+        permuted = torch.cat(parts)[: self.vocab_size]
+        return permuted[self.placement.position_of]        # token t sits at permuted position position_of[t]
+
+    def local_bytes(self) -> int:
+        return self.shard.numel() * self.shard.element_size()

@@ -1,0 +1,136 @@
+"""Sharded JTok tables on real gloo processes against the replicated table on one rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jtok_train.testing import run_distributed
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.distributed
+
+
+def _keep_table_init(model):
+    """Same backbone weights at every layout; the tables keep their (layout-independent) seeded init."""
+    from jtok_train.testing import fill_params_by_global_position
+
+    inner = model.module
+    while hasattr(inner, "module"):
+        inner = inner.module
+    saved = inner.token_table.weight.detach().clone() if hasattr(inner.token_table, "weight") else None
+    fill_params_by_global_position(model, seed=5)
+    if saved is not None:
+        inner.token_table.weight.data.copy_(saved)
+
+
+def _run(runs: list[list[str]]) -> list[dict]:
+    import torch.distributed as dist
+
+    from jtok_train.config import compose
+    from jtok_train.training.trainer import Trainer
+
+    out = []
+    for overrides in runs:
+        tr = Trainer(compose(overrides), param_init=_keep_table_init)
+        res = tr.fit()
+        table = tr.unwrapped.token_table
+        full = table.full_table() if hasattr(table, "full_table") else table.weight.detach().clone()
+        rec = {"losses": res.losses, "table": full, "metrics": res.final_metrics}
+        if hasattr(table, "shard"):
+            rec["shard_rows"] = table.shard.shape[0]
+            rec["shard_bytes"] = table.local_bytes()
+        out.append(rec)
+    return out
+
+
+def _cfg(data, tmp, name, **kw):
+    return tiny_overrides(data, str(tmp / name), **kw)
+
+
+def test_sharded_matches_replicated_on_2_and_4_ranks(small_dataset, tmp_path):
+    ref_runs = [_cfg(small_dataset, tmp_path, "r_m"), _cfg(small_dataset, tmp_path, "r_j", jtok="jtok",
+                                                          **{"jtok.scale_init": 0.5})]
+    sharded = {"parallel.embedding": "sharded"}
+    runs2 = [
+        _cfg(small_dataset, tmp_path, "s2_m", **sharded),
+        _cfg(small_dataset, tmp_path, "s2_j", jtok="jtok", **{"jtok.scale_init": 0.5}, **sharded),
+        _cfg(small_dataset, tmp_path, "s2_m_nooverlap", **sharded, **{"parallel.overlap": "false"}),
+        _cfg(small_dataset, tmp_path, "s2_m_nodedup", **sharded, **{"parallel.dedup": "false"}),
+        _cfg(small_dataset, tmp_path, "s2_m_ep2", **sharded, **{"parallel.expert_model_parallel_size": 2}),
+        _cfg(small_dataset, tmp_path, "s2_m_tp2sp", **sharded, **{"parallel.tensor_model_parallel_size": 2,
+                                                                  "parallel.sequence_parallel": "true"}),
+    ]
+    runs4 = [_cfg(small_dataset, tmp_path, "s4_m", **sharded),
+             _cfg(small_dataset, tmp_path, "s4_j", jtok="jtok", **{"jtok.scale_init": 0.5}, **sharded)]
+    ref = run_distributed(_run, 1, ref_runs, timeout=600)[0]
+    got2 = run_distributed(_run, 2, runs2, timeout=900)
+    got4 = run_distributed(_run, 4, runs4, timeout=900)
+
+    def same(a, b, what):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-4), what
+        torch.testing.assert_close(a["table"], b["table"], rtol=1e-4, atol=1e-5, msg=what)
+
+    for rank_result in (got2[0], got2[1]):
+        same(rank_result[0], ref[0], "jtokm sharded on 2 ranks vs replicated")
+        same(rank_result[1], ref[1], "jtok sharded on 2 ranks vs replicated")
+        same(rank_result[3], ref[0], "jtokm sharded without dedup")
+        same(rank_result[4], ref[0], "jtokm sharded + expert parallel 2")
+        same(rank_result[5], ref[0], "jtokm sharded + TP2 with sequence parallelism")
+    for rank_result in got4:
+        same(rank_result[0], ref[0], "jtokm sharded on 4 ranks vs replicated")
+        same(rank_result[1], ref[1], "jtok sharded on 4 ranks vs replicated")
+    # the tables actually changed during training
+    assert not torch.equal(ref[0]["table"], got2[0][2]["table"] * 0)
+    # overlap on vs off: bitwise identical
+    on, off = got2[0][0], got2[0][2]
+    assert on["losses"] == off["losses"] and torch.equal(on["table"], off["table"])
+    # memory: each rank stores ceil(V/W) rows (V = 512: no padding beyond one block)
+    row_bytes = 2 * 5 * 64 * 4
+    assert got2[0][0]["shard_rows"] == 256 and got4[0][0]["shard_rows"] == 128
+    assert got4[0][0]["shard_bytes"] == 128 * row_bytes
+    # dedup: fewer rows than positions; without dedup one row per position
+    m_dedup, m_all = got2[0][0]["metrics"], got2[0][3]["metrics"]
+    assert m_all["exchange/rows_requested"] == m_all["exchange/positions"]
+    assert m_dedup["exchange/rows_requested"] == m_dedup["exchange/unique_ids"] < m_dedup["exchange/positions"]
+    assert m_dedup["exchange/bytes_sent"] < m_all["exchange/bytes_sent"]
+
+
+def _rows_and_bad_ids(vocab: int, seq: int) -> dict:
+    """Direct provider checks: rows requested == unique (rank, id) pairs; bad ids fail on every rank."""
+    import torch.distributed as dist
+
+    from jtok_train.parallel.sharded_table import ShardedTokenTable
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    table = ShardedTokenTable(vocab, 2, 3, 8, group=dist.group.WORLD, seed=7)
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, vocab, (2, seq), generator=g)
+    ids[0, :5] = 3  # repeated ids
+    rows = table.lookup(ids)
+    unique = torch.unique(ids)
+    full = table.full_table()
+    out = {
+        "rows_ok": torch.equal(rows.unique_rows, full[rows.unique_ids]) and torch.equal(rows.unique_ids, unique),
+        "requested": table.stats.rows_requested,
+        "unique": int(unique.numel()),
+    }
+    bad = ids.clone()
+    if rank == world - 1:
+        bad[1, 2] = vocab + 5
+    try:
+        table.lookup(bad)
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_rows_and_out_of_vocab_ids_on_4_ranks():
+    res = run_distributed(_rows_and_bad_ids, 4, 1000, 37, timeout=300)
+    for r, o in enumerate(res):
+        assert o["rows_ok"], f"rank {r} got wrong rows"
+        assert o["requested"] == o["unique"]   # one row per unique (rank, id) pair
+        assert o["error"] is not None, f"rank {r} did not raise"
+    assert "token id 1005 is outside the JTok table's vocabulary [0, 1000) on rank 3" in res[3]["error"]
+    assert "rank(s) [3]" in res[0]["error"]
