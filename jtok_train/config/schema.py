@@ -201,6 +201,18 @@ class TrainConfig:
     "Save a checkpoint at the end."
     save_interval: int = 0
     "Save every N steps (0: only at the end)."
+    keep_last: int = 3
+    "Keep the newest K complete checkpoints of the run directory (0: keep all)."
+    resume_from: Optional[str] = None
+    "Resume from this checkpoint directory (or run directory: its latest); overrides auto_resume."
+    auto_resume: bool = True
+    "Resume from <run_dir>/checkpoints/latest when it exists."
+    verify_checksums: bool = True
+    "Check every checkpoint file's sha256 before loading (work spread over ranks)."
+    ignore_data_change: bool = False
+    "Resume even when the data fingerprint (datasets, blend, split, seq_length, seed, tokenizer) changed."
+    nan_policy: str = "stop"
+    "NaN/Inf loss: stop (save the last good step, then fail) or skip (drop the update, count it)."
     threads: int = 0
     "torch intra-op threads per rank (0: cores / local ranks)."
     progress: bool = True
@@ -337,6 +349,9 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     _need(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32 or bf16")
     _need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0")
     _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _need(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "stop or skip")
+    _need(t.keep_last >= 0, "train.keep_last", t.keep_last, "must be >= 0 (0 keeps all)")
+    _need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0 (0: only at the end)")
 
     if world_size is not None:
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
