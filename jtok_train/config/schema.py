@@ -153,6 +153,9 @@ class DataConfig:
     "Where Megatron caches sample indices (default: next to the data)."
     num_workers: int = 0
     "DataLoader worker processes."
+    loader: str = "megatron"
+    "megatron (default: Megatron's GPTDataset, read on the host) or dali (NVIDIA DALI pipeline, GPU, same "
+    "batches in the same order; needs nvidia-dali: pip install 'jtok-train[gpu]')."
 
 
 @dataclass
@@ -223,12 +226,17 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = False
-    "Log to Weights & Biases."
+    wandb: bool = True
+    "Log to Weights & Biases (run files in <run_dir>/wandb; false: metrics.jsonl and the console only)."
     wandb_mode: str = "offline"
-    "offline (default; sync later with `wandb sync`) or online."
+    "offline (default: nothing leaves the machine; upload later with `wandb sync <run_dir>/wandb/offline-run-*`) "
+    "or online (needs `wandb login` or WANDB_API_KEY)."
     wandb_project: str = "jtok-train"
     "W&B project."
+    wandb_entity: Optional[str] = None
+    "W&B entity (team or user; None: the account's default)."
+    wandb_name: Optional[str] = None
+    "W&B run name (None: the run directory's name)."
     metrics_file: bool = True
     "Write metrics.jsonl in the run directory."
 
@@ -347,6 +355,17 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     _need(0 <= t.warmup_fraction < 1, "train.warmup_fraction", t.warmup_fraction, "must be in [0, 1)")
     _need(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in (0, 1]")
     _need(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32 or bf16")
+    d = getattr(cfg, "data", None)
+    if d is not None and getattr(d, "loader", "megatron") != "megatron":
+        _need(d.loader == "dali", "data.loader", d.loader, "megatron or dali")
+        from jtok_train.data.dali import dali_missing_reason
+
+        reason = dali_missing_reason()
+        _need(reason is None, "data.loader", d.loader, f"{reason}; use data.loader=megatron")
+    lg = getattr(cfg, "logging", None)
+    if lg is not None:
+        _need(lg.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", lg.wandb_mode,
+              "offline, online or disabled")
     _need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0")
     _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _need(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "stop or skip")
