@@ -25,5 +25,6 @@ fi
 .venv/bin/jtok-data build --source python-docs --out data/demo --vocab-size 4096
 
 NPROC=${NPROC:-2}
-exec .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29511}" \
-  -m jtok_train model=tiny jtok=jtokm train=demo data=demo "$@"
+# launch/torchrun.sh composes the config once (run_dir/config.yaml), then starts the ranks from it
+exec bash launch/torchrun.sh --nproc-per-node "$NPROC" ${MASTER_PORT:+--master-port "$MASTER_PORT"} \
+  model=tiny jtok=jtokm train=demo data=demo "$@"
