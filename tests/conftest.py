@@ -56,6 +56,7 @@ def tiny_overrides(data: dict, run_dir: str, dense: bool = False, jtok: str = "j
         "train.min_lr=1e-4",
         "train.progress=false",
         "train.save=false",
+        "logging.wandb=false",
         "logging.wandb=false",          # W&B is on (offline) by default; tests that need it turn it on
         f"train.run_dir={run_dir}",
     ]
