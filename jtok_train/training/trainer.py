@@ -78,8 +78,49 @@ class Trainer:
         self.num_valid_micro = num_microbatches(t.eval_samples, t.micro_batch_size, self.dp_size)
         self.device = compute_device()
         self.run_dir = Path(t.run_dir)
+        self._prepare_resume()
         self._build_data()
         self._build_model()
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _prepare_resume(self) -> None:
+        """Find the checkpoint to resume from (train.resume_from, else the run's latest with
+        train.auto_resume) and read its data position before the datasets are sized."""
+        from jtok_train.training.checkpoint import data_fingerprint, read_meta, resolve_resume_path
+        from jtok_train.training.signals import PreemptionFlag
+
+        t = self.cfg.train
+        self.preemption = PreemptionFlag()
+        self.data_fingerprint = data_fingerprint(self.cfg, self.tokenizer.sha256)
+        self.start_step, self.skipped_steps, self.wandb_run_id = 0, 0, None
+        # batch of step k = dataset samples [data_offset + k*G, data_offset + (k+1)*G): a resume at another
+        # global batch size continues from the checkpoint's consumed samples
+        self.data_offset = 0
+        self.resume_path = resolve_resume_path(self.cfg)
+        self.resume_meta = read_meta(self.resume_path) if self.resume_path is not None else None
+        if self.resume_meta is not None:
+            m = self.resume_meta
+            self.data_offset = int(m["consumed_samples"]) - int(m["step"]) * t.global_batch_size
+
+    def _load(self, path: Path) -> None:
+        from jtok_train.training.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(self, path)
+        self.start_step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.wandb_run_id = meta.get("wandb_run_id")
+        if self.rank == 0:
+            note = "" if meta["world_size"] == self.world else (
+                f" (saved on {meta['world_size']} ranks, now {self.world}: RNG streams restart from the seed)")
+            print(f"resumed from {path} at step {self.start_step}, {meta['consumed_samples']} consumed samples"
+                  + note, flush=True)
+
+    def checkpoint_components(self) -> dict[str, Any]:
+        """Stateful parts outside the model and Megatron's optimizer (see jtok_train/training/checkpoint.py):
+        name -> object with sharded_state_dict(prefix) and load_state_dict(state)."""
+        return {"table_optimizer": self.table_opt} if self.table_opt is not None else {}
 
     # -- setup ---------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -98,7 +139,7 @@ class Trainer:
             self.tokenizer,
             seq_length=cfg.model.seq_length,
             seed=t.seed,
-            train_samples=t.train_iters * t.global_batch_size,
+            train_samples=self.data_offset + t.train_iters * t.global_batch_size,
             valid_samples=t.eval_samples,
             split=cfg.data.split,
             cache_dir=cfg.data.cache_dir,
@@ -161,11 +202,23 @@ class Trainer:
 
         t = self.cfg.train
         batches = [
-            get_microbatch(self.train_ds,
-                           microbatch_indices(step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size))
+            self._check_ids(get_microbatch(self.train_ds, microbatch_indices(
+                step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size, self.data_offset)))
             for k in range(self.num_micro)
         ]
         return self._with_prefetch(batches)
+
+    def _check_ids(self, batch: dict) -> dict:
+        """Token ids must index the tables: a clear error instead of an index error deep in a kernel."""
+        vocab = self.cfg.model.vocab_size
+        bad = batch["tokens"][(batch["tokens"] < 0) | (batch["tokens"] >= vocab)]
+        if bad.numel():
+            from jtok_train.data.indexed import DataFileError
+
+            raise DataFileError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab}) in the training data "
+                                f"{list(self.cfg.data.prefixes)}: rebuild the data with this tokenizer or set "
+                                "model.vocab_size")
+        return batch
 
     def _valid_batches(self) -> Iterator[dict]:
         """The first eval_samples validation sequences, split over ranks like a training batch."""
@@ -283,26 +336,51 @@ class Trainer:
     def fit(self) -> TrainResult:
         from jtok_train.training.metrics import MetricsLogger, StepTimer, peak_flops_per_rank
 
+        from jtok_train.training.errors import NonFiniteLossError
+        from jtok_train.training.signals import REQUEUE_EXIT_CODE, Preempted
+
         cfg, t = self.cfg, self.cfg.train
+        G = t.global_batch_size
         result = TrainResult()
-        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, 0, self.rank == 0)
+        start = self.start_step
+        import inspect
+
+        kw = {"run_id": self.wandb_run_id} if "run_id" in inspect.signature(MetricsLogger).parameters else {}
+        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, start, self.rank == 0, **kw)
+        # the W&B run id goes into every checkpoint (rank 0 knows it; the common state must agree)
+        ids = [None] * self.world
+        dist.all_gather_object(ids, getattr(logger, "run_id", None) or self.wandb_run_id)
+        self.wandb_run_id = ids[0]
         peak = peak_flops_per_rank(t.peak_flops, self.threads)
-        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        tokens_per_step = G * cfg.model.seq_length
         self.model.train()
         timer = StepTimer()
         t_start = time.perf_counter()
-        for step in range(t.train_iters):
+        last_saved = start if self.resume_path is not None else None
+        metrics: dict[str, float] = {}
+        for step in range(start, t.train_iters):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             if self.table_opt is not None:
                 self.table.zero_grad()
             loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
-            ok, grad_norm = self._optimizer_step()
-            self.scheduler.step(increment=t.global_batch_size)
+            if math.isfinite(loss):    # the loss is reduced over ranks: every rank takes the same branch
+                ok, grad_norm = self._optimizer_step()
+                self.scheduler.step(increment=G)
+            elif t.nan_policy == "skip":
+                ok, grad_norm = False, None
+                self.skipped_steps += 1
+                logger.message(f"step {step + 1}: loss is {loss}, update skipped "
+                               f"({self.skipped_steps} skipped so far; train.nan_policy=skip)")
+            else:
+                # nothing was applied yet: the current weights are those of the last good step
+                path = self.save(step) if last_saved != step else str(self._ckpt_dir(step))
+                logger.close()
+                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: saved the last good step {step} to "
+                                         f"{path}; lower train.lr, check the data, or set train.nan_policy=skip")
             dt = timer.lap()
+            done = step + 1
             result.losses.append(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}: lower train.lr or check the data")
             tps = tokens_per_step / dt
             metrics = {
                 "loss": loss,
@@ -311,42 +389,65 @@ class Trainer:
                 "tokens_per_s": tps,
                 "step_time_s": dt,
                 "mfu": self.flops_per_token * tps / (self.world * peak),
-                "consumed_samples": (step + 1) * t.global_batch_size,
+                "consumed_samples": self.data_offset + done * G,
+                "skipped_steps": self.skipped_steps,
             }
             metrics.update(self._aux_metrics())
             if self.table_opt is not None:
                 metrics.update(self.table.pop_stats())
-            if (step + 1) % t.log_interval == 0 or step + 1 == t.train_iters:
-                logger.log(step + 1, metrics)
-            if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.train_iters:
+            if done % t.log_interval == 0 or done == t.train_iters:
+                logger.log(done, metrics)
+            if t.eval_interval and done % t.eval_interval == 0 and done < t.train_iters:
                 vl = self.evaluate()
-                logger.message(f"step {step + 1}: validation loss {vl:.4f}")
-                logger.log(step + 1, {"valid_loss": vl}, advance=False)
-            if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 < t.train_iters:
-                self.save(step + 1)
+                logger.message(f"step {done}: validation loss {vl:.4f}")
+                logger.log(done, {"valid_loss": vl}, advance=False)
+            if t.save_interval and done % t.save_interval == 0 and done < t.train_iters:
+                self.save(done)
+                last_saved = done
             result.final_metrics = metrics
+            if self.preemption.agreed():
+                path = self.save(done) if last_saved != done else str(self._ckpt_dir(done))
+                if self.rank == 0:
+                    (Path(path).parent / "REQUEUE").write_text(f"{Path(path).name}\n")
+                logger.message(f"preempted: saved step {done} to {path}; exiting with code "
+                               f"{REQUEUE_EXIT_CODE} so the job is requeued")
+                logger.close()
+                raise Preempted(f"preempted at step {done}, checkpoint {path}")
+        steps_run = t.train_iters - start
         result.wall_s = time.perf_counter() - t_start
-        result.steps = t.train_iters
-        result.tokens_per_s = tokens_per_step * t.train_iters / result.wall_s
+        result.steps = steps_run
+        result.tokens_per_s = tokens_per_step * steps_run / result.wall_s if steps_run else 0.0
         result.valid_loss = self.evaluate()
         if result.valid_loss is not None:
             logger.log(t.train_iters, {"valid_loss": result.valid_loss}, advance=False)
         logger.close()
-        if t.save:
+        if t.save and last_saved != t.train_iters:
             result.checkpoint = self.save(t.train_iters)
+        elif t.save:
+            result.checkpoint = str(self._ckpt_dir(t.train_iters))
         if self.rank == 0:
+            final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
             msg = (
-                f"done: {t.train_iters} steps in {result.wall_s:.1f}s, final train loss {result.losses[-1]:.4f}, "
-                f"validation loss {result.valid_loss if result.valid_loss is None else round(result.valid_loss, 4)}, "
+                f"done: {t.train_iters} steps ({steps_run} in this process) in {result.wall_s:.1f}s, final train "
+                f"loss {final}, validation loss "
+                f"{result.valid_loss if result.valid_loss is None else round(result.valid_loss, 4)}, "
                 f"{result.tokens_per_s:,.0f} tokens/s"
             )
             print(msg + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""), flush=True)
         return result
 
+    def _ckpt_dir(self, step: int) -> Path:
+        from jtok_train.training.checkpoint import checkpoint_dir
+
+        return checkpoint_dir(self.run_dir, step)
+
     def save(self, step: int) -> str:
+        """Save the full training state after ``step`` optimizer steps (collective)."""
         from jtok_train.training.checkpoint import save_checkpoint
 
-        return str(save_checkpoint(self, step))
+        path = save_checkpoint(self, step, consumed_samples=self.data_offset + step * self.cfg.train.global_batch_size,
+                               extra_meta={"skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_run_id})
+        return str(path)
 
 
 def train(cfg: Any) -> TrainResult:
