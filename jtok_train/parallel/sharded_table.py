@@ -157,3 +157,38 @@ class ShardedTokenTable(nn.Module):
 
     def local_bytes(self) -> int:
         return self.shard.numel() * self.shard.element_size()
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def sharded_tensor(self, key: str, local: Tensor):
+        """``local`` ([block, ...], rows of this rank's permuted range) as a piece of a global [V, ...]
+        tensor in permuted row order: any world size cuts the same global tensor into its own blocks."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        rows = self.stop_row - self.start_row
+        data = local[:rows]
+        zeros = (0,) * (local.dim() - 1)
+        return ShardedTensor(
+            key=key,
+            data=data,
+            dtype=data.dtype,
+            local_shape=tuple(data.shape),
+            global_shape=(self.vocab_size, *data.shape[1:]),
+            global_offset=(self.start_row, *zeros),
+            axis_fragmentations=(self.world, *(1,) * (local.dim() - 1)),
+            replica_id=0,
+            prepend_axis_num=0,
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's GPTModel.sharded_state_dict calls this for its ``token_table`` child."""
+        return {f"{prefix}shard": self.sharded_tensor(f"{prefix}shard", self.shard)}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = f"{prefix}shard"
+        if key in state_dict:
+            value = state_dict[key]
+            rows = self.stop_row - self.start_row
+            with torch.no_grad():
+                self.shard[:rows].copy_(value.to(self.shard.dtype))
+        elif strict:
+            missing_keys.append(key)

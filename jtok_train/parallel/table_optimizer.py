@@ -64,6 +64,24 @@ class ShardedTableOptimizer:
             denom = (v.sqrt() / bc2.sqrt()).add_(self.eps)
             p.add_(-lr * m / bc1 / denom)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps,
-                "num_steps": torch.tensor(self.num_steps)}
+    def sharded_state_dict(self, prefix: str = "table_optimizer.") -> dict:
+        """Moments as ShardedTensors in the table's global (permuted) row order, so they reshard with it."""
+        t = self.table
+        return {
+            f"{prefix}exp_avg": t.sharded_tensor(f"{prefix}exp_avg", self.exp_avg),
+            f"{prefix}exp_avg_sq": t.sharded_tensor(f"{prefix}exp_avg_sq", self.exp_avg_sq),
+            f"{prefix}row_steps": t.sharded_tensor(f"{prefix}row_steps", self.steps),
+            f"{prefix}num_steps": self.num_steps,
+            f"{prefix}kind": self.kind,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, prefix: str = "table_optimizer.") -> None:
+        if state[f"{prefix}kind"] != self.kind:
+            raise ValueError(f"checkpoint's table optimizer is {state[f'{prefix}kind']!r}, config asks for "
+                             f"jtok.table_optimizer={self.kind!r}: set it back or start the optimizer afresh")
+        rows = self.table.stop_row - self.table.start_row
+        self.exp_avg[:rows].copy_(state[f"{prefix}exp_avg"])
+        self.exp_avg_sq[:rows].copy_(state[f"{prefix}exp_avg_sq"])
+        self.steps[:rows].copy_(state[f"{prefix}row_steps"])
+        self.num_steps = int(state[f"{prefix}num_steps"])

@@ -142,3 +142,61 @@ def test_rows_and_out_of_vocab_ids_on_4_ranks():
         assert o["error"] is not None, f"rank {r} did not raise"
     assert "token id 1005 is outside the JTok table's vocabulary [0, 1000) on rank 3" in res[3]["error"]
     assert "rank(s) [3]" in res[0]["error"]
+
+
+def _save_sharded(path: str) -> list:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from jtok_train.compat import init_model_parallel
+    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+
+    init_model_parallel()
+    table = ShardedTokenTable(300, 2, 3, 4, group=dist.group.WORLD, seed=9)
+    opt = ShardedTableOptimizer(table, 0.1, (0.9, 0.95), 1e-8)
+    table.shard.add_(dist.get_rank())            # make every rank's rows distinguishable
+    opt.exp_avg.normal_()
+    sd = {**table.sharded_state_dict("token_table."), **opt.sharded_state_dict()}
+    from jtok_train.training.checkpoint import _save_strategy   # synchronous writer (no spawn manager)
+
+    dist_checkpointing.save(sd, path, sharded_strategy=_save_strategy())
+    return [table.full_table().numpy(), _gather_moments(table, opt)]
+
+
+def _gather_moments(table, opt):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(opt.exp_avg) for _ in range(table.world)]
+    dist.all_gather(parts, opt.exp_avg, group=table.group)
+    permuted = torch.cat(parts)[: table.vocab_size]
+    return permuted[table.placement.position_of].numpy()
+
+
+def _load_sharded(path: str) -> list:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from jtok_train.compat import init_model_parallel
+    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+
+    init_model_parallel()
+    table = ShardedTokenTable(300, 2, 3, 4, group=dist.group.WORLD, seed=9)
+    opt = ShardedTableOptimizer(table, 0.1, (0.9, 0.95), 1e-8)
+    sd = {**table.sharded_state_dict("token_table."), **opt.sharded_state_dict()}
+    loaded = dist_checkpointing.load(sd, path)
+    table.load_state_dict({"shard": loaded["token_table.shard"]})
+    opt.load_state_dict(loaded)
+    return [table.full_table().numpy(), _gather_moments(table, opt)]
+
+
+def test_sharded_table_checkpoint_reshards_2_to_1_and_4(tmp_path):
+    import numpy as np
+
+    (tmp_path / "ckpt").mkdir()
+    saved = run_distributed(_save_sharded, 2, str(tmp_path / "ckpt"), timeout=300)[0]
+    for world in (1, 4):
+        loaded = run_distributed(_load_sharded, world, str(tmp_path / "ckpt"), timeout=300)[0]
+        assert np.array_equal(loaded[0], saved[0]), f"table differs after loading at world size {world}"
+        assert np.array_equal(loaded[1], saved[1]), f"moments differ after loading at world size {world}"
