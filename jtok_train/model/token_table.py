@@ -99,10 +99,13 @@ def row_permutation(vocab_size: int, seed: int) -> Tensor:
 
 
 def init_rows_for_permuted_range(
-    start: int, stop: int, row_shape: tuple[int, ...], seed: int, std: float = 1.0, dtype=torch.float32
+    start: int, stop: int, row_shape: tuple[int, ...], seed: int, std: float = 1.0, dtype=torch.float32,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """N(0, std^2) rows for permuted positions [start, stop), the same whatever range is asked."""
-    out = torch.empty((stop - start, *row_shape), dtype=dtype)
+    """N(0, std^2) rows for permuted positions [start, stop), the same whatever range is asked.
+    ``out`` (shape [stop - start, *row_shape]) is filled in place: no second copy of a shard."""
+    if out is None:
+        out = torch.empty((stop - start, *row_shape), dtype=dtype)
     chunk_lo = start // INIT_CHUNK
     chunk_hi = (stop - 1) // INIT_CHUNK if stop > start else chunk_lo - 1
     for c in range(chunk_lo, chunk_hi + 1):
@@ -110,7 +113,7 @@ def init_rows_for_permuted_range(
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
         chunk = torch.randn((INIT_CHUNK, *row_shape), generator=g) * std
         lo, hi = max(start, c0), min(stop, c0 + INIT_CHUNK)
-        out[lo - start : hi - start] = chunk[lo - c0 : hi - c0].to(dtype)
+        out[lo - start : hi - start] = chunk[lo - c0 : hi - c0].to(out.dtype)
     return out
 
 

@@ -62,9 +62,8 @@ class ShardedTokenTable(nn.Module):
         device = torch.device(device)
         row_shape = (num_layers, num_sets, hidden_size)
         self.shard = torch.zeros((self.placement.block, *row_shape), dtype=dtype, device=device)
-        self.shard[: self.stop_row - self.start_row] = init_rows_for_permuted_range(
-            self.start_row, self.stop_row, row_shape, seed, init_std, dtype
-        ).to(device)
+        init_rows_for_permuted_range(self.start_row, self.stop_row, row_shape, seed, init_std,
+                                     out=self.shard[: self.stop_row - self.start_row])
         self.shard_grad = torch.zeros_like(self.shard)
         self.touched = torch.zeros(self.placement.block, dtype=torch.bool, device=device)  # rows with a gradient this step
         # A zero-size leaf that makes the fetched rows part of the autograd graph.

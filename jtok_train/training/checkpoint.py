@@ -527,6 +527,10 @@ def save_checkpoint(trainer: Any, step: int, consumed_samples: int | None = None
     state = _state(trainer, is_loading=False, rng=_rng_sharded(rank, world, _rng_tensors()))
     state["meta"] = meta
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
+    if os.environ.get("JTOK_FAULT_KILL_IN_SAVE") == str(step):   # fault injection for the crash tests
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     _write_checksums(partial, rank, world)
     dist.barrier()

@@ -148,7 +148,10 @@ class MetricsLogger:
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            import secrets
+            import string
+
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")
         self.run_id = run_id
         os.environ.setdefault("WANDB_SILENT", "true")
