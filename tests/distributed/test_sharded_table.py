@@ -235,4 +235,4 @@ def test_big_table_never_materialised_on_4_ranks():
         # shard + gradient + 2 moments = the size of ONE full table (1.34 GB); a full copy on top would take
         # the growth past 2.68 GB. The margin of one shard covers the runtime's own growth.
         assert r["growth"] < r["full_bytes"] + r["shard_bytes"], r
-        assert 0 < r["touched"] <= 4 * 256
+        assert 0 < r["touched"] <= 4 * 4 * 256     # rows requested by the 4 ranks' micro-batches
