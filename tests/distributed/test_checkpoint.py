@@ -1,0 +1,206 @@
+"""Checkpoints on real gloo processes: resume at another world size (2 -> 1, 2 -> 4) with bitwise equal weights
+and optimizer states and the same continuing losses; each bad input gives its one-line message and leaves the
+earlier checkpoint intact."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jtok_train.testing import run_distributed
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.distributed
+
+
+def _overrides(data: dict, run_dir: str, **extra) -> list[str]:
+    return tiny_overrides(data, run_dir, **{"logging.wandb": "false", "train.save": "true", **extra})
+
+
+def _state_hashes(trainer) -> dict[str, str]:
+    """sha256 of every model tensor and every optimizer state tensor (bitwise fingerprints)."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for k, v in trainer.model.state_dict().items():
+        if torch.is_tensor(v):
+            out[f"model/{k}"] = hashlib.sha256(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for p, st in opt.optimizer.state.items():
+            for sk, sv in st.items():
+                if torch.is_tensor(sv):
+                    out[f"optim/{names[id(p)]}/{sk}"] = hashlib.sha256(
+                        sv.detach().float().reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
+    return out
+
+
+def _save_then_continue(data: dict, run_dir: str) -> dict:
+    from jtok_train.config import compose
+    from jtok_train.training.trainer import Trainer
+
+    first = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5})))
+    # train 3 of 5 steps (the LR schedule is that of a 5-step run), save at step 3
+    first.cfg.train.train_iters = 3
+    first.fit()
+    saved = _state_hashes(first)
+    second = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5})))   # auto-resume
+    assert second.start_step == 3
+    loaded = _state_hashes(second)
+    res = second.fit()
+    return {"saved": saved, "loaded": loaded, "losses": res.losses}
+
+
+def _resume_from(data: dict, run_dir: str, ckpt: str) -> dict:
+    from jtok_train.config import compose
+    from jtok_train.training.trainer import Trainer
+
+    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt})))
+    assert tr.start_step == 3 and tr.data_offset == 0
+    loaded = _state_hashes(tr)
+    res = tr.fit()
+    return {"loaded": loaded, "losses": res.losses}
+
+
+def test_save_on_2_resume_on_1_and_4(small_dataset, tmp_path):
+    """A checkpoint saved on 2 ranks loads on 1 and on 4 ranks: identical backbone, JTok-M table and
+    optimizer states; the following steps see the same data (same losses up to reduction order)."""
+    src = tmp_path / "w2"
+    two = run_distributed(_save_then_continue, 2, small_dataset, str(src), timeout=600)
+    assert two[0]["saved"] == two[1]["saved"]
+    assert two[0]["loaded"] == two[0]["saved"], "resume at the same world size changed the state"
+    assert any("token_table" in k for k in two[0]["saved"]), sorted(two[0]["saved"])[:5]
+    ckpt = str(src / "checkpoints" / "step_0000003")
+    one = run_distributed(_resume_from, 1, small_dataset, str(tmp_path / "w1"), ckpt, timeout=600)[0]
+    four = run_distributed(_resume_from, 4, small_dataset, str(tmp_path / "w4"), ckpt, timeout=600)
+    for got in [one, *four]:
+        assert got["loaded"] == two[0]["saved"]
+        assert got["losses"] == pytest.approx(two[0]["losses"], rel=1e-5, abs=1e-6)
+    assert len(two[0]["losses"]) == 2
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def _expect(exc_type, fragment: str, fn) -> str:
+    try:
+        fn()
+    except exc_type as e:
+        msg = str(e)
+        assert fragment in msg, msg
+        assert "\n" not in msg, msg
+        return msg
+    raise AssertionError(f"no {exc_type.__name__} ({fragment})")
+
+
+def _bad_inputs(data: dict, root: str) -> dict:
+    import math
+    import os
+
+    import numpy as np
+
+    from jtok_train.config import compose
+    from jtok_train.data.indexed import DataFileError, write_indexed_dataset
+    from jtok_train.training.checkpoint import latest_checkpoint, verify_checkpoint
+    from jtok_train.training.errors import CheckpointError, NonFiniteLossError
+    from jtok_train.training.trainer import Trainer
+
+    root = Path(root)
+    good = root / "good"
+    Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
+    ckpt = latest_checkpoint(good)
+    assert ckpt is not None and ckpt.name == "step_0000002"
+    msgs = {}
+
+    def intact():
+        verify_checkpoint(ckpt)
+        assert latest_checkpoint(good) == ckpt
+
+    # a different model config: the message names the differing keys
+    msgs["model"] = _expect(CheckpointError, "model.ffn_hidden_size: 128 -> 96", lambda: Trainer(compose(
+        _overrides(data, str(root / "m"), **{"train.resume_from": str(ckpt), "model.ffn_hidden_size": 96}))))
+    intact()
+    # truncated / corrupted shard files, a save that never finished (no checksums)
+    for name, damage, fragment in [
+        ("trunc", lambda f: os.truncate(f, f.stat().st_size // 2), "is truncated"),
+        ("flip", lambda f: f.write_bytes(f.read_bytes()[:100] + bytes([f.read_bytes()[100] ^ 1])
+                                         + f.read_bytes()[101:]), "is corrupted (sha256 mismatch)"),
+        ("nosums", None, "its save did not finish"),
+    ]:
+        bad = root / f"bad_{name}"
+        shutil.copytree(ckpt, bad)
+        if damage is None:
+            (bad / "checksums.json").unlink()
+        else:
+            damage(sorted(bad.glob("*.distcp"))[0])
+        msgs[name] = _expect(CheckpointError, fragment, lambda: Trainer(compose(
+            _overrides(data, str(root / f"r_{name}"), **{"train.resume_from": str(bad)}))))
+    # a .metadata that would run code when unpickled is refused (checksums off to reach it)
+    evil = root / "bad_evil"
+    shutil.copytree(ckpt, evil)
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(root / "pwned"),))
+
+    (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
+    msgs["evil"] = _expect(CheckpointError, "not allowed", lambda: Trainer(compose(_overrides(
+        data, str(root / "r_evil"), **{"train.resume_from": str(evil), "train.verify_checksums": "false"}))))
+    assert not (root / "pwned").exists()
+    intact()
+
+    # missing and truncated data files, token ids outside the vocabulary
+    msgs["missing"] = _expect(DataFileError, "is missing", lambda: Trainer(compose(
+        _overrides({**data, "prefix": str(root / "nowhere" / "text_document")}, str(good)))))
+    cut = root / "cut"
+    cut.mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(data["prefix"] + ext, cut / ("text_document" + ext))
+    os.truncate(cut / "text_document.bin", (cut / "text_document.bin").stat().st_size - 10)
+    msgs["truncated"] = _expect(DataFileError, "is truncated", lambda: Trainer(compose(
+        _overrides({**data, "prefix": str(cut / "text_document")}, str(good)))))
+    rng = np.random.default_rng(0)
+    write_indexed_dataset(root / "big" / "text_document",
+                          [rng.integers(0, 700, size=500).tolist() for _ in range(60)], vocab_size=1000, eod=0)
+    msgs["vocab"] = _expect(DataFileError, "holds token id", lambda: Trainer(compose(
+        _overrides({**data, "prefix": str(root / "big" / "text_document")}, str(good)))))
+    intact()
+
+    # NaN/Inf loss: stop saves the last good step; skip drops the update and counts it
+    real = Trainer._run_schedule
+
+    def nan_at_step_3(self, batches, num_micro, forward_only):
+        loss = real(self, batches, num_micro, forward_only)
+        return math.nan if (not forward_only and self._nan_calls == 2) else loss
+
+    def counting(self, batches, num_micro, forward_only):
+        out = nan_at_step_3(self, batches, num_micro, forward_only)
+        if not forward_only:
+            self._nan_calls += 1
+        return out
+
+    Trainer._run_schedule = counting
+    Trainer._nan_calls = 0
+    try:
+        stop_dir = root / "nan_stop"
+        tr = Trainer(compose(_overrides(data, str(stop_dir), **{"train.train_iters": 4})))
+        msgs["nan_stop"] = _expect(NonFiniteLossError, "saved the last good step 2", tr.fit)
+        assert latest_checkpoint(stop_dir).name == "step_0000002"
+        verify_checkpoint(latest_checkpoint(stop_dir))
+        Trainer._nan_calls = 0
+        res = Trainer(compose(_overrides(data, str(root / "nan_skip"),
+                                         **{"train.train_iters": 4, "train.nan_policy": "skip"}))).fit()
+        assert math.isnan(res.losses[2]) and res.final_metrics["skipped_steps"] == 1
+        assert all(math.isfinite(x) for i, x in enumerate(res.losses) if i != 2)
+    finally:
+        Trainer._run_schedule = real
+    intact()
+    return msgs
+
+
+def test_bad_inputs_give_one_line_errors_and_keep_the_checkpoint(small_dataset, tmp_path):
+    msgs = run_distributed(_bad_inputs, 1, small_dataset, str(tmp_path), timeout=600)[0]
+    assert set(msgs) == {"model", "trunc", "flip", "nosums", "evil", "missing", "truncated", "vocab", "nan_stop"}
