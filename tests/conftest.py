@@ -57,7 +57,6 @@ def tiny_overrides(data: dict, run_dir: str, dense: bool = False, jtok: str = "j
         "train.progress=false",
         "train.save=false",
         "logging.wandb=false",
-        "logging.wandb=false",          # W&B is on (offline) by default; tests that need it turn it on
         f"train.run_dir={run_dir}",
     ]
     if not dense:

@@ -201,12 +201,25 @@ class Trainer:
         from jtok_train.data.datasets import get_microbatch, microbatch_indices
 
         t = self.cfg.train
+        if self.cfg.data.loader == "dali":  # the same samples in the same order, through a DALI pipeline
+            return self._with_prefetch([self._check_ids(b) for b in self._dali_loader(step).batches(step)])
         batches = [
             self._check_ids(get_microbatch(self.train_ds, microbatch_indices(
                 step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size, self.data_offset)))
             for k in range(self.num_micro)
         ]
         return self._with_prefetch(batches)
+
+    def _dali_loader(self, step: int):
+        if getattr(self, "_dali", None) is None:
+            from jtok_train.data.dali import DaliTrainLoader
+
+            t = self.cfg.train
+            self._dali = DaliTrainLoader(self.train_ds, micro_batch_size=t.micro_batch_size,
+                                         global_batch_size=t.global_batch_size, dp_rank=self.dp_rank,
+                                         dp_size=self.dp_size, start_step=step, end_step=t.train_iters,
+                                         data_offset=self.data_offset, device=self.device)
+        return self._dali
 
     def _check_ids(self, batch: dict) -> dict:
         """Token ids must index the tables: a clear error instead of an index error deep in a kernel."""
@@ -346,7 +359,7 @@ class Trainer:
         import inspect
 
         kw = {"run_id": self.wandb_run_id} if "run_id" in inspect.signature(MetricsLogger).parameters else {}
-        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, start, self.rank == 0, **kw)
+        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, start, self.rank == 0, model=self.unwrapped, **kw)
         # the W&B run id goes into every checkpoint (rank 0 knows it; the common state must agree)
         ids = [None] * self.world
         dist.all_gather_object(ids, getattr(logger, "run_id", None) or self.wandb_run_id)

@@ -54,8 +54,9 @@ munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" --pid-
   --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munge.seed"
 
 HOST=$(hostname -s)
-CPUS=$(nproc)
-MEM=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+NODE=$(slurmd -C | head -n 1)    # what slurmd sees (not `nproc`, which obeys OMP_NUM_THREADS)
+CPUS=$(echo "$NODE" | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
+MEM=$(echo "$NODE" | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=$(( MEM > 2048 ? MEM - 1024 : MEM ))
 cat > "$SLURM_CONF" <<EOF
 ClusterName=jtoklocal
@@ -79,6 +80,7 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=600
+DefMemPerCPU=1000
 SlurmctldPort=$(( 16800 + RANDOM % 400 ))
 SlurmdPort=$(( 17300 + RANDOM % 400 ))
 StateSaveLocation=$DIR/state
@@ -92,8 +94,9 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 slurmctld -c -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
+# ready = the node registered and is idle ("idle*" would be a node that has not answered yet)
 for _ in $(seq 1 60); do
-  if sinfo -h -o '%t' 2>/dev/null | grep -q idle; then echo "SLURM_CONF=$SLURM_CONF"; exit 0; fi
+  if [ "$(sinfo -h -N -o '%T' 2>/dev/null)" = idle ]; then echo "SLURM_CONF=$SLURM_CONF"; exit 0; fi
   sleep 0.5
 done
 echo "local_cluster.sh: the node did not become idle; logs in $DIR/log" >&2
