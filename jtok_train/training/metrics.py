@@ -179,7 +179,7 @@ class MetricsLogger:
         if self.file is not None:
             self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            self._wandb("log", lambda: self.wandb_run.log(metrics, step=step))
         if self.bar is not None and advance:
             post = {}
             if "loss" in metrics:
@@ -209,8 +209,19 @@ class MetricsLogger:
             self.file.close()
             self.file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self._wandb("finish", self.wandb_run.finish)
             self.wandb_run = None
+
+    def _wandb(self, what: str, call) -> None:
+        """W&B must never stop training: on SIGTERM (preemption) the scheduler signals every process of the
+        job, W&B's service included, while the trainer still has a checkpoint to write. Warn once and go on
+        with metrics.jsonl and the console."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - any W&B failure
+            self.wandb_run = None
+            self.message(f"W&B {what} failed ({type(e).__name__}: {e}); W&B logging is off for the rest of this "
+                         "run, metrics.jsonl and the console go on")
 
 
 # --- reading W&B's run files back (tests, scripts without network) -------------------------------------------
