@@ -77,6 +77,10 @@ class Trainer:
         self.num_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
         self.num_valid_micro = num_microbatches(t.eval_samples, t.micro_batch_size, self.dp_size)
         self.device = compute_device()
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        # Megatron's aux-loss tracker is process-global and sized by the first model's layer count.
+        get_moe_layer_wise_logging_tracker().clear()
         self.run_dir = Path(t.run_dir)
         self._prepare_resume()
         self._build_data()
@@ -93,6 +97,12 @@ class Trainer:
 
         t = self.cfg.train
         self.preemption = PreemptionFlag()
+        import random
+
+        import numpy as np
+
+        random.seed(t.seed)            # Python's and numpy's global RNGs too: every checkpointed state is a
+        np.random.seed(t.seed)         # function of the seed and the step
         self.data_fingerprint = data_fingerprint(self.cfg, self.tokenizer.sha256)
         self.start_step, self.skipped_steps, self.wandb_run_id = 0, 0, None
         # batch of step k = dataset samples [data_offset + k*G, data_offset + (k+1)*G): a resume at another
