@@ -1,0 +1,122 @@
+"""Step time and exchange volume of JTok-M's embedding parallelism, measured side by side on CPU.
+
+    .venv/bin/python benchmarks/exchange_bench.py                  # tiny + bench configs, 2 ranks
+    .venv/bin/python benchmarks/exchange_bench.py --steps 8 --repeats 1 --configs tiny
+
+Needs the demo data (`make demo`, or `jtok-data build --source python-docs --out data/demo`).
+Every variant runs on the same 2 gloo ranks, in the order A B C D A B C D ... (repeats), and the
+figures are medians over steps after the first two. Results: a markdown table on stdout and a JSON file
+(benchmarks/results/exchange.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "backbone": ["jtok=none"],
+    "jtokm_replicated": ["jtok=jtokm", "parallel.embedding=replicated"],
+    "jtokm_sharded_no_overlap": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=false"],
+    "jtokm_sharded_overlap": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=true"],
+    "jtokm_sharded_no_dedup": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.dedup=false"],
+}
+CONFIGS = {
+    # the demo model: d 128, 4 layers, 8 experts; micro-batch 4 x 256 tokens
+    "tiny": ["model=tiny"],
+    # wider: d 256, 6 layers, 16 experts top-2, vocab 4096; micro-batch 4 x 256
+    "bench": ["model=tiny", "model.hidden_size=256", "model.num_layers=6", "model.num_attention_heads=8",
+              "model.num_experts=16", "model.moe_ffn_hidden_size=256", "model.moe_shared_expert_intermediate_size=256"],
+}
+
+
+def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
+    import torch.distributed as dist
+
+    from jtok_train.config import compose
+    from jtok_train.training.trainer import Trainer
+
+    out = []
+    for config, variant, overrides in runs:
+        tr = Trainer(compose(overrides))
+        res = tr.fit()
+        rows = [json.loads(l) for l in (Path(tr.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "step_time_s" in r][2:]
+        rec = {"config": config, "variant": variant, "step_time_s": [r["step_time_s"] for r in steps],
+               "loss": res.losses[-1]}
+        for key in ("exchange/bytes_sent", "exchange/bytes_received", "exchange/wait_s", "exchange/positions",
+                    "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested"):
+            vals = [r[key] for r in steps if key in r]
+            if vals:
+                rec[key] = statistics.median(vals)
+        out.append(rec)
+        dist.barrier()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exchange.json"))
+    args = ap.parse_args()
+
+    from jtok_train.testing import run_distributed
+
+    runs = []
+    for config in args.configs:
+        for rep in range(args.repeats):
+            for variant, ov in VARIANTS.items():
+                runs.append((config, variant, CONFIGS[config] + ov + [
+                    "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
+                    "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
+                    f"train.run_dir=/tmp/jtok_bench/{config}_{variant}_{rep}"]))
+    per_rank = run_distributed(_measure, 2, runs, timeout=3600)
+    results: dict[tuple[str, str], dict] = {}
+    for rank_res in per_rank:
+        for rec in rank_res:
+            key = (rec["config"], rec["variant"])
+            agg = results.setdefault(key, {"step_time_s": [], "ranks": []})
+            agg["step_time_s"] += rec["step_time_s"]
+            agg["ranks"].append(rec)
+
+    report = {}
+    lines = ["| config | variant | median step (s) | vs backbone | exch. bytes sent/rank/step | wait (s) |",
+             "|---|---|---|---|---|---|"]
+    for config in args.configs:
+        base = statistics.median(results[(config, "backbone")]["step_time_s"])
+        for variant in VARIANTS:
+            agg = results[(config, variant)]
+            med = statistics.median(agg["step_time_s"])
+            sent = statistics.median([r.get("exchange/bytes_sent", 0) for r in agg["ranks"]])
+            wait = statistics.median([r.get("exchange/wait_s", 0) for r in agg["ranks"]])
+            entry = {"median_step_s": med, "ratio_vs_backbone": med / base, "bytes_sent": sent, "wait_s": wait}
+            for k in ("exchange/positions", "exchange/unique_ids", "exchange/rows_remote"):
+                vals = [r[k] for r in agg["ranks"] if k in r]
+                if vals:
+                    entry[k] = statistics.median(vals)
+            report[f"{config}/{variant}"] = entry
+            lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} |")
+        on, off = report[f"{config}/jtokm_sharded_overlap"], report[f"{config}/jtokm_sharded_no_overlap"]
+        nd = report[f"{config}/jtokm_sharded_no_dedup"]
+        report[f"{config}/summary"] = {
+            "exposed_fraction_with_overlap": on["wait_s"] / off["wait_s"] if off["wait_s"] else None,
+            "bytes_dedup_over_no_dedup": on["bytes_sent"] / nd["bytes_sent"] if nd["bytes_sent"] else None,
+            "unique_over_positions": on.get("exchange/unique_ids", 0) / max(1, on.get("exchange/positions", 1)),
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print("\n".join(lines))
+    for config in args.configs:
+        print(config, json.dumps(report[f"{config}/summary"]))
+
+
+if __name__ == "__main__":
+    main()
