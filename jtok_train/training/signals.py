@@ -6,7 +6,7 @@ REQUEUE_EXIT_CODE = 75 (EX_TEMPFAIL in sysexits.h, "temporary failure, retry"): 
 purpose after a complete checkpoint, so a batch script should requeue the job (``scontrol requeue
 $SLURM_JOB_ID``); on restart the trainer resumes from ``<run_dir>/checkpoints/latest``. Any other non-zero code
 is a real failure. Under torchrun the launcher reports a failed worker with its own code, so the trainer also
-writes ``<run_dir>/checkpoints/REQUEUE`` (removed at the next start): scripts can test for that file.
+writes ``<run_dir>/checkpoints/REQUEUE`` (removed when the run starts again): scripts can test for that file.
 """
 
 from __future__ import annotations

@@ -109,6 +109,8 @@ class Trainer:
         # global batch size continues from the checkpoint's consumed samples
         self.data_offset = 0
         self.resume_path = resolve_resume_path(self.cfg)
+        if self.rank == 0:    # a restart clears the previous preemption's requeue marker
+            (self.run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
         self.resume_meta = read_meta(self.resume_path) if self.resume_path is not None else None
         if self.resume_meta is not None:
             m = self.resume_meta
