@@ -123,6 +123,20 @@ def _rows_and_bad_ids(vocab: int, seq: int) -> dict:
         "requested": table.stats.rows_requested,
         "unique": int(unique.numel()),
     }
+    # the state machine asserts the call order
+    pending = table._start(ids)
+    pending.wait_rows()
+    try:
+        pending.wait_rows()
+        out["order_error"] = None
+    except RuntimeError as e:
+        out["order_error"] = str(e)
+    table.prefetch(ids)
+    try:
+        table.lookup(torch.flip(ids, dims=[1]))
+        out["prefetch_error"] = None
+    except RuntimeError as e:
+        out["prefetch_error"] = str(e)
     bad = ids.clone()
     if rank == world - 1:
         bad[1, 2] = vocab + 5
@@ -142,6 +156,8 @@ def test_rows_and_out_of_vocab_ids_on_4_ranks():
         assert o["error"] is not None, f"rank {r} did not raise"
     assert "token id 1005 is outside the JTok table's vocabulary [0, 1000) on rank 3" in res[3]["error"]
     assert "rank(s) [3]" in res[0]["error"]
+    assert "cannot wait for rows in state 'rows_ready'" in res[0]["order_error"]
+    assert "differs from the prefetched one" in res[0]["prefetch_error"]
 
 
 def _save_sharded(path: str) -> list:
