@@ -76,12 +76,14 @@ class ShardedTableOptimizer:
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict, prefix: str = "table_optimizer.") -> None:
-        if state[f"{prefix}kind"] != self.kind:
-            raise ValueError(f"checkpoint's table optimizer is {state[f'{prefix}kind']!r}, config asks for "
-                             f"jtok.table_optimizer={self.kind!r}: set it back or start the optimizer afresh")
+    def load_state_dict(self, state: dict) -> None:
+        """``state``: what ``sharded_state_dict`` produced, loaded (any key prefix)."""
+        s = {k.rsplit(".", 1)[-1]: v for k, v in state.items()}
+        if s["kind"] != self.kind:
+            raise ValueError(f"the checkpoint's table optimizer is {s['kind']!r} but the config asks for "
+                             f"jtok.table_optimizer={self.kind!r}: set it back to resume")
         rows = self.table.stop_row - self.table.start_row
-        self.exp_avg[:rows].copy_(state[f"{prefix}exp_avg"])
-        self.exp_avg_sq[:rows].copy_(state[f"{prefix}exp_avg_sq"])
-        self.steps[:rows].copy_(state[f"{prefix}row_steps"])
-        self.num_steps = int(state[f"{prefix}num_steps"])
+        self.exp_avg[:rows].copy_(s["exp_avg"])
+        self.exp_avg_sq[:rows].copy_(s["exp_avg_sq"])
+        self.steps[:rows].copy_(s["row_steps"])
+        self.num_steps = int(s["num_steps"])

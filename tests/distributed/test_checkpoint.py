@@ -36,30 +36,44 @@ def _state_hashes(trainer) -> dict[str, str]:
                 if torch.is_tensor(sv):
                     out[f"optim/{names[id(p)]}/{sk}"] = hashlib.sha256(
                         sv.detach().float().reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
+    table = trainer.unwrapped.token_table
+    if hasattr(table, "full_table"):   # sharded: gather the whole table and its moments in token order
+        import torch.distributed as dist
+
+        def full(t):
+            parts = [torch.empty_like(t) for _ in range(table.world)]
+            dist.all_gather(parts, t.contiguous(), group=table.group)
+            return torch.cat(parts)[: table.vocab_size][table.placement.position_of]
+
+        for name, t in (("table", table.shard), ("exp_avg", trainer.table_opt.exp_avg),
+                        ("exp_avg_sq", trainer.table_opt.exp_avg_sq)):
+            out[f"sharded_table/{name}"] = hashlib.sha256(full(t).reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
     return out
 
 
-def _save_then_continue(data: dict, run_dir: str) -> dict:
+def _save_then_continue(data: dict, run_dir: str, extra: dict | None = None) -> dict:
     from jtok_train.config import compose
     from jtok_train.training.trainer import Trainer
 
-    first = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5})))
+    extra = extra or {}
+    first = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))
     # train 3 of 5 steps (the LR schedule is that of a 5-step run), save at step 3
     first.cfg.train.train_iters = 3
     first.fit()
     saved = _state_hashes(first)
-    second = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5})))   # auto-resume
+    second = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))   # auto-resume
     assert second.start_step == 3
     loaded = _state_hashes(second)
     res = second.fit()
     return {"saved": saved, "loaded": loaded, "losses": res.losses}
 
 
-def _resume_from(data: dict, run_dir: str, ckpt: str) -> dict:
+def _resume_from(data: dict, run_dir: str, ckpt: str, extra: dict | None = None) -> dict:
     from jtok_train.config import compose
     from jtok_train.training.trainer import Trainer
 
-    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt})))
+    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt},
+                                    **(extra or {}))))
     assert tr.start_step == 3 and tr.data_offset == 0
     loaded = _state_hashes(tr)
     res = tr.fit()
@@ -81,6 +95,21 @@ def test_save_on_2_resume_on_1_and_4(small_dataset, tmp_path):
         assert got["loaded"] == two[0]["saved"]
         assert got["losses"] == pytest.approx(two[0]["losses"], rel=1e-5, abs=1e-6)
     assert len(two[0]["losses"]) == 2
+
+
+def test_sharded_tables_save_on_2_resume_on_1_and_4(small_dataset, tmp_path):
+    """The same with row-sharded tables: shard and table-optimizer moments reshard bitwise."""
+    sharded = {"parallel.embedding": "sharded"}
+    src = tmp_path / "w2"
+    two = run_distributed(_save_then_continue, 2, small_dataset, str(src), sharded, timeout=600)
+    assert two[0]["loaded"] == two[0]["saved"], "resume at the same world size changed the state"
+    assert "sharded_table/table" in two[0]["saved"] and "sharded_table/exp_avg" in two[0]["saved"]
+    ckpt = str(src / "checkpoints" / "step_0000003")
+    one = run_distributed(_resume_from, 1, small_dataset, str(tmp_path / "w1"), ckpt, sharded, timeout=600)[0]
+    four = run_distributed(_resume_from, 4, small_dataset, str(tmp_path / "w4"), ckpt, sharded, timeout=600)
+    for got in [one, *four]:
+        assert got["loaded"] == two[0]["saved"]
+        assert got["losses"] == pytest.approx(two[0]["losses"], rel=1e-5, abs=1e-6)
 
 
 # -- bad input --------------------------------------------------------------------------------------------
