@@ -142,6 +142,14 @@ def _train(cfg: DictConfig) -> None:
     train(cfg)
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Errors that carry a one-line message the user can act on: printed without a traceback."""
+    from jtok_train.data.indexed import DataFileError
+    from jtok_train.training.errors import RunError
+
+    return (RunError, DataFileError)
+
+
 def run(cfg: DictConfig) -> None:
     """The Hydra task function (composition happened in this process)."""
     from jtok_train.config import ConfigError
@@ -158,6 +166,9 @@ def run(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"jtok-train: bad config: {e}", file=sys.stderr)
         sys.exit(2)
+    except _user_errors() as e:
+        print(f"jtok-train: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 3))
 
 
 def run_resolved(path: str) -> None:
@@ -171,6 +182,9 @@ def run_resolved(path: str) -> None:
     except ConfigError as e:
         print(f"jtok-train: bad config: {e}", file=sys.stderr)
         sys.exit(2)
+    except _user_errors() as e:
+        print(f"jtok-train: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 3))
 
 
 def _pop_flag(argv: list[str], name: str, takes_value: bool) -> Any:

@@ -70,6 +70,11 @@ def test_bad_override_names_the_key(small_dataset, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jtok_train", *small_vocab], capture_output=True, text=True,
                           timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 2 and "model.vocab_size=100" in proc.stderr
+    missing = tiny_overrides(small_dataset, str(tmp_path / "r3"), **{"data.prefixes": f"[{tmp_path}/nothing_here]"})
+    proc = subprocess.run([sys.executable, "-m", "jtok_train", *missing], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "nothing_here" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
