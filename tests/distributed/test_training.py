@@ -96,3 +96,16 @@ def _none_is_plain_gptmodel() -> dict:
 
 def test_jtok_none_is_megatron_gptmodel_bitwise():
     assert run_distributed(_none_is_plain_gptmodel, 1, timeout=300) == [{"dense": True, "moe": True}]
+
+
+def test_bf16_replicated_and_sharded_track_fp32(small_dataset, tmp_path):
+    """train.precision=bf16 (bf16 weights and activations, fp32 main weights in Megatron's optimizer) follows the
+    fp32 run closely, with replicated and with sharded tables."""
+    runs = [tiny_overrides(small_dataset, str(tmp_path / "fp32")),
+            tiny_overrides(small_dataset, str(tmp_path / "bf16"), **{"train.precision": "bf16"}),
+            tiny_overrides(small_dataset, str(tmp_path / "bf16s"), **{"train.precision": "bf16",
+                                                                       "parallel.embedding": "sharded"})]
+    fp32, bf16, bf16s = run_distributed(_train_many, 2, runs, timeout=600)[0]
+    for got in (bf16, bf16s):
+        assert got["losses"] == pytest.approx(fp32["losses"], rel=2e-2)
+        assert got["valid"] == pytest.approx(fp32["valid"], rel=2e-2)
