@@ -18,10 +18,12 @@ def _keep_table_init(model):
     inner = model.module
     while hasattr(inner, "module"):
         inner = inner.module
-    saved = inner.token_table.weight.detach().clone() if hasattr(inner.token_table, "weight") else None
+    table = inner.token_table
+    # fill_params_by_global_position rewrites every tensor of the sharded state dict, the tables included
+    saved = (table.weight if hasattr(table, "weight") else table.shard).detach().clone()
     fill_params_by_global_position(model, seed=5)
-    if saved is not None:
-        inner.token_table.weight.data.copy_(saved)
+    with torch.no_grad():
+        (table.weight if hasattr(table, "weight") else table.shard).copy_(saved)
 
 
 def _run(runs: list[list[str]]) -> list[dict]:
