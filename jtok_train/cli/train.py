@@ -142,20 +142,28 @@ def _train(cfg: DictConfig) -> None:
     train(cfg)
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Errors that carry a one-line message the user can act on: printed without a traceback."""
+def _guarded(fn: Any) -> None:
+    """Run ``fn``; errors the user can act on print one line (no traceback) and set the exit code:
+    2 for a bad config, 3 (RunError.exit_code) for checkpoints, data and non-finite losses."""
+    from jtok_train.config import ConfigError
     from jtok_train.data.indexed import DataFileError
     from jtok_train.training.errors import RunError
 
-    return (RunError, DataFileError)
+    _quiet_dependencies(os.environ.get("JTOK_VERBOSE", "0") == "1")
+    try:
+        fn()
+    except ConfigError as e:
+        print(f"jtok-train: bad config: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (RunError, DataFileError) as e:
+        print(f"jtok-train: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 3))
 
 
 def run(cfg: DictConfig) -> None:
     """The Hydra task function (composition happened in this process)."""
-    from jtok_train.config import ConfigError
 
-    _quiet_dependencies(os.environ.get("JTOK_VERBOSE", "0") == "1")
-    try:
+    def body() -> None:
         _precheck(cfg)
         if _rank() == 0 or _MODE["prepare"]:
             env_file = write_run_files(cfg)
@@ -163,28 +171,13 @@ def run(cfg: DictConfig) -> None:
             print(env_file.resolve(), flush=True)
             return
         _train(cfg)
-    except ConfigError as e:
-        print(f"jtok-train: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
-    except _user_errors() as e:
-        print(f"jtok-train: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 3))
+
+    _guarded(body)
 
 
 def run_resolved(path: str) -> None:
     """A rank started by a launcher: the config was composed and validated once, before."""
-    from jtok_train.config import ConfigError
-
-    _quiet_dependencies(os.environ.get("JTOK_VERBOSE", "0") == "1")
-    try:
-        cfg = load_resolved(path)
-        _train(cfg)
-    except ConfigError as e:
-        print(f"jtok-train: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
-    except _user_errors() as e:
-        print(f"jtok-train: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 3))
+    _guarded(lambda: _train(load_resolved(path)))
 
 
 def _pop_flag(argv: list[str], name: str, takes_value: bool) -> Any:
