@@ -26,6 +26,7 @@ VARIANTS = {
     "jtokm_sharded_no_overlap": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=false"],
     "jtokm_sharded_overlap": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=true"],
     "jtokm_sharded_no_dedup": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.dedup=false"],
+    "jtokm_sharded_overlap_sparse": ["jtok=jtokm", "parallel.embedding=sharded", "jtok.table_optimizer=sparse_adamw"],
 }
 CONFIGS = {
     # the demo model: d 128, 4 layers, 8 experts; micro-batch 4 x 256 tokens
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exchange.json"))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = ap.parse_args()
 
     from jtok_train.testing import run_distributed
@@ -73,7 +75,8 @@ def main() -> None:
     runs = []
     for config in args.configs:
         for rep in range(args.repeats):
-            for variant, ov in VARIANTS.items():
+            for variant in args.variants:
+                ov = VARIANTS[variant]
                 runs.append((config, variant, CONFIGS[config] + ov + [
                     "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
                     "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
@@ -92,7 +95,7 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for config in args.configs:
         base = statistics.median(results[(config, "backbone")]["step_time_s"])
-        for variant in VARIANTS:
+        for variant in args.variants:
             agg = results[(config, variant)]
             med = statistics.median(agg["step_time_s"])
             sent = statistics.median([r.get("exchange/bytes_sent", 0) for r in agg["ranks"]])
@@ -104,6 +107,9 @@ def main() -> None:
                     entry[k] = statistics.median(vals)
             report[f"{config}/{variant}"] = entry
             lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} |")
+        if not all(f"{config}/{v}" in report for v in ("jtokm_sharded_overlap", "jtokm_sharded_no_overlap",
+                                                        "jtokm_sharded_no_dedup")):
+            continue
         on, off = report[f"{config}/jtokm_sharded_overlap"], report[f"{config}/jtokm_sharded_no_overlap"]
         nd = report[f"{config}/jtokm_sharded_no_dedup"]
         report[f"{config}/summary"] = {
@@ -115,7 +121,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("\n".join(lines))
     for config in args.configs:
-        print(config, json.dumps(report[f"{config}/summary"]))
+        if f"{config}/summary" in report:
+            print(config, json.dumps(report[f"{config}/summary"]))
 
 
 if __name__ == "__main__":
