@@ -234,13 +234,18 @@ class Trainer:
         return self._dali
 
     def _check_ids(self, batch: dict) -> dict:
-        """Token ids must index the tables: a clear error instead of an index error deep in a kernel."""
+        """Token ids must index the tables: a clear error instead of an index error deep in a kernel.
+        All ranks agree on the outcome, so a bad sample on one rank cannot leave the others hanging in a
+        collective."""
         vocab = self.cfg.model.vocab_size
         bad = batch["tokens"][(batch["tokens"] < 0) | (batch["tokens"] >= vocab)]
-        if bad.numel():
+        flag = torch.tensor([1.0 if bad.numel() else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
             from jtok_train.data.indexed import DataFileError
 
-            raise DataFileError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab}) in the training data "
+            where = f"token id {int(bad[0])}" if bad.numel() else "a token id (on another rank)"
+            raise DataFileError(f"{where} outside the vocabulary [0, {vocab}) in the training data "
                                 f"{list(self.cfg.data.prefixes)}: rebuild the data with this tokenizer or set "
                                 "model.vocab_size")
         return batch
