@@ -107,18 +107,19 @@ class JTokM(nn.Module):
         self.scale = nn.Parameter(torch.full((hidden_size,), float(scale_init)))
 
     def route(self, layer_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (renormalised top-K weights [T, K], top-K set ids [T, K], router logits g [T, n_e])."""
+        """Returns (top-K router logits [T, K], top-K set ids [T, K], router logits g [T, n_e]).
+
+        The sigmoid and the renormalisation over the K happen inside ``jtokm_blend`` (fused with the blend),
+        so the gradient reaches the router through the top-K logits."""
         logits = self.router_norm(layer_input) @ self.router                    # g, [T, n_e]
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)           # G = TopK(g, K)
-        top_scores = torch.sigmoid(top_logits)
-        weights = top_scores / top_scores.sum(dim=-1, keepdim=True)             # w_i, renormalised over G
-        return weights, top_idx, logits
+        return top_logits, top_idx, logits
 
     def forward(self, layer_input: Tensor, unique_rows: Tensor, inverse: Tensor) -> JTokMOutput:
         """layer_input: [T, d] (or [s, b, d]); unique_rows: [U, n_e, d]; inverse: [T]."""
         h = layer_input.reshape(-1, self.hidden_size)
-        weights, top_idx, logits = self.route(h)
-        residual = jtokm_blend(unique_rows, inverse, top_idx, weights, self.scale, self.depth_factor, self.eps)
+        top_logits, top_idx, logits = self.route(h)
+        residual = jtokm_blend(unique_rows, inverse, top_logits, top_idx, self.scale, self.depth_factor, self.eps)
         if self.aux_prob == "sigmoid":
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(dim=-1, keepdim=True)
