@@ -1,0 +1,351 @@
+"""A small iso-FLOP quality study on the demo corpus, on CPU: the MoE backbone alone vs + JTok vs + JTok-M.
+
+    .venv/bin/python benchmarks/quality/study.py run [--only isoflop|eta] [--max-minutes N] [--dry-run]
+    .venv/bin/python benchmarks/quality/study.py analyze   # fits -> benchmarks/results/quality.json + summary.md
+    .venv/bin/python benchmarks/quality/study.py plot      # PNGs -> benchmarks/quality/plots/
+
+Method (PAPER.md, "Iso-FLOPs"): for each compute budget C, several backbone widths N; each run trains for
+D = C / flops_per_token tokens (FLOPs from jtok_train.model.accounting) and reports its final validation loss
+on a fixed held-out set (the same sequences for every run and seed). A quadratic fit of each budget's U-curve
+(loss vs log N_c) gives the budget's optimum; the frontier is a linear fit of log L_opt vs log C per variant;
+see analysis.py. A second group sweeps the JTok-M table size (eta) at a fixed backbone and fixed tokens.
+
+Resumable: one directory per run under --runs (default benchmarks/quality/runs/, git-ignored); a run whose
+directory holds result.json is skipped. Runs execute one at a time, in a child process with one thread, in
+grid order (seed by seed, so a partial study still has whole U-curves). Each finished run's record (the shared
+run-record format of the scaling analysis) is written atomically to <run>/result.json and appended to
+benchmarks/quality/results.jsonl (the committed copy, from which analyze and plot work without the runs).
+
+Needs the demo data: `jtok-data build --source python-docs --out data/demo --vocab-size 4096` (launch/demo.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+DEFAULT_RUNS = HERE / "runs"
+RESULTS_JSONL = HERE / "results.jsonl"
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "quality.json"
+SUMMARY_MD = HERE / "summary.md"
+PLOTS = HERE / "plots"
+
+# -- the grid ----------------------------------------------------------------------------------------
+SEQ = 128            # tokens per sequence
+GBS = 16             # sequences per optimizer step (one micro-batch): 2,048 tokens per step
+EVAL_SAMPLES = 128   # validation sequences, the same for every run (see _fixed_valid)
+EVAL_SEED = 1234     # the shuffle seed of the validation set (independent of the training seed)
+LR, MIN_LR = 2.0e-3, 2.0e-4   # the CPU demo's peak LR; WSD (5% warmup, 20% linear decay) to 10%
+SEEDS = (1, 2)
+VARIANTS = ("none", "jtok", "jtokm")
+WIDTHS = (32, 64, 128)        # backbone widths d (4 layers, 8 experts top-2, 1 shared expert)
+REF_WIDTH = 64               # budgets are named by the steps this width gets ...
+BUDGET_STEPS = (40, 80, 160)  # ... at these counts (3 budgets, a factor 2 apart)
+ETA_WIDTH = 64
+ETA_STEPS = 80
+ETA_SETS = ((4, 1), (8, 2), (16, 4))   # (n_e, K) at rho = K/n_e = 0.25 (the paper's scaling studies)
+ETA_SEEDS = (1,)
+
+
+def model_overrides(d: int) -> list[str]:
+    """The tiny MoE of configs/model/tiny.yaml at width d: the FFN widths scale with d as in tiny.yaml."""
+    return [
+        "model=tiny",
+        f"model.hidden_size={d}",
+        f"model.ffn_hidden_size={4 * d}",
+        f"model.moe_ffn_hidden_size={2 * d}",
+        f"model.moe_shared_expert_intermediate_size={2 * d}",
+        f"model.seq_length={SEQ}",
+    ]
+
+
+def train_overrides(steps: int, seed: int, run_dir: Path) -> list[str]:
+    return [
+        "train=demo",
+        f"train.micro_batch_size={GBS}",
+        f"train.global_batch_size={GBS}",
+        f"train.train_iters={steps}",
+        f"train.lr={LR}",
+        f"train.min_lr={MIN_LR}",
+        "train.lr_schedule=wsd",
+        "train.warmup_fraction=0.05",
+        "train.wsd_decay_fraction=0.2",
+        f"train.eval_samples={EVAL_SAMPLES}",
+        f"train.seed={seed}",
+        "train.threads=1",
+        "train.progress=false",
+        "train.save=false",
+        "train.auto_resume=false",
+        "logging.wandb=false",
+        f"train.run_dir={run_dir}",
+    ]
+
+
+def jtok_overrides(variant: str, num_sets: int | None = None, top_k: int | None = None, seed: int = 1) -> list[str]:
+    o = [f"jtok={variant}"]
+    if variant != "none":
+        o.append(f"jtok.table_seed={1000 + seed}")   # a seed is a new draw of every random init
+    if num_sets is not None:
+        o += [f"jtok.num_sets={num_sets}", f"jtok.top_k={top_k}"]
+    return o
+
+
+def _compose(overrides: list[str]):
+    from jtok_train.config import compose
+
+    return compose(overrides)
+
+
+def _accounting(overrides: list[str]) -> dict:
+    from jtok_train.model.accounting import flops_per_token, formula_params
+
+    cfg = _compose(overrides)
+    counts = formula_params(cfg)
+    return {"active_params": counts.active_params, "token_params": counts.token_params,
+            "flops_per_token": flops_per_token(cfg, counts)}
+
+
+def budgets() -> list[float]:
+    """The compute budgets C (training FLOPs): the backbone alone at REF_WIDTH for BUDGET_STEPS steps."""
+    fpt = _accounting(model_overrides(REF_WIDTH) + ["jtok=none"])["flops_per_token"]
+    return [fpt * s * GBS * SEQ for s in BUDGET_STEPS]
+
+
+def grid(runs_dir: Path, only: str | None = None) -> list[dict]:
+    """Every run of the study, in execution order: seed by seed, budget by budget, so that a partial study
+    has whole U-curves of one seed first."""
+    specs: list[dict] = []
+    if only in (None, "isoflop"):
+        cs = budgets()
+        for seed in SEEDS:
+            for bi, c in enumerate(cs):
+                for variant in VARIANTS:
+                    for d in WIDTHS:
+                        jo = jtok_overrides(variant, seed=seed)
+                        acc = _accounting(model_overrides(d) + jo)
+                        steps = max(1, round(c / (acc["flops_per_token"] * GBS * SEQ)))
+                        name = f"iso_b{bi}_{variant}_d{d}_s{seed}"
+                        specs.append({"name": name, "group": "isoflop", "variant": variant, "seed": seed,
+                                      "hidden_size": d, "budget": c, "budget_index": bi, "steps": steps,
+                                      "overrides": model_overrides(d) + jo})
+    if only in (None, "eta"):
+        for seed in ETA_SEEDS:
+            for ne, k in ETA_SETS:
+                name = f"eta_ne{ne}_k{k}_d{ETA_WIDTH}_s{seed}"
+                specs.append({"name": name, "group": "eta_sweep", "variant": "jtokm", "seed": seed,
+                              "hidden_size": ETA_WIDTH, "budget": None, "steps": ETA_STEPS,
+                              "overrides": model_overrides(ETA_WIDTH) + jtok_overrides("jtokm", ne, k, seed)})
+    for s in specs:
+        s["run_dir"] = str(runs_dir / s["name"])
+        s["overrides"] = s["overrides"] + train_overrides(s["steps"], s["seed"], Path(s["run_dir"]))
+    return specs
+
+
+# -- one run (in the worker process) -------------------------------------------------------------------
+_VALID_CACHE: dict = {}
+
+
+def _fixed_valid(trainer):
+    """The validation set shuffled with EVAL_SEED whatever the training seed, so every run and seed is
+    scored on the same EVAL_SAMPLES sequences (the split by documents does not depend on the seed)."""
+    from jtok_train.data.datasets import build_datasets
+
+    key = (tuple(trainer.cfg.data.prefixes), trainer.cfg.model.seq_length)
+    if key not in _VALID_CACHE:
+        _, valid = build_datasets(list(trainer.cfg.data.prefixes), trainer.tokenizer,
+                                  seq_length=trainer.cfg.model.seq_length, seed=EVAL_SEED, train_samples=1,
+                                  valid_samples=EVAL_SAMPLES, split=trainer.cfg.data.split,
+                                  cache_dir=trainer.cfg.data.cache_dir)
+        if valid is None:
+            raise SystemExit(f"the data split {trainer.cfg.data.split!r} gives no validation documents: "
+                             "use a split with a validation part, e.g. data.split='98,2,0'")
+        _VALID_CACHE[key] = valid
+    return _VALID_CACHE[key]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_one(spec: dict) -> dict:
+    import shutil
+
+    import torch
+
+    from jtok_train.model.accounting import flops_per_token, formula_params
+    from jtok_train.training.trainer import Trainer
+
+    torch.set_num_threads(1)
+    run_dir = Path(spec["run_dir"])
+    if run_dir.exists():              # an interrupted earlier attempt: start it over
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg = _compose(spec["overrides"])
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.valid_ds = _fixed_valid(trainer)
+    res = trainer.fit()
+    wall = time.perf_counter() - t0
+    counts = formula_params(cfg)
+    fpt = flops_per_token(cfg, counts)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:] or [res.wall_s / max(1, res.steps)]
+    j, t = cfg.jtok, cfg.train
+    tokens = t.train_iters * t.global_batch_size * cfg.model.seq_length
+    rec = {
+        "name": spec["name"], "group": spec["group"], "variant": j.variant, "seed": int(t.seed),
+        "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
+        "active_params": counts.active_params, "token_params": counts.token_params,
+        "eta": counts.token_params / counts.active_params,
+        "rho": (j.top_k / j.num_sets) if j.variant != "none" else 0.0,
+        "num_sets": int(j.num_sets) if j.variant != "none" else 0,
+        "top_k": int(j.top_k) if j.variant != "none" else 0,
+        "flops_per_token": fpt, "tokens": tokens, "compute": fpt * tokens,
+        "val_loss": float(res.valid_loss), "train_loss": float(res.losses[-1]),
+        "wall_s": wall, "step_time_s": statistics.median(step_times),
+        "budget": spec["budget"], "budget_index": spec.get("budget_index"), "steps": int(t.train_iters),
+        "seq_length": cfg.model.seq_length, "global_batch_size": t.global_batch_size, "lr": t.lr,
+        "eval_samples": EVAL_SAMPLES, "train_losses": [round(x, 4) for x in res.losses],
+    }
+    _write_json(run_dir / "result.json", rec)
+    return rec
+
+
+def worker(spec_file: str, deadline: float) -> None:
+    """Run the specs of ``spec_file`` one after the other in this process (one Megatron state, rebuilt per
+    run by the Trainer); stop starting new runs after ``deadline`` (epoch seconds)."""
+    import warnings
+
+    from jtok_train.compat import init_distributed
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    init_distributed()
+    specs = json.loads(Path(spec_file).read_text())
+    for spec in specs:
+        if (Path(spec["run_dir"]) / "result.json").is_file():
+            continue
+        if time.time() > deadline:
+            print("study: time is up, the remaining runs are left for the next `run`", flush=True)
+            return
+        print(f"study: {spec['name']} ({spec['steps']} steps)", flush=True)
+        rec = run_one(spec)
+        with open(RESULTS_JSONL, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"study: {spec['name']} val_loss {rec['val_loss']:.4f} in {rec['wall_s']:.0f}s", flush=True)
+
+
+def cmd_run(args) -> None:
+    runs_dir = Path(args.runs)
+    global WIDTHS
+    if args.widths:
+        WIDTHS = tuple(int(w) for w in args.widths.split(","))
+    specs = grid(runs_dir, args.only)
+    if args.filter:
+        specs = [s for s in specs if args.filter in s["name"]]
+    todo = [s for s in specs if not (Path(s["run_dir"]) / "result.json").is_file()]
+    print(f"study: {len(specs)} runs in the grid, {len(specs) - len(todo)} done, {len(todo)} to run", flush=True)
+    if args.dry_run:
+        for s in todo:
+            print(f"  {s['name']}: {s['steps']} steps, budget {s['budget']}")
+        return
+    if not todo:
+        return
+    data = ROOT / "data" / "demo" / "text_document.bin"
+    if not data.is_file():
+        raise SystemExit(f"{data} not found: build the demo data first with "
+                         "`jtok-data build --source python-docs --out data/demo --vocab-size 4096`")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = runs_dir / "pending.json"
+    _write_json(spec_file, todo)
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else float("inf")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for attempt in range(3):    # a crashed worker is restarted; finished runs are skipped
+        rc = subprocess.call([sys.executable, __file__, "_worker", str(spec_file), str(deadline)], env=env, cwd=ROOT)
+        if rc == 0:
+            return
+        print(f"study: the worker exited with {rc} (attempt {attempt + 1})", flush=True)
+    raise SystemExit("study: the worker failed 3 times; see the log above")
+
+
+# -- records ---------------------------------------------------------------------------------------------
+def load_records(source: Path | None = None) -> list[dict]:
+    """Run records from result.json files under a directory (recursively) or from a .jsonl file; the last
+    record of a name wins."""
+    source = Path(source) if source is not None else RESULTS_JSONL
+    recs: list[dict] = []
+    if source.is_dir():
+        recs = [json.loads(p.read_text()) for p in sorted(source.rglob("result.json"))]
+    elif source.is_file():
+        recs = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    else:
+        raise SystemExit(f"no run records at {source}: run `study.py run` first")
+    by_name = {r["name"]: r for r in recs}
+    return list(by_name.values())
+
+
+def cmd_analyze(args) -> None:
+    from analysis import analyze, summary_markdown
+
+    recs = load_records(Path(args.records) if args.records else None)
+    if args.records and Path(args.records).is_dir():     # refresh the committed compact copy
+        with open(RESULTS_JSONL, "w") as f:
+            for r in sorted(recs, key=lambda r: r["name"]):
+                f.write(json.dumps(r) + "\n")
+    out = analyze(recs)
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(RESULTS_JSON, out)
+    md = summary_markdown(out)
+    SUMMARY_MD.write_text(md)
+    print(md)
+
+
+def cmd_plot(args) -> None:
+    from plots import make_plots
+
+    recs = load_records(Path(args.records) if args.records else None)
+    out = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else None
+    for p in make_plots(recs, out, PLOTS):
+        print(p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_worker":
+        worker(argv[1], float(argv[2]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train the runs that have no result.json yet")
+    r.add_argument("--only", choices=["isoflop", "eta"], default=None)
+    r.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
+    r.add_argument("--runs", default=str(DEFAULT_RUNS), help="study directory (one sub-directory per run)")
+    r.add_argument("--dry-run", action="store_true", help="list the runs still to do")
+    r.add_argument("--filter", default=None, help="only the runs whose name contains this string")
+    r.add_argument("--widths", default=None, help="comma-separated backbone widths instead of the grid's (pilots)")
+    for name, hlp in (("analyze", "fit the frontiers"), ("plot", "write the PNGs")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--records", default=None,
+                       help="a run directory tree or a .jsonl of records (default: benchmarks/quality/results.jsonl)")
+    args = ap.parse_args(argv)
+    {"run": cmd_run, "analyze": cmd_analyze, "plot": cmd_plot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
