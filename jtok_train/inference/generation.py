@@ -1,0 +1,201 @@
+"""Autoregressive generation with Megatron-Core's KV cache.
+
+The KV cache is Megatron's own: a ``StaticInferenceContext`` passed as ``inference_context`` to
+``GPTModel.forward``. Megatron's attention allocates each layer's key/value memory on the first forward
+(prefill: the whole prompt, causal), appends at ``sequence_len_offset`` on every later one (decode: one new
+token per sequence), and the model returns only the last position's logits. Our JTok layer passes every
+argument through to Megatron's ``TransformerLayer``, and the JTok rows depend only on the current token, so
+JTok/JTok-M need no cache of their own: each decode step looks up the new token's rows (the provider's
+``prefetch`` starts that lookup before the forward, as soon as the token is sampled).
+
+``use_cache=False`` recomputes the whole sequence every step (the reference the cache is tested against).
+
+Decoding: ``temperature == 0`` is greedy (argmax); otherwise logits / temperature, then top-k, then top-p
+(nucleus) filtering, and a draw from a ``torch.Generator`` seeded with ``seed`` (reproducible).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "GenerationOutput", "generate", "filter_logits", "sample_next"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = no top-k filter
+    top_p: float = 1.0         # 1 = no nucleus filter
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a positive value")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is invalid: use 0 (off) or a positive number of tokens")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: use a value in (0, 1] (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Tensor                    # [b, prompt + new] (finished sequences padded with eos_id)
+    num_new: int                      # new tokens per sequence (decode loop iterations)
+    prefill_s: float                  # prompt forward + first token
+    decode_s: float                   # every later token (forward + sampling)
+    decode_steps: int                 # forwards in decode_s
+    step_logits: list[Tensor] = field(default_factory=list)   # [b, V] per new token (return_logits=True)
+    transfer: dict[str, float] = field(default_factory=dict)  # host table: what crossed to the device
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * self.tokens.shape[0] / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k and outside the smallest set with probability >= top_p to -inf."""
+    out = logits.clone()
+    if top_k > 0 and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out[out < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs      # mass of the strictly better tokens
+        drop_sorted = before >= top_p                     # the first token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out[drop] = float("-inf")
+    return out
+
+
+def sample_next(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> Tensor:
+    """logits [b, V] -> next ids [b] (int64)."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).view(-1).to(logits.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_last(model: Any, tokens: Tensor, positions: Tensor, context: Any) -> Tensor:
+    """Logits of the last position, [b, V]."""
+    if context is None:
+        out = model(tokens, positions, None)
+    else:
+        out = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+    return out[:, -1].float()
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    use_cache: bool = True,
+    eos_id: Optional[int] = None,
+    provider: Any = None,
+    vocab_limit: Optional[int] = None,
+    max_sequence_length: Optional[int] = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Continue ``prompt_ids`` ([b, s] or [s], equal-length prompts) by ``max_new_tokens`` tokens.
+
+    provider: the model's token-row provider (prefetched before each forward when it can, and its transfer
+    statistics reported). vocab_limit: sample only ids below it (the tokenizer's vocabulary, when the
+    model's is padded). eos_id: a sequence that produced it stops (the loop ends when all have).
+    max_sequence_length: the KV cache's length (default: prompt + max_new_tokens).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    if prompt_ids.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive number")
+    device = next(iter(model.parameters())).device
+    tokens = prompt_ids.to(device=device, dtype=torch.long)
+    b, s = tokens.shape
+    total = s + max_new_tokens
+    if max_sequence_length is not None and total > max_sequence_length:
+        raise ValueError(f"the prompt ({s} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds the "
+                         f"model's sequence length {max_sequence_length}: shorten the prompt or lower "
+                         "max_new_tokens")
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=device).manual_seed(int(sampling.seed))
+    prefetch = getattr(provider, "prefetch", None)
+    if provider is not None and hasattr(provider, "reset_stats"):
+        provider.reset_stats()
+    context = StaticInferenceContext(b, total) if use_cache else None
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    step_logits: list[Tensor] = []
+
+    def pick(logits: Tensor) -> Tensor:
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits[:, :vocab_limit]
+        if return_logits:
+            step_logits.append(logits.detach().cpu())
+        nxt = sample_next(logits, sampling, generator)
+        if eos_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+        return nxt
+
+    _sync(device)
+    t0 = time.perf_counter()
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    if prefetch is not None:
+        prefetch(tokens)
+    logits = _forward_last(model, tokens, positions, context)
+    if context is not None:
+        context.sequence_len_offset += s
+    nxt = pick(logits)
+    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    num_new, decode_steps = 1, 0
+    if eos_id is not None:
+        finished |= nxt == eos_id
+    _sync(device)
+    t1 = time.perf_counter()
+    while num_new < max_new_tokens and not (eos_id is not None and bool(finished.all())):
+        cur = tokens.shape[1]
+        if context is not None:
+            step_ids = tokens[:, -1:]
+            step_pos = torch.full((b, 1), cur - 1, device=device, dtype=torch.long)
+            context.enable_decode_mode()
+        else:
+            step_ids = tokens
+            step_pos = torch.arange(cur, device=device).unsqueeze(0).expand(b, cur)
+        if prefetch is not None:
+            prefetch(step_ids)
+        logits = _forward_last(model, step_ids, step_pos, context)
+        if context is not None:
+            context.sequence_len_offset += 1
+        nxt = pick(logits)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        num_new += 1
+        decode_steps += 1
+        if eos_id is not None:
+            finished |= nxt == eos_id
+    _sync(device)
+    t2 = time.perf_counter()
+    stats = getattr(provider, "stats", None)
+    transfer = stats.as_dict() if hasattr(stats, "as_dict") else {}
+    return GenerationOutput(tokens=tokens.cpu(), num_new=num_new, prefill_s=t1 - t0, decode_s=t2 - t1,
+                            decode_steps=decode_steps, step_logits=step_logits, transfer=transfer)

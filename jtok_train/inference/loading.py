@@ -1,0 +1,193 @@
+"""Load a training checkpoint for inference at world size 1.
+
+The checkpoint is the one ``jtok_train/training/checkpoint.py`` writes (Megatron dist_checkpointing,
+torch_dist format). Only its ``model`` section is read, with the same safety rules as a training resume:
+checksums, the allow-list check of the ``.metadata`` pickle, ``weights_only`` for ``common.pt`` and for
+any byte object. The model is rebuilt from the resolved config saved in the checkpoint, at one rank
+(tensor/expert/pipeline parallel sizes 1): a checkpoint saved on W ranks loads because every tensor is a
+ShardedTensor with global offsets, sharded tables included (they are stored as one global table in
+permuted row order; a one-rank ``ShardedTokenTable`` owns all of it).
+
+Then the JTok tables are handed to the provider inference wants:
+
+* ``tables="host"``: ``HostTokenTable`` (the table in host memory, only the current tokens' rows go to
+  the device per forward);
+* ``tables="device"``: a ``ReplicatedTokenTable`` on the device (the training path's provider).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from jtok_train.training.errors import CheckpointError
+
+__all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "TABLE_PLACEMENTS"]
+
+TABLE_PLACEMENTS = ("host", "device")
+
+
+@dataclass
+class LoadedModel:
+    model: Any                 # what to call: the GPTModel (wrapped in Float16Module for bf16 checkpoints)
+    unwrapped: Any             # the (JTok)GPTModel itself
+    cfg: Any                   # the checkpoint's resolved config (parallel sizes set to 1)
+    meta: dict                 # the checkpoint's meta (step, world size, ...)
+    path: Path                 # the checkpoint directory loaded
+    device: torch.device
+    tables: str                # host | device | none (a backbone-alone model)
+
+    @property
+    def provider(self) -> Any:
+        return getattr(self.unwrapped, "token_table", None)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, a run directory (its latest checkpoint) or ``<run>/checkpoints``."""
+    from jtok_train.training.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint={path} does not exist: pass a run directory (train.run_dir of a run "
+                              "saved with train.save=true) or one of its checkpoints/step_* directories")
+    if p.is_dir() and (p / "common.pt").is_file():
+        return p
+    for run_dir in (p, p.parent if p.name == "checkpoints" else None):
+        if run_dir is not None and (run_dir / "checkpoints").is_dir():
+            found = latest_checkpoint(run_dir)
+            if found is None:
+                raise CheckpointError(f"checkpoint={path}: the run has no complete checkpoint (train with "
+                                      "train.save=true or train.save_interval=N)")
+            return found
+    raise CheckpointError(f"checkpoint={path} is neither a checkpoint directory (with common.pt) nor a run "
+                          "directory (with checkpoints/): pass train.run_dir of a saved run")
+
+
+def _inference_config(meta: dict, path: Path) -> Any:
+    from jtok_train.config import RunConfig
+
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(meta["config"]))
+    except Exception as e:  # noqa: BLE001 - an unreadable or foreign config, in one line
+        raise CheckpointError(f"checkpoint {path}: its saved config does not match this version of jtok-train "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    p = cfg.parallel
+    # one rank: every expert and every table row is local; the table layout (replicated/sharded) is kept,
+    # because it decides the checkpoint keys
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.expert_model_parallel_size = 1
+    p.expert_tensor_parallel_size = None
+    p.sequence_parallel = False
+    p.use_distributed_optimizer = False
+    p.overlap = False
+    return cfg
+
+
+def _table_in_token_order(table: Any) -> torch.Tensor:
+    """The whole table [V, L, n_e, d] in token order, from either provider."""
+    if hasattr(table, "full_table"):          # ShardedTokenTable (one rank owns every row)
+        return table.full_table().detach()
+    return table.weight.detach()
+
+
+def _model_key_prefix(path: Path) -> str:
+    """What the training wrappers put before the model's own keys ("module." for Megatron's DDP, once more
+    for Float16Module): read from the checkpoint's tensor names (allow-list unpickler, no code runs)."""
+    from jtok_train.training.checkpoint import _MetadataUnpickler
+
+    with open(path / ".metadata", "rb") as f:
+        keys = _MetadataUnpickler(f).load().state_dict_metadata.keys()
+    anchor = "output_layer.weight"
+    for alt in (anchor, "embedding.word_embeddings.weight"):
+        for k in keys:
+            if k.endswith(alt) and not k.startswith(("optimizer.", "rng.", "extra.")):
+                return k[: -len(alt)]
+    raise CheckpointError(f"checkpoint {path} holds no GPT model weights (no *{anchor}): not a jtok-train "
+                          "training checkpoint")
+
+
+def load_for_inference(
+    checkpoint: str | Path,
+    tables: str = "host",
+    device: torch.device | str | None = None,
+    verify_checksums: bool = True,
+) -> LoadedModel:
+    """Rebuild the checkpoint's model at world size 1, load its weights and place its JTok tables."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from jtok_train.compat import device as compute_device
+    from jtok_train.compat import init_distributed, init_model_parallel
+    from jtok_train.model.builder import build_model, build_transformer_config
+    from jtok_train.model.token_table import ReplicatedTokenTable
+    from jtok_train.training.checkpoint import _check_metadata, _weights_only_objects, read_meta, verify_checkpoint
+
+    if tables not in TABLE_PLACEMENTS:
+        raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
+    path = resolve_checkpoint(checkpoint)
+    init_distributed()
+    if dist.get_world_size() != 1:
+        raise RuntimeError(f"inference runs on one process (world size {dist.get_world_size()}): start it "
+                           "without torchrun")
+    if verify_checksums:
+        verify_checkpoint(path)
+    _check_metadata(path)
+    meta = read_meta(path)
+    cfg = _inference_config(meta, path)
+    init_model_parallel(seed=cfg.train.seed)
+    dev = torch.device(device) if device is not None else compute_device()
+
+    tconfig = build_transformer_config(cfg)
+    model = build_model(cfg, tconfig)
+    model.eval()
+    prefix = _model_key_prefix(path)
+    state = {"model": model.sharded_state_dict(prefix=prefix)}
+    try:
+        with _weights_only_objects():
+            loaded, missing, unexpected = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a shape mismatch or an unreadable shard, in one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not load into its own config's model: {first}") from None
+    # unexpected: asked for by the model, absent from the checkpoint; missing: in the checkpoint, not asked for
+    unexpected = sorted(unexpected)
+    extra = sorted(k for k in missing if not k.startswith(("optimizer.", "rng.", "extra.")))
+    if unexpected or extra:
+        what = (f"lacks {len(unexpected)} key(s) the model needs ({unexpected[0]}, ...)" if unexpected else
+                f"holds {len(extra)} model key(s) its config does not build ({extra[0]}, ...)")
+        raise CheckpointError(f"checkpoint {path} {what}: it is incomplete or from another version of jtok-train")
+    model.load_state_dict({k[len(prefix):]: v for k, v in loaded["model"].items()}, strict=True)
+
+    placement = "none"
+    table = getattr(model, "token_table", None)
+    if table is not None:
+        full = _table_in_token_order(table).cpu()
+        del model.token_table                       # an nn.Module child: replaced by a provider below
+        if tables == "host":
+            from jtok_train.inference.host_table import HostTokenTable
+
+            provider: Any = HostTokenTable(full, dev)
+        else:
+            v, L, n_e, d = full.shape
+            provider = ReplicatedTokenTable(v, L, n_e, d, seed=cfg.jtok.table_seed, dtype=full.dtype, device="meta")
+            provider.weight = torch.nn.Parameter(full.clone(), requires_grad=False)
+        model.token_table = provider
+        placement = tables
+        del full
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    runner: Any = model
+    if cfg.train.precision == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        runner = Float16Module(tconfig, model)
+        runner.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=runner, unwrapped=model, cfg=cfg, meta=meta, path=path, device=dev, tables=placement)
