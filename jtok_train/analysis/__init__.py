@@ -1,0 +1,1 @@
+"""Analyses of finished runs: the JTok scaling law (``jtok_train.analysis.scaling``)."""
