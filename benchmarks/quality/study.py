@@ -50,11 +50,11 @@ EVAL_SEED = 1234     # the shuffle seed of the validation set (independent of th
 LR, MIN_LR = 2.0e-3, 2.0e-4   # the CPU demo's peak LR; WSD (5% warmup, 20% linear decay) to 10%
 SEEDS = (1, 2)
 VARIANTS = ("none", "jtok", "jtokm")
-WIDTHS = (32, 64, 128)        # backbone widths d (4 layers, 8 experts top-2, 1 shared expert)
-REF_WIDTH = 64               # budgets are named by the steps this width gets ...
-BUDGET_STEPS = (40, 80, 160)  # ... at these counts (3 budgets, a factor 2 apart)
-ETA_WIDTH = 64
-ETA_STEPS = 80
+WIDTHS = (16, 32, 64)        # backbone widths d (4 layers, 8 experts top-2, 1 shared expert)
+REF_WIDTH = 32               # budgets are named by the steps this width gets ...
+BUDGET_STEPS = (54, 108, 216)  # ... at these counts (3 budgets, a factor 2 apart)
+ETA_WIDTH = 32
+ETA_STEPS = 108
 ETA_SETS = ((4, 1), (8, 2), (16, 4))   # (n_e, K) at rho = K/n_e = 0.25 (the paper's scaling studies)
 ETA_SEEDS = (1,)
 
