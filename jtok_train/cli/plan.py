@@ -1,7 +1,20 @@
-"""jtok-plan: parameter and FLOP accounting of a config, counted on the instantiated (meta) model.
+"""jtok-plan: parameter and FLOP accounting of a config, counted on the instantiated (meta) model, and with a
+cluster a capacity plan: per-GPU memory, exchange bytes per step (with and without dedup) and the exchange's
+share of the step time against the compute it hides behind.
 
     jtok-plan model=moe_17b_a2b jtok=jtokm            # a table
     jtok-plan model=dense_s jtok=jtok format=json     # JSON
+    jtok-plan model=moe_17b_a2b jtok=jtokm parallel.embedding=sharded cluster=h100_8x8
+    jtok-plan model=moe_17b_a2b jtok=jtokm parallel.embedding=sharded cluster=h100_8x8 cluster.gpus=128 \
+        dedup_from=data/demo/text_document dedup_samples=64
+
+Cluster: cluster=<preset> (configs/cluster/: cpu_2, h100_1x8, h100_8x8, h200_8x8) and/or cluster.<key>=value
+(gpus, gpus_per_node, memory_gib, intra_node_GBps, inter_node_GBps, peak_tflops, mfu, hbm_GBps, latency_us).
+Dedup ratio (unique/total ids per micro-batch): dedup_ratio=0.27, or dedup_from=<dataset prefix> (measured on
+the first dedup_samples micro-batches the trainer would read, with the real row placement), else DESIGN.md's
+measurement interpolated at the micro-batch's token count. attention=flash|local: activations with a fused
+attention kernel or Megatron's local spec (default: the config's model.transformer_impl). Formulas:
+jtok_train/model/planner.py.
 """
 
 from __future__ import annotations
@@ -39,16 +52,92 @@ def compute_plan(overrides: list[str]) -> dict:
     return out
 
 
+def compute_capacity(overrides: list[str], cluster_name: str | None, cluster_overrides: list[str],
+                     dedup_ratio: float | None = None, dedup_from: str | None = None, dedup_samples: int = 64,
+                     flash: bool | None = None) -> dict:
+    """The capacity plan for a config on a cluster (no model is built)."""
+    from jtok_train.config import compose
+    from jtok_train.model.accounting import flops_per_token, formula_params
+    from jtok_train.model.planner import capacity_plan, load_cluster, measure_dedup
+
+    cfg = compose(overrides)
+    cluster = load_cluster(cluster_name, cluster_overrides)
+    measured = measure_dedup(cfg, dedup_from, cluster.gpus, dedup_samples) if dedup_from else None
+    return capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_ratio, measured, flash)
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:,.2f} GiB"
+
+
+def _bytes(x: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:,.2f} {unit}"
+    return f"{x:,.0f} B"
+
+
+def capacity_rows(c: dict) -> list[tuple[str, str]]:
+    cl, lay, mem = c["cluster"], c["layout"], c["memory"]
+    rows = [
+        ("cluster", f"{cl['name']}: {cl['gpus']} GPUs, {cl['gpus_per_node']}/node, {cl['memory_gib']:g} GiB, "
+                    f"{cl['intra_node_GBps']:g}/{cl['inter_node_GBps']:g} GB/s intra/inter, "
+                    f"{cl['peak_tflops']:g} TFLOP/s x MFU {cl['mfu']:g}"),
+        ("layout", f"TP {lay['tp']} x DP {lay['dp']} (EP {lay['ep']}), {lay['num_micro']} micro-batches/step, tables "
+                   + (f"sharded over {lay['emb_world']} ranks" if lay["sharded"] else "replicated")),
+        ("dedup ratio (unique/total ids)", f"{c['dedup']['unique_ratio']:.3f} ({c['dedup']['source']})"),
+        ("memory per GPU", ""),
+        ("  backbone params", _gib(mem["params"])),
+        ("  backbone grads (fp32 buffer)", _gib(mem["grads"])),
+        ("  backbone optimizer states", _gib(mem["optimizer"])),
+        ("  table shard", _gib(mem["table"])),
+        ("  table grad", _gib(mem["table_grad"])),
+        ("  table optimizer states", _gib(mem["table_optimizer"])),
+        ("  activations (1 micro-batch)", _gib(mem["activations"])),
+        ("  exchange buffers", _gib(mem["exchange_buffers"])),
+        ("  total", f"{_gib(mem['total'])} of {cl['memory_gib']:g} GiB: "
+                    + ("fits" if c["fits"] else "DOES NOT FIT") + f" ({_gib(c['headroom'])} headroom)"),
+    ]
+    e, t = c["exchange"], c["timing"]
+    if e:
+        for key, label in (("dedup", "with dedup"), ("no_dedup", "without dedup")):
+            x, tx = e[key], t[key]
+            rows.append((f"exchange per step {label}",
+                         f"{_bytes(x['bytes_sent'])} sent per GPU (ids {_bytes(x['id_bytes'])}, rows "
+                         f"{_bytes(x['row_bytes_forward'])}, grads {_bytes(x['grad_bytes_backward'])})"))
+            rows.append((f"  time vs compute {label}",
+                         f"{1e3 * tx['exchange_s_per_microbatch']:.2f} ms per micro-batch vs {1e3 * t['compute_s_per_microbatch']:.2f} ms "
+                         f"compute = {100 * tx['share_of_compute']:.1f}% -> "
+                         + ("hides behind compute" if tx["hides_behind_compute"] else "does NOT hide")
+                         + f"; exposed {100 * tx['exposed_share_overlap']:.1f}% of the step with overlap, "
+                           f"{100 * tx['exposed_share_no_overlap']:.1f}% without"))
+        rows.append(("remote share of unique ids", f"{e['remote_fraction']:.3f}"))
+        o = c["table_optimizer"]
+        rows.append(("table optimizer traffic per step", f"adamw {_bytes(o['adamw_bytes'])} ({1e3 * o['adamw_s']:.2f} ms), "
+                     f"sparse_adamw <= {_bytes(o['sparse_adamw_bytes'])} ({1e3 * o['sparse_adamw_s']:.2f} ms)"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     fmt = "table"
-    overrides = []
+    overrides: list[str] = []
+    cluster_name: str | None = None
+    cluster_overrides: list[str] = []
+    opts: dict[str, str] = {}
     for a in argv:
         if a.startswith("format="):
             fmt = a.split("=", 1)[1]
+        elif a.startswith("cluster="):
+            cluster_name = a.split("=", 1)[1]
+        elif a.startswith("cluster."):
+            cluster_overrides.append(a[len("cluster."):])
+        elif a.split("=", 1)[0] in ("dedup_ratio", "dedup_from", "dedup_samples", "attention"):
+            key, _, value = a.partition("=")
+            opts[key] = value
         else:
             overrides.append(a)
     if fmt not in ("table", "json"):
@@ -60,13 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from jtok_train.config import ConfigError
+    from jtok_train.model.planner import PlanError
 
     try:
+        dedup_ratio = float(opts["dedup_ratio"]) if "dedup_ratio" in opts else None
+        dedup_samples = int(opts.get("dedup_samples", "64"))
+    except ValueError:
+        print(f"jtok-plan: dedup_ratio={opts.get('dedup_ratio')!r} / dedup_samples={opts.get('dedup_samples')!r} is "
+              "not a number: e.g. dedup_ratio=0.27 dedup_samples=64", file=sys.stderr)
+        return 2
+    if opts.get("attention", "flash") not in ("flash", "local"):
+        print(f"jtok-plan: attention={opts['attention']!r} is invalid: use attention=flash (fused kernel, no s^2 "
+              "probabilities kept) or attention=local (Megatron's local spec)", file=sys.stderr)
+        return 2
+    flash = {"flash": True, "local": False}.get(opts.get("attention", ""), None)
+    if dedup_ratio is not None and "dedup_from" in opts:
+        print("jtok-plan: give dedup_ratio= or dedup_from=, not both", file=sys.stderr)
+        return 2
+    try:
         out = compute_plan(overrides)
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        if cluster_name is not None or cluster_overrides:
+            out["capacity"] = compute_capacity(overrides, cluster_name, cluster_overrides, dedup_ratio,
+                                               opts.get("dedup_from"), dedup_samples, flash)
+    except (ConfigError, HydraException, OmegaConfBaseException, PlanError) as e:
         msg = str(e).strip().replace("\n", " ")
         print(f"jtok-plan: bad config: {msg}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:   # dedup_from: missing or unreadable data
+        msg = str(e).strip().replace("\n", " ")
+        print(f"jtok-plan: {msg}", file=sys.stderr)
+        return 3
     if fmt == "json":
         keys = ["backbone_params", "active_params", "token_params", "total_params", "eta", "rho", "flops_per_token"]
         print(json.dumps({k: out[k] for k in keys} | {k: v for k, v in out.items() if k not in keys}, indent=2))
@@ -83,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         ("training FLOPs per token", f"{out['flops_per_token']:.4g}"),
         ("counted on", out["counted"]),
     ]
+    if "capacity" in out:
+        rows += capacity_rows(out["capacity"])
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

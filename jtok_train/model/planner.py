@@ -1,0 +1,493 @@
+"""Capacity planner: per-GPU memory, per-step exchange bytes and exchange time vs compute for a config on a cluster.
+
+Everything here is arithmetic on the config (no model is built), written against what this framework
+allocates and sends, so the figures can be checked against live runs (tests/distributed/test_planner_measured.py
+does, on 2 gloo ranks):
+
+Parallel layout: W GPUs = TP x PP x DP (PP = 1 with JTok), EP divides DP; the JTok tables are either replicated
+(a Megatron parameter on every rank) or row-sharded over all W ranks (``parallel.embedding=sharded``: every rank
+stores ceil(V/W) rows of [L, n_e, d]).
+
+Memory per GPU (bytes):
+- backbone parameters per rank: embedding and output layer / TP (vocabulary-parallel), attention and dense MLP
+  / TP, shared experts / TP, routed experts / (EP x expert-TP), norms, MoE routers and JTok's scales/routers
+  replicated;
+- gradients: Megatron DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
+- optimizer states (Megatron AdamW): fp32 training 8 B/param (m, v); bf16 12 B/param (fp32 main copy + m + v);
+  with ``parallel.use_distributed_optimizer`` divided by the data-parallel size (experts: expert-DP size);
+- sharded tables (fp32, as ShardedTokenTable allocates them): shard + its gradient (+1 B/row "touched" flag) +
+  the table optimizer's two moments and an int64 step per row. ``sparse_adamw`` allocates the same moments as
+  ``adamw`` (lazy *updates*, not lazy allocation): it saves optimizer *traffic* per step, not memory;
+- replicated tables: part of the backbone's parameters, gradients and optimizer states (precision as above);
+- activations of one micro-batch (no pipeline: one micro-batch is in flight), counted tensor by tensor from what
+  autograd saves for backward in Megatron's local layer spec (RMSNorm, SwiGLU, no dropout: hidden and attention
+  dropout are 0), in the spirit of Korthikanti et al. 2022 (their 34 sbh + 5 a s^2 b assumes dropout masks and a
+  4h GELU MLP; ours is the same bookkeeping for this layer). T = micro-batch tokens, B = bytes per activation
+  element (4 fp32, 2 bf16), per layer:
+      attention  (2 + 1 + (2 + 3 g/a) + 1) T d B + a s^2 b B + s^2 (mask) + 8 T (norm stats) + 16 s d/a (RoPE)
+                 (with a fused flash-attention kernel, ``attention=flash``: 4 a s b softmax statistics instead of
+                 the a s^2 b B probabilities and the mask)
+      FFN norm   2 T d B
+      dense MLP  T (d + 5 f) B                      (gated; non-gated T (d + 2 f) B)
+      MoE        router/dispatch 9 T E + 28 T k;  routed rows R = T k: R (d + 6 f_e) B + 4 R;
+                 shared expert T (d + 5 f_s) B
+      JTok       2 U d B (the rows and their normalised copy, U = unique ids of the micro-batch)
+      JTok-M     (4 + K) T d B + T (4 n_e + 28 K)
+  plus once: logits 4 T V (fp32 for the loss), final norm and output input 3 T d B, ids and masks 17 T (+ 8 U
+  and 8 T with JTok). TP divides the per-layer terms (with sequence parallelism all of them, else the inner
+  ones) and the logits. Recomputation is not modelled (the framework does not enable it). This formula matches
+  fp32 runs of the local spec within a few percent (tested); for bf16 it assumes everything but norm statistics
+  and logits is saved in bf16.
+- exchange buffers (sharded tables) at the peak: the current micro-batch's received, served and re-ordered rows
+  (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received per
+  micro-batch, held until the optimizer step (2 U per micro-batch): (3 + 2 overlap + 2 n_micro) U row_bytes.
+
+Exchange bytes per step per GPU (what ExchangeStats counts as bytes_sent): per micro-batch, the remote unique ids
+(8 B each), the rows this rank serves to others and the row gradients it sends back,
+    bytes_sent = U_remote (8 + row_bytes) + U_served_remote row_bytes ~= 2 U r row_bytes + 8 U r
+with U = dedup ratio x T_local and r = (W - 1) / W for uniform owners (or measured on real micro-batches with
+the real row placement: ``measure_dedup``). Without dedup U = T_local.
+
+Time: compute per micro-batch = FLOPs per token x tokens / TP / (peak x MFU); exchange per micro-batch = bytes
+over NVLink to same-node peers and over the inter-node network to the others, in parallel, plus a latency per
+all-to-all. With overlap, micro-batch i+1's forward exchange and micro-batch i's gradient exchange run behind
+compute: the exchange hides when it needs less time than one micro-batch's compute; the first forward and the
+last gradient exchange stay exposed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    "PlanError",
+    "Cluster",
+    "load_cluster",
+    "cluster_names",
+    "Layout",
+    "layout",
+    "params_per_rank",
+    "memory_per_rank",
+    "activation_bytes",
+    "exchange_per_step",
+    "step_timing",
+    "default_dedup_ratio",
+    "measure_dedup",
+    "capacity_plan",
+]
+
+GiB = 2**30
+
+
+class PlanError(ValueError):
+    """A planner input is invalid; the message names it and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------- cluster
+
+
+@dataclass
+class Cluster:
+    name: str = "custom"
+    gpus: int = 8
+    "GPUs in the job (all ranks)."
+    gpus_per_node: int = 8
+    "GPUs per node (an all-to-all reaches gpus_per_node - 1 peers over the intra-node link)."
+    memory_gib: float = 80.0
+    "Memory per GPU, GiB."
+    intra_node_GBps: float = 450.0
+    "Intra-node bandwidth per GPU per direction, GB/s (NVLink)."
+    inter_node_GBps: float = 50.0
+    "Inter-node bandwidth per GPU per direction, GB/s (e.g. 400 Gb/s InfiniBand = 50 GB/s)."
+    peak_tflops: float = 989.0
+    "Dense peak per GPU in the training precision, TFLOP/s."
+    mfu: float = 0.4
+    "Assumed model FLOPs utilisation of the backbone."
+    hbm_GBps: float = 3350.0
+    "Memory bandwidth per GPU, GB/s (table optimizer traffic)."
+    latency_us: float = 15.0
+    "Fixed cost of one all-to-all, microseconds."
+
+
+def cluster_dir() -> Path:
+    from jtok_train.config import config_dir
+
+    return config_dir() / "cluster"
+
+
+def cluster_names() -> list[str]:
+    d = cluster_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_cluster(name: Optional[str], overrides: Sequence[str] = ()) -> Cluster:
+    """A preset from configs/cluster/<name>.yaml (or the defaults when name is None), then ``key=value``
+    overrides (keys without the ``cluster.`` prefix). Unknown keys and bad values raise PlanError."""
+    from omegaconf import OmegaConf
+
+    known = {f.name for f in fields(Cluster)}
+    data: dict[str, Any] = {}
+    if name is not None:
+        path = cluster_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise PlanError(f"cluster={name!r} is not a preset: choose one of {cluster_names()} (configs/cluster/) "
+                            "or describe it with cluster.gpus=... cluster.memory_gib=...")
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        data.setdefault("name", name)
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq:
+            raise PlanError(f"cluster override {o!r} needs a value: cluster.{key}=...")
+        import yaml
+
+        data[key] = yaml.safe_load(value) if value else value
+    for key in data:
+        if key not in known:
+            import difflib
+
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise PlanError(f"unknown cluster key cluster.{key}" + (f" (did you mean cluster.{hint[0]}?)" if hint else "")
+                            + f"; keys: {sorted(known)}")
+    c = Cluster(**{k: v for k, v in data.items()})
+    for f in fields(Cluster):
+        v = getattr(c, f.name)
+        if f.name == "name":
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise PlanError(f"cluster.{f.name}={v!r} is invalid: must be a positive number")
+    if c.mfu > 1:
+        raise PlanError(f"cluster.mfu={c.mfu} is invalid: a fraction of the peak in (0, 1]")
+    c.gpus, c.gpus_per_node = int(c.gpus), int(c.gpus_per_node)
+    if c.gpus % c.gpus_per_node and c.gpus > c.gpus_per_node:
+        raise PlanError(f"cluster.gpus={c.gpus} is not a multiple of cluster.gpus_per_node={c.gpus_per_node}")
+    return c
+
+
+# ------------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    dp: int
+    expert_dp: int
+    num_micro: int
+    sequence_parallel: bool
+    emb_world: int          # ranks the sharded tables are split over (all ranks of the single stage)
+    sharded: bool
+
+
+def layout(cfg: Any, world: int) -> Layout:
+    from jtok_train.config import validate
+
+    validate(cfg, world_size=world)
+    p, t = cfg.parallel, cfg.train
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size
+    if etp is None:
+        etp = 1 if ep > 1 else tp
+    dp = world // (tp * pp)
+    return Layout(world=world, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, expert_dp=max(1, world // (ep * etp * pp)),
+                  num_micro=t.global_batch_size // (t.micro_batch_size * dp), sequence_parallel=bool(p.sequence_parallel),
+                  emb_world=world // pp, sharded=p.embedding == "sharded" and cfg.jtok.variant != "none")
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def params_per_rank(cfg: Any, lay: Layout) -> dict[str, float]:
+    """Parameters one rank holds, by role (the same shapes as accounting.formula_params)."""
+    m, j = cfg.model, cfg.jtok
+    d, L, V = m.hidden_size, m.num_layers, m.vocab_size
+    heads = m.num_attention_heads
+    hd = d // heads
+    groups = m.num_query_groups or heads
+    norm = d if m.normalization == "RMSNorm" else 2 * d
+    glu = 2 if m.gated_linear_unit else 1
+
+    def mlp(width: int) -> int:
+        return glu * d * width + width * d
+
+    out = {
+        "embedding": V * d / lay.tp + (m.seq_length * d if m.position_embedding_type == "learned_absolute" else 0),
+        "output_layer": V * d / lay.tp if m.untie_embeddings_and_output_weights else 0.0,
+        "attention": L * (d * (heads + 2 * groups) * hd + heads * hd * d) / lay.tp,
+        "norms": L * 2 * norm + norm,
+        "dense_mlp": 0.0, "moe_router": 0.0, "shared_expert": 0.0, "routed_experts": 0.0,
+    }
+    if m.num_experts:
+        out["moe_router"] = L * d * m.num_experts
+        if m.moe_shared_expert_intermediate_size:
+            out["shared_expert"] = L * mlp(m.moe_shared_expert_intermediate_size) / lay.tp
+        out["routed_experts"] = L * m.num_experts * mlp(m.moe_ffn_hidden_size) / (lay.ep * lay.etp)
+    else:
+        out["dense_mlp"] = L * mlp(m.ffn_hidden_size) / lay.tp
+    out["jtok_dense"] = {"none": 0, "jtok": L * d, "jtokm": L * (d * j.num_sets + 2 * d)}[j.variant]
+    table = L * j.num_sets * V * d if j.variant != "none" else 0
+    out["table_rows_local"] = (math.ceil(V / lay.emb_world) if lay.sharded else V) if table else 0
+    out["table"] = out["table_rows_local"] * L * j.num_sets * d if table else 0
+    return out
+
+
+def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, float]:
+    """Bytes saved for backward by one micro-batch's forward on one rank (see the module doc). ``flash``: a fused
+    (flash) attention kernel keeps only the output and the softmax statistics (4 a s b bytes) instead of the
+    a s^2 b probabilities; default: on for model.transformer_impl=transformer_engine, off for the local spec."""
+    if flash is None:
+        flash = getattr(cfg.model, "transformer_impl", "local") == "transformer_engine"
+    m, j = cfg.model, cfg.jtok
+    bf16 = cfg.train.precision == "bf16"
+    B = 2 if bf16 else 4
+    d, L, V, s, b = m.hidden_size, m.num_layers, m.vocab_size, m.seq_length, cfg.train.micro_batch_size
+    a = m.num_attention_heads
+    g = m.num_query_groups or a
+    T = s * b
+    sp = lay.tp if lay.sequence_parallel else 1   # divides the layer's input-sized terms
+    tp = lay.tp                                    # divides the inner terms
+    U = unique_ratio * T / sp
+    scores = 4 * a * s * b if flash else a * s * s * b * B + s * s * tp
+    attn = (3 * T * d * B + 8 * T) / sp + ((2 + 3 * g / a) * T * d * B + T * d * B + scores) / tp + 16 * s * d / a
+    ffn_norm = 2 * T * d * B / sp
+    glu = m.gated_linear_unit
+    mlp = moe = 0.0
+    if m.num_experts:
+        k, E, fe = m.moe_router_topk, m.num_experts, m.moe_ffn_hidden_size
+        R = T * k / sp
+        moe = (9 * T * E + 28 * T * k) / sp + R * (d * B + 6 * fe * B / lay.etp + 4)
+        if m.moe_shared_expert_intermediate_size:
+            fs = m.moe_shared_expert_intermediate_size
+            moe += T * d * B / sp + T * (5 if glu else 2) * fs * B / tp
+    else:
+        f = m.ffn_hidden_size
+        mlp = T * d * B / sp + T * (5 if glu else 2) * f * B / tp
+    jt = 0.0
+    if j.variant == "jtok":
+        jt = 2 * U * d * B
+    elif j.variant == "jtokm":
+        jt = ((4 + j.top_k) * T * d * B + T * (4 * j.num_sets + 28 * j.top_k)) / sp
+    per_layer = attn + ffn_norm + mlp + moe + jt
+    once = 4 * T * V / tp + 3 * T * d * B / sp + 17 * T
+    if j.variant != "none":
+        once += 8 * U + (8 * T if j.variant == "jtok" else 0)
+    return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),
+            "jtok": L * jt, "logits_and_head": once, "total": L * per_layer + once}
+
+
+def _row_bytes(cfg: Any) -> int:
+    return 4 * cfg.model.num_layers * cfg.jtok.num_sets * cfg.model.hidden_size   # fp32 rows (ShardedTokenTable)
+
+
+def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
+    """Bytes per GPU by component (see the module doc)."""
+    p = params_per_rank(cfg, lay)
+    bf16 = cfg.train.precision == "bf16"
+    pbytes, opt_bytes = (2, 12) if bf16 else (4, 8)
+    distopt = bool(cfg.parallel.use_distributed_optimizer)
+    dense = sum(v for k, v in p.items() if k not in ("routed_experts", "table", "table_rows_local"))
+    experts = p["routed_experts"]
+    table_params = 0 if lay.sharded else p["table"]
+    backbone = dense + experts + table_params
+    opt = opt_bytes * ((dense + table_params) / (lay.dp if distopt else 1) + experts / (lay.expert_dp if distopt else 1))
+    out: dict[str, Any] = {
+        "params": backbone * pbytes,
+        "grads": backbone * 4,
+        "optimizer": opt,
+        "table": 0.0, "table_grad": 0.0, "table_optimizer": 0.0, "exchange_buffers": 0.0,
+    }
+    if lay.sharded:
+        rows = p["table_rows_local"]
+        shard = 4.0 * p["table"]
+        out["table"] = shard
+        out["table_grad"] = shard + rows            # shard_grad + the per-row touched flag
+        out["table_optimizer"] = 2 * shard + 8 * rows   # exp_avg, exp_avg_sq, int64 step per row
+        T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
+        U = unique_ratio * T_local
+        overlap = 1 if cfg.parallel.overlap else 0
+        out["exchange_buffers"] = (3 + 2 * overlap + 2 * lay.num_micro) * U * _row_bytes(cfg)
+    act = activation_bytes(cfg, lay, unique_ratio, flash)
+    out["activations"] = act["total"]
+    out["total"] = sum(v for v in out.values())
+    out["activation_breakdown"] = act
+    out["params_by_role"] = p
+    out["backbone_params_per_rank"] = backbone
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- exchange
+
+
+_DESIGN_DEDUP = ((2048, 0.27), (4096, 0.22), (8192, 0.18), (16384, 0.14), (65536, 0.08))
+
+
+def default_dedup_ratio(tokens: float) -> float:
+    """unique/total ids per micro-batch measured in DESIGN.md (Python docs, 8K-50K BPE), log-interpolated."""
+    pts = _DESIGN_DEDUP
+    if tokens <= pts[0][0]:
+        return min(1.0, pts[0][1] * (pts[0][0] / max(tokens, 1)) ** 0.3)
+    for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+        if tokens <= t1:
+            w = math.log(tokens / t0) / math.log(t1 / t0)
+            return r0 + w * (r1 - r0)
+    return pts[-1][1]
+
+
+def exchange_per_step(cfg: Any, lay: Layout, unique_ratio: float, remote_fraction: Optional[float] = None) -> dict:
+    """Per GPU per optimizer step, with dedup (at ``unique_ratio``) and without."""
+    T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
+    W = lay.emb_world
+    r = (W - 1) / W if remote_fraction is None else remote_fraction
+    rb = _row_bytes(cfg)
+
+    def one(u: float) -> dict:
+        remote = u * r
+        ids, rows_fwd, grads = 8 * remote, remote * rb, remote * rb
+        per_mb = ids + rows_fwd + grads
+        return {"unique_per_microbatch": u, "remote_rows_per_microbatch": remote, "id_bytes": ids * lay.num_micro,
+                "row_bytes_forward": rows_fwd * lay.num_micro, "grad_bytes_backward": grads * lay.num_micro,
+                "bytes_sent": per_mb * lay.num_micro, "bytes_per_microbatch": per_mb,
+                "forward_bytes_per_microbatch": ids + rows_fwd, "backward_bytes_per_microbatch": grads,
+                "count_bytes": 8 * W * lay.num_micro}
+
+    return {"row_bytes": rb, "positions_per_microbatch": T_local, "remote_fraction": r, "unique_ratio": unique_ratio,
+            "dedup": one(unique_ratio * T_local), "no_dedup": one(T_local)}
+
+
+def _a2a_seconds(nbytes: float, cl: Cluster, W: int) -> float:
+    if nbytes <= 0 or W <= 1:
+        return 0.0
+    g = min(cl.gpus_per_node, W)
+    intra_share = (g - 1) / (W - 1)
+    t_intra = nbytes * intra_share / (cl.intra_node_GBps * 1e9)
+    t_inter = nbytes * (1 - intra_share) / (cl.inter_node_GBps * 1e9)
+    return max(t_intra, t_inter) + cl.latency_us * 1e-6
+
+
+def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch: dict) -> dict:
+    tokens_mb = cfg.model.seq_length * cfg.train.micro_batch_size
+    t_c = flops_per_token * tokens_mb / lay.tp / (cl.peak_tflops * 1e12 * cl.mfu)
+    out = {"compute_s_per_microbatch": t_c, "num_microbatches": lay.num_micro}
+    for key in ("dedup", "no_dedup"):
+        e = exch[key]
+        t_f = _a2a_seconds(e["forward_bytes_per_microbatch"], cl, lay.emb_world)
+        t_b = _a2a_seconds(e["backward_bytes_per_microbatch"], cl, lay.emb_world)
+        t_x = t_f + t_b
+        n = lay.num_micro
+        overlapped = n * t_c + t_f + t_b + (n - 1) * max(0.0, t_x - t_c)
+        serial = n * (t_c + t_f) + t_b
+        out[key] = {"exchange_s_per_microbatch": t_x, "forward_s": t_f, "backward_s": t_b,
+                    "share_of_compute": t_x / t_c if t_c else math.inf, "hides_behind_compute": t_x <= t_c,
+                    "step_s_overlap": overlapped, "step_s_no_overlap": serial,
+                    "exposed_share_overlap": (overlapped - n * t_c) / overlapped,
+                    "exposed_share_no_overlap": (serial - n * t_c) / serial}
+    out["backbone_step_s"] = lay.num_micro * t_c
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- dedup from data
+
+
+def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, tokenizer: Optional[str] = None) -> dict:
+    """unique/total ids per micro-batch and the remote share of the unique ids, on the training micro-batches
+    the trainer would read first (Megatron GPTDataset order, this config's seq_length, micro-batch size and seed),
+    with the real row placement over ``world`` ranks. Micro-batch j goes to data-parallel rank j mod DP (the
+    trainer's order); with TP + sequence parallelism each TP rank asks for its own sequence slice."""
+    import numpy as np
+    import torch
+
+    from jtok_train.data.datasets import build_datasets, get_microbatch
+    from jtok_train.data.tokenizer import load_tokenizer
+    from jtok_train.parallel.placement import RowPlacement
+
+    lay = layout(cfg, world)
+    tok_path = tokenizer or (cfg.data.tokenizer if Path(str(cfg.data.tokenizer)).is_file() else None) \
+        or str(Path(prefix).parent / "tokenizer.json")
+    if not Path(tok_path).is_file():
+        raise PlanError(f"dedup_from={prefix}: no tokenizer at {tok_path}; set data.tokenizer=<the tokenizer.json "
+                        "the data was built with>")
+    tok = load_tokenizer(tok_path)
+    m, s = cfg.train.micro_batch_size, cfg.model.seq_length
+    train_ds, _ = build_datasets([prefix], tok, seq_length=s, seed=cfg.train.seed, train_samples=micro_batches * m,
+                                 valid_samples=0, split=cfg.data.split, cache_dir=cfg.data.cache_dir)
+    placement = RowPlacement(cfg.model.vocab_size, lay.emb_world, cfg.jtok.table_seed)
+    tp = lay.tp if lay.sequence_parallel else 1
+    ratios, remote, unique, positions = [], [], [], []
+    for jmb in range(micro_batches):
+        ids = get_microbatch(train_ds, list(range(jmb * m, (jmb + 1) * m)))["tokens"]
+        if int(ids.max()) >= cfg.model.vocab_size:
+            raise PlanError(f"dedup_from={prefix}: token id {int(ids.max())} >= model.vocab_size={cfg.model.vocab_size}")
+        flat = ids.t().reshape(-1).view(s, m)
+        dp_rank = jmb % lay.dp
+        for t in range(tp):
+            part = flat[t * (s // tp):(t + 1) * (s // tp)].reshape(-1)
+            u = torch.unique(part)
+            requester = dp_rank * lay.tp + (t if tp > 1 else 0)
+            owners = placement.owner(u)
+            ratios.append(u.numel() / part.numel())
+            remote.append(float((owners != requester).float().mean()))
+            unique.append(u.numel())
+            positions.append(part.numel())
+    ratios_a = np.array(ratios)
+    return {"prefix": str(prefix), "micro_batches": micro_batches, "tokens_per_microbatch": m * s // tp,
+            "unique_ratio": float(np.sum(unique) / np.sum(positions)), "unique_ratio_p5": float(np.percentile(ratios_a, 5)),
+            "unique_ratio_p95": float(np.percentile(ratios_a, 95)),
+            "remote_fraction": float(np.dot(remote, unique) / np.sum(unique)), "world": lay.emb_world}
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+
+
+def capacity_plan(cfg: Any, cluster: Cluster, flops_per_token: float, dedup_ratio: Optional[float] = None,
+                  dedup_measured: Optional[dict] = None, flash: Optional[bool] = None) -> dict:
+    """Memory per GPU, exchange bytes per step and exchange vs compute time for ``cfg`` on ``cluster``."""
+    lay = layout(cfg, cluster.gpus)
+    T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
+    remote = None
+    if dedup_measured is not None:
+        ratio, source, remote = dedup_measured["unique_ratio"], f"measured on {dedup_measured['prefix']}", \
+            dedup_measured["remote_fraction"]
+    elif dedup_ratio is not None:
+        if not 0 < dedup_ratio <= 1:
+            raise PlanError(f"dedup_ratio={dedup_ratio} is invalid: unique/total ids per micro-batch, in (0, 1]")
+        ratio, source = dedup_ratio, "given"
+    else:
+        ratio, source = default_dedup_ratio(T_local), f"default (DESIGN.md's measurement at {T_local:.0f} tokens)"
+    if not cfg.parallel.dedup:
+        ratio, source = 1.0, "parallel.dedup=false"
+    mem = memory_per_rank(cfg, lay, ratio, flash)
+    exch = exchange_per_step(cfg, lay, ratio, remote) if lay.sharded else None
+    timing = step_timing(cfg, lay, cluster, flops_per_token, exch) if exch else None
+    capacity = cluster.memory_gib * GiB
+    return {
+        "cluster": asdict(cluster),
+        "layout": asdict(lay),
+        "dedup": {"unique_ratio": ratio, "source": source, **({"measured": dedup_measured} if dedup_measured else {})},
+        "memory": mem,
+        "memory_capacity": capacity,
+        "fits": mem["total"] <= capacity,
+        "headroom": capacity - mem["total"],
+        "exchange": exch,
+        "timing": timing,
+        "table_optimizer": _table_optimizer_traffic(cfg, lay, cluster, ratio) if lay.sharded else None,
+    }
+
+
+def _table_optimizer_traffic(cfg: Any, lay: Layout, cl: Cluster, ratio: float) -> dict:
+    """Bytes the table optimizer reads and writes per step: dense AdamW touches the whole shard (p, g, m, v read;
+    p, m, v written), sparse AdamW the rows that got a gradient (plus gathering and scattering them)."""
+    rows = math.ceil(cfg.model.vocab_size / lay.emb_world)
+    rb = _row_bytes(cfg)
+    T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
+    # ids a step touches on one owner: at most every requester's unique ids spread over W owners
+    touched = min(rows, ratio * T_local * lay.num_micro * lay.world / lay.emb_world)
+    dense = 7 * rows * rb
+    sparse = 15 * touched * rb
+    bw = cl.hbm_GBps * 1e9
+    return {"kind": cfg.jtok.table_optimizer, "rows_per_rank": rows, "touched_rows_upper_bound": touched,
+            "adamw_bytes": dense, "sparse_adamw_bytes": sparse, "adamw_s": dense / bw, "sparse_adamw_s": sparse / bw}
