@@ -27,8 +27,10 @@ def _interpret_flag() -> bool:
 INTERPRETED = _interpret_flag()
 
 
-def block_d(d: int) -> int:
-    return max(16, min(triton.next_power_of_2(d), MAX_BLOCK_D))
+def block_d(d: int, cap: int | None = None) -> int:
+    """Column block for rows of length d: a power of two, at most MAX_BLOCK_D (and ``cap``)."""
+    limit = MAX_BLOCK_D if cap is None else min(cap, MAX_BLOCK_D)
+    return max(16, min(triton.next_power_of_2(d), limit))
 
 
 def block_small(n: int) -> int:

@@ -25,24 +25,24 @@ __all__ = ["jtok_gate_triton", "JTokGate"]
 
 
 @triton.jit
-def _row_inv_norm_kernel(rows, inv_norm, D, eps, BLOCK_D: tl.constexpr):
+def _row_inv_norm_kernel(rows, inv_norm, RS, D, eps, BLOCK_D: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
-        r = tl.load(rows + u * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        r = tl.load(rows + u * RS + cols, mask=cols < D, other=0.0).to(tl.float32)
         acc += r * r
     tl.store(inv_norm + u, 1.0 / (tl.sqrt(tl.sum(acc, axis=0)) + eps))
 
 
 @triton.jit
-def _gate_fwd_kernel(dm, rows, inverse, scale, inv_norm, out, D, BLOCK_D: tl.constexpr):
+def _gate_fwd_kernel(dm, rows, inverse, scale, inv_norm, out, RS, D, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
     u = tl.load(inverse + t).to(tl.int64)
     c = tl.load(inv_norm + u)
-    r = tl.load(rows + u * D + cols, mask=m, other=0.0).to(tl.float32)
+    r = tl.load(rows + u * RS + cols, mask=m, other=0.0).to(tl.float32)
     s = tl.load(scale + cols, mask=m, other=0.0).to(tl.float32)
     x = tl.load(dm + t * D + cols, mask=m, other=0.0).to(tl.float32)
     y = x * (1.0 + s * r * c)
@@ -50,13 +50,13 @@ def _gate_fwd_kernel(dm, rows, inverse, scale, inv_norm, out, D, BLOCK_D: tl.con
 
 
 @triton.jit
-def _gate_bwd_segment_kernel(grad, dm, rows, scale, inv_norm, order, offsets, d_dm, dn, ds_part, D,
+def _gate_bwd_segment_kernel(grad, dm, rows, scale, inv_norm, order, offsets, d_dm, dn, ds_part, RS, D,
                              BLOCK_D: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
     c = tl.load(inv_norm + u)
-    n = tl.load(rows + u * D + cols, mask=m, other=0.0).to(tl.float32) * c
+    n = tl.load(rows + u * RS + cols, mask=m, other=0.0).to(tl.float32) * c
     s = tl.load(scale + cols, mask=m, other=0.0).to(tl.float32)
     gate = 1.0 + s * n
     start = tl.load(offsets + u)
@@ -73,7 +73,7 @@ def _gate_bwd_segment_kernel(grad, dm, rows, scale, inv_norm, order, offsets, d_
 
 
 @triton.jit
-def _l2n_bwd_kernel(rows, dn, d_rows, D, eps, BLOCK_D: tl.constexpr):
+def _l2n_bwd_kernel(rows, dn, d_rows, RS, D, eps, BLOCK_D: tl.constexpr):
     """d/dE of normalize(E) = E / (||E|| + eps), given dn = dL/dnormalize(E), one row per program."""
     u = tl.program_id(0).to(tl.int64)
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -81,7 +81,7 @@ def _l2n_bwd_kernel(rows, dn, d_rows, D, eps, BLOCK_D: tl.constexpr):
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         m = cols < D
-        r = tl.load(rows + u * D + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(rows + u * RS + cols, mask=m, other=0.0).to(tl.float32)
         sq += r * r
         dot += r * tl.load(dn + u * D + cols, mask=m, other=0.0)
     norm = tl.sqrt(tl.sum(sq, axis=0))
@@ -91,7 +91,7 @@ def _l2n_bwd_kernel(rows, dn, d_rows, D, eps, BLOCK_D: tl.constexpr):
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         m = cols < D
-        r = tl.load(rows + u * D + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(rows + u * RS + cols, mask=m, other=0.0).to(tl.float32)
         g = tl.load(dn + u * D + cols, mask=m, other=0.0)
         tl.store(d_rows + u * D + cols, (c * g - coef * r).to(d_rows.dtype.element_ty), mask=m)
 
@@ -100,7 +100,7 @@ class JTokGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ffn_increment: Tensor, unique_rows: Tensor, inverse: Tensor, scale: Tensor, eps: float) -> Tensor:
         dm = ffn_increment.contiguous()
-        rows = unique_rows.contiguous()
+        rows = unique_rows if unique_rows.stride(-1) == 1 else unique_rows.contiguous()   # a layer's slice: no copy
         s = scale.contiguous()
         T, D = dm.shape
         U = rows.shape[0]
@@ -108,9 +108,9 @@ class JTokGate(torch.autograd.Function):
         out = torch.empty_like(dm)
         bd = block_d(D)
         if U > 0:
-            _row_inv_norm_kernel[(U,)](rows, inv_norm, D, eps, BLOCK_D=bd)
+            _row_inv_norm_kernel[(U,)](rows, inv_norm, rows.stride(0), D, eps, BLOCK_D=bd)
         if T > 0:
-            _gate_fwd_kernel[(T, triton.cdiv(D, bd))](dm, rows, inverse, s, inv_norm, out, D, BLOCK_D=bd)
+            _gate_fwd_kernel[(T, triton.cdiv(D, bd))](dm, rows, inverse, s, inv_norm, out, rows.stride(0), D, BLOCK_D=bd)
         ctx.save_for_backward(dm, rows, inverse, s, inv_norm)
         ctx.eps = eps
         ctx.scale_dtype = scale.dtype
@@ -126,12 +126,12 @@ class JTokGate(torch.autograd.Function):
         d_dm = torch.empty_like(dm)
         dn = torch.empty((U, D), dtype=torch.float32, device=dm.device)
         ds_part = torch.empty((U, D), dtype=torch.float32, device=dm.device)
-        d_rows = torch.empty_like(rows)
+        d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         if U > 0:
             order, offsets = csr_by_segment(inverse, U)
             _gate_bwd_segment_kernel[(U, triton.cdiv(D, bd))](
-                g, dm, rows, s, inv_norm, order, offsets, d_dm, dn, ds_part, D, BLOCK_D=bd)
-            _l2n_bwd_kernel[(U,)](rows, dn, d_rows, D, ctx.eps, BLOCK_D=bd)
+                g, dm, rows, s, inv_norm, order, offsets, d_dm, dn, ds_part, rows.stride(0), D, BLOCK_D=bd)
+            _l2n_bwd_kernel[(U,)](rows, dn, d_rows, rows.stride(0), D, ctx.eps, BLOCK_D=bd)
         ds = ds_part.sum(dim=0).to(ctx.scale_dtype)
         return d_dm, d_rows, None, ds, None
 

@@ -41,7 +41,7 @@ def _weights(top_logits, t, K, ks, kmask):
 
 
 @triton.jit
-def _blend_fwd_kernel(rows, inverse, top_logits, top_idx, scale, out, norm_out, D, NE, K, depth, eps,
+def _blend_fwd_kernel(rows, inverse, top_logits, top_idx, scale, out, norm_out, RS, D, NE, K, depth, eps,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
@@ -49,7 +49,7 @@ def _blend_fwd_kernel(rows, inverse, top_logits, top_idx, scale, out, norm_out, 
     u = tl.load(inverse + t).to(tl.int64)
     _, _, w = _weights(top_logits, t, K, ks, kmask)
     idx = tl.load(top_idx + t * K + ks, mask=kmask, other=0).to(tl.int64)
-    base = (u * NE + idx) * D                                             # [BLOCK_K]
+    base = u * RS + idx * D                                               # [BLOCK_K]
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
@@ -71,14 +71,14 @@ def _blend_fwd_kernel(rows, inverse, top_logits, top_idx, scale, out, norm_out, 
 
 @triton.jit
 def _blend_bwd_pos_kernel(grad, rows, inverse, top_logits, top_idx, scale, norm_in, d_logits, gamma_out,
-                          D, NE, K, depth, eps, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                          RS, D, NE, K, depth, eps, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
     u = tl.load(inverse + t).to(tl.int64)
     sig, total, w = _weights(top_logits, t, K, ks, kmask)
     idx = tl.load(top_idx + t * K + ks, mask=kmask, other=0).to(tl.int64)
-    base = (u * NE + idx) * D
+    base = u * RS + idx * D
     e_dn = tl.zeros([BLOCK_D], dtype=tl.float32)
     r_dn = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     r_e = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -105,7 +105,7 @@ def _blend_bwd_pos_kernel(grad, rows, inverse, top_logits, top_idx, scale, norm_
 
 @triton.jit
 def _blend_bwd_rows_kernel(grad, rows, top_logits, top_idx, scale, norm_in, gamma_in, order, offsets,
-                           d_rows, ds_part, D, NE, K, depth, eps,
+                           d_rows, ds_part, RS, D, NE, K, depth, eps,
                            BLOCK_K: tl.constexpr, BLOCK_NE: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -114,9 +114,9 @@ def _blend_bwd_rows_kernel(grad, rows, top_logits, top_idx, scale, norm_in, gamm
     emask = es < NE
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
-    tile = (u * NE + es)[:, None] * D + cols[None, :]                     # this row's n_e candidates
     tmask = emask[:, None] & m[None, :]
-    cand = tl.load(rows + tile, mask=tmask, other=0.0).to(tl.float32)     # [BLOCK_NE, BLOCK_D]
+    cand = tl.load(rows + u * RS + es[:, None] * D + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    tile = (u * NE + es)[:, None] * D + cols[None, :]                     # this row's n_e candidates in d_rows
     s = tl.load(scale + cols, mask=m, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_NE, BLOCK_D], dtype=tl.float32)
     ds = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -143,7 +143,8 @@ class JTokMBlend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unique_rows: Tensor, inverse: Tensor, top_logits: Tensor, top_idx: Tensor, scale: Tensor,
                 depth_factor: float, eps: float) -> Tensor:
-        rows = unique_rows.contiguous()
+        # a layer's slice of the [U, L, n_e, d] rows is used in place (only the row stride differs)
+        rows = unique_rows if unique_rows.stride(2) == 1 and unique_rows.stride(1) == unique_rows.shape[2] else unique_rows.contiguous()
         logits = top_logits.contiguous()
         idx = top_idx.contiguous()
         s = scale.contiguous()
@@ -153,7 +154,7 @@ class JTokMBlend(torch.autograd.Function):
         out = torch.empty((T, D), dtype=out_dtype, device=rows.device)
         norm = torch.empty(T, dtype=torch.float32, device=rows.device)
         if T > 0:
-            _blend_fwd_kernel[(T,)](rows, inverse, logits, idx, s, out, norm, D, NE, K, float(depth_factor), float(eps),
+            _blend_fwd_kernel[(T,)](rows, inverse, logits, idx, s, out, norm, rows.stride(0), D, NE, K, float(depth_factor), float(eps),
                                     BLOCK_K=block_small(K), BLOCK_D=block_d(D))
         ctx.save_for_backward(rows, inverse, logits, idx, s, norm)
         ctx.depth, ctx.eps, ctx.scale_dtype = float(depth_factor), float(eps), scale.dtype
@@ -168,16 +169,16 @@ class JTokMBlend(torch.autograd.Function):
         bd, bk = block_d(D), block_small(K)
         d_logits = torch.empty_like(logits)
         gamma = torch.empty(T, dtype=torch.float32, device=rows.device)
-        d_rows = torch.empty_like(rows)
+        d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         ds_part = torch.empty((U, D), dtype=torch.float32, device=rows.device)
         if T > 0:
-            _blend_bwd_pos_kernel[(T,)](g, rows, inverse, logits, idx, s, norm, d_logits, gamma, D, NE, K,
+            _blend_bwd_pos_kernel[(T,)](g, rows, inverse, logits, idx, s, norm, d_logits, gamma, rows.stride(0), D, NE, K,
                                         ctx.depth, ctx.eps, BLOCK_K=bk, BLOCK_D=bd)
         if U > 0:
             order, offsets = csr_by_segment(inverse, U)
-            _blend_bwd_rows_kernel[(U, triton.cdiv(D, bd))](
-                g, rows, logits, idx, s, norm, gamma, order, offsets, d_rows, ds_part, D, NE, K, ctx.depth, ctx.eps,
-                BLOCK_K=bk, BLOCK_NE=block_small(NE), BLOCK_D=bd)
+            _blend_bwd_rows_kernel[(U, triton.cdiv(D, block_d(D, cap=256)))](
+                g, rows, logits, idx, s, norm, gamma, order, offsets, d_rows, ds_part, rows.stride(0), D, NE, K, ctx.depth, ctx.eps,
+                BLOCK_K=bk, BLOCK_NE=block_small(NE), BLOCK_D=block_d(D, cap=256))
         ds = ds_part.sum(dim=0).to(ctx.scale_dtype)
         return d_rows, None, d_logits, None, ds, None, None
 
