@@ -116,6 +116,17 @@ def load_for_inference(
     verify_checksums: bool = True,
 ) -> LoadedModel:
     """Rebuild the checkpoint's model at world size 1, load its weights and place its JTok tables."""
+    if tables not in TABLE_PLACEMENTS:
+        raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
+    from jtok_train.training.checkpoint import _check_metadata, read_meta, verify_checkpoint
+
+    # before the heavy imports: a wrong or damaged checkpoint fails in a moment
+    path = resolve_checkpoint(checkpoint)
+    if verify_checksums:
+        verify_checkpoint(path)
+    _check_metadata(path)
+    meta = read_meta(path)
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -124,19 +135,12 @@ def load_for_inference(
     from jtok_train.compat import init_distributed, init_model_parallel
     from jtok_train.model.builder import build_model, build_transformer_config
     from jtok_train.model.token_table import ReplicatedTokenTable
-    from jtok_train.training.checkpoint import _check_metadata, _weights_only_objects, read_meta, verify_checkpoint
+    from jtok_train.training.checkpoint import _weights_only_objects
 
-    if tables not in TABLE_PLACEMENTS:
-        raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
-    path = resolve_checkpoint(checkpoint)
     init_distributed()
     if dist.get_world_size() != 1:
         raise RuntimeError(f"inference runs on one process (world size {dist.get_world_size()}): start it "
                            "without torchrun")
-    if verify_checksums:
-        verify_checkpoint(path)
-    _check_metadata(path)
-    meta = read_meta(path)
     cfg = _inference_config(meta, path)
     init_model_parallel(seed=cfg.train.seed)
     dev = torch.device(device) if device is not None else compute_device()
@@ -167,6 +171,8 @@ def load_for_inference(
     table = getattr(model, "token_table", None)
     if table is not None:
         full = _table_in_token_order(table).cpu()
+        if cfg.train.precision == "bf16":   # Float16Module runs the whole model, table included, in bf16
+            full = full.to(torch.bfloat16)
         del model.token_table                       # an nn.Module child: replaced by a provider below
         if tables == "host":
             from jtok_train.inference.host_table import HostTokenTable
