@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from jtok_train.training.errors import CheckpointError
 
-__all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "TABLE_PLACEMENTS"]
+__all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "place_tables", "TABLE_PLACEMENTS"]
 
 TABLE_PLACEMENTS = ("host", "device")
 
@@ -109,6 +109,33 @@ def _model_key_prefix(path: Path) -> str:
                           "training checkpoint")
 
 
+def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool = False) -> str:
+    """Replace a JTokGPTModel's table provider by the one inference uses (host: ``HostTokenTable`` on
+    ``device``; device: a ``ReplicatedTokenTable`` the caller moves with the model). Returns the placement
+    (``none`` for a backbone-alone model). bf16: the model runs in bf16 (Float16Module), the table too."""
+    from jtok_train.model.token_table import ReplicatedTokenTable
+
+    if tables not in TABLE_PLACEMENTS:
+        raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
+    table = getattr(model, "token_table", None)
+    if table is None:
+        return "none"
+    full = _table_in_token_order(table).cpu()
+    if bf16:
+        full = full.to(torch.bfloat16)
+    del model.token_table                       # an nn.Module child: replaced by a provider below
+    if tables == "host":
+        from jtok_train.inference.host_table import HostTokenTable
+
+        provider: Any = HostTokenTable(full, device)
+    else:
+        v, L, n_e, d = full.shape
+        provider = ReplicatedTokenTable(v, L, n_e, d, dtype=full.dtype, device="meta")
+        provider.weight = torch.nn.Parameter(full.clone(), requires_grad=False)
+    model.token_table = provider
+    return tables
+
+
 def load_for_inference(
     checkpoint: str | Path,
     tables: str = "host",
@@ -134,7 +161,6 @@ def load_for_inference(
     from jtok_train.compat import device as compute_device
     from jtok_train.compat import init_distributed, init_model_parallel
     from jtok_train.model.builder import build_model, build_transformer_config
-    from jtok_train.model.token_table import ReplicatedTokenTable
     from jtok_train.training.checkpoint import _weights_only_objects
 
     init_distributed()
@@ -167,24 +193,7 @@ def load_for_inference(
         raise CheckpointError(f"checkpoint {path} {what}: it is incomplete or from another version of jtok-train")
     model.load_state_dict({k[len(prefix):]: v for k, v in loaded["model"].items()}, strict=True)
 
-    placement = "none"
-    table = getattr(model, "token_table", None)
-    if table is not None:
-        full = _table_in_token_order(table).cpu()
-        if cfg.train.precision == "bf16":   # Float16Module runs the whole model, table included, in bf16
-            full = full.to(torch.bfloat16)
-        del model.token_table                       # an nn.Module child: replaced by a provider below
-        if tables == "host":
-            from jtok_train.inference.host_table import HostTokenTable
-
-            provider: Any = HostTokenTable(full, dev)
-        else:
-            v, L, n_e, d = full.shape
-            provider = ReplicatedTokenTable(v, L, n_e, d, seed=cfg.jtok.table_seed, dtype=full.dtype, device="meta")
-            provider.weight = torch.nn.Parameter(full.clone(), requires_grad=False)
-        model.token_table = provider
-        placement = tables
-        del full
+    placement = place_tables(model, tables, dev, bf16=cfg.train.precision == "bf16")
     model.to(dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -88,3 +88,11 @@ def test_demo_script_loss_goes_down(tmp_path):
     train = [r for r in _metrics(run) if "loss" in r]
     assert len(train) == 40 and train[-1]["loss"] < train[0]["loss"] - 1.0
     assert "validation loss" in proc.stdout or any("valid_loss" in r for r in _metrics(run))
+    # the demo checkpoint generates from the CLI (greedy, KV cache, JTok-M tables in host memory)
+    prompt = "The for statement"
+    gen = subprocess.run([sys.executable, "-m", "jtok_train.cli.generate", f"checkpoint={run}", f"prompt={prompt}",
+                          "max_new_tokens=24", "stats=true"], capture_output=True, text=True, timeout=600, env=ENV,
+                         cwd=ROOT)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith(prompt) and len(gen.stdout.strip()) > len(prompt), gen.stdout
+    assert "jtok=jtokm" in gen.stderr and "bytes of table rows per token" in gen.stderr
