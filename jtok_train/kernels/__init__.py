@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["triton_import_error", "interpreted"]
+__all__ = ["triton_import_error", "interpreted", "INTERPRET_HINT"]
+
+INTERPRET_HINT = "TRITON_INTERPRET must be unset (it is read when the kernels are first imported)"
 
 
 @functools.lru_cache(maxsize=None)
