@@ -4,6 +4,7 @@ against the memory-bandwidth floor.
     python benchmarks/kernel_bench.py                        # GPU: d 2048 and 4096, T 16384, n_e 5, K 2, bf16
     python benchmarks/kernel_bench.py --hidden 1024 --tokens 8192 --dtype float32
     python benchmarks/kernel_bench.py --check                # CPU or GPU: tiny sizes, exercises every code path
+    python benchmarks/kernel_bench.py --bytes-only           # any machine: the byte floor per op, no kernels run
 
 Every op is timed forward alone and forward + backward, for the kernel (``JTOK_KERNELS=triton``) and the
 eager reference (``reference``), on the same inputs: token ids drawn from a Zipf(1.1) law over a 128k
@@ -82,25 +83,44 @@ def timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def make_ops(T: int, d: int, n_e: int, K: int, vocab: int, dtype, device, seed: int) -> tuple[dict, dict]:
-    """{op name: (fn(backend) -> list of tensors, bytes per token)} and the input summary."""
-    gen = torch.Generator().manual_seed(seed)
+def floor_bytes_per_token(T: int, U: int, pairs: int, d: int, n_e: int, K: int, b: int) -> dict:
+    """Least DRAM bytes per token of each op: activations read/written once, the rows used read once per
+    micro-batch (``pairs`` = distinct (unique row, set) pairs the top-K picked), row gradients written once
+    (dense [U, n_e, d], as autograd needs them), K logits + int64 ids. b = bytes per element."""
+    u, p = U / T, pairs / T
+    gate_f = 2 * d * b + u * d * b                              # dm in, out; rows
+    gate_b = 3 * d * b + 2 * u * d * b                          # g, dm in, d_dm out; rows in, d_rows out
+    blend_f = d * b + p * d * b + K * (b + 8)                   # out; chosen rows; logits + ids
+    blend_b = d * b + p * d * b + u * n_e * d * b + K * (2 * b + 8)   # g; rows; d_rows; logits, ids, d_logits
+    return {"jtok_gate fwd": gate_f, "jtok_gate fwd+bwd": gate_f + gate_b, "jtokm_blend fwd": blend_f,
+            "jtokm_blend fwd+bwd": blend_f + blend_b, "segment_sum": n_e * d * b + u * n_e * d * b}
+
+
+def batch_ids(T: int, n_e: int, K: int, vocab: int, gen: torch.Generator, device) -> tuple:
+    """Zipf token ids -> (inverse, U, top-K logits, top-K ids, distinct (row, set) pairs)."""
     ids = zipf_ids(T, vocab, 1.1, gen, device)
     _, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     U = int(inverse.max()) + 1
+    logits = torch.randn(T, n_e, generator=gen).to(device)
+    top_logits, top_idx = torch.topk(logits, K, dim=-1)
+    pairs = int(torch.unique(inverse.unsqueeze(1) * n_e + top_idx).numel())
+    return inverse, U, top_logits, top_idx, pairs
+
+
+def make_ops(T: int, d: int, n_e: int, K: int, vocab: int, dtype, device, seed: int) -> tuple[dict, dict]:
+    """{op name: (fn() -> list of tensors, least bytes per token)} and the input summary."""
+    gen = torch.Generator().manual_seed(seed)
+    inverse, U, top_logits, top_idx, pairs = batch_ids(T, n_e, K, vocab, gen, device)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
 
     dm, rows1, scale = rnd(T, d), rnd(U, d), rnd(d)
     rowsm = rnd(U, n_e, d)
-    logits = torch.randn(T, n_e, generator=gen).to(device=device, dtype=dtype)
-    top_logits, top_idx = torch.topk(logits, K, dim=-1)
-    top_logits = top_logits.detach().requires_grad_(True)
+    top_logits = top_logits.to(dtype).requires_grad_(True)
     g = torch.randn(T, d, generator=gen).to(device=device, dtype=dtype)
     seg_vals = torch.randn(T, n_e * d, generator=gen).to(device=device, dtype=dtype)
-    b = torch.finfo(dtype).bits // 8
-    ur = U / T
+    floor = floor_bytes_per_token(T, U, pairs, d, n_e, K, torch.finfo(dtype).bits // 8)
 
     def gate():
         return ops.jtok_gate(dm, rows1, inverse, scale, 1e-6)
@@ -120,22 +140,43 @@ def make_ops(T: int, d: int, n_e: int, K: int, vocab: int, dtype, device, seed: 
                 return [fn()]
         return run
 
-    table = {
-        "jtok_gate fwd": (no_grad(gate), 2 * d * b + ur * d * b),
-        "jtok_gate fwd+bwd": (fwd_bwd(gate, (dm, rows1, scale)), (2 * d * b + ur * d * b) + (3 * d * b + 2 * ur * d * b)),
-        "jtokm_blend fwd": (no_grad(blend), d * b + ur * n_e * d * b + K * (b + 8)),
-        "jtokm_blend fwd+bwd": (fwd_bwd(blend, (rowsm, top_logits, scale)),
-                                (d * b + ur * n_e * d * b + K * (b + 8)) + (d * b + 2 * ur * n_e * d * b + K * (2 * b + 8))),
-        "segment_sum": (lambda: [ops.segment_sum(seg_vals, inverse, U)], n_e * d * b + ur * n_e * d * b),
+    fns = {
+        "jtok_gate fwd": no_grad(gate),
+        "jtok_gate fwd+bwd": fwd_bwd(gate, (dm, rows1, scale)),
+        "jtokm_blend fwd": no_grad(blend),
+        "jtokm_blend fwd+bwd": fwd_bwd(blend, (rowsm, top_logits, scale)),
+        "segment_sum": lambda: [ops.segment_sum(seg_vals, inverse, U)],
     }
-    return table, {"T": T, "U": U, "d": d, "n_e": n_e, "K": K, "dtype": str(dtype).replace("torch.", "")}
+    table = {name: (fn, floor[name]) for name, fn in fns.items()}
+    return table, {"T": T, "U": U, "row_set_pairs": pairs, "d": d, "n_e": n_e, "K": K, "dtype": str(dtype).replace("torch.", "")}
 
 
 def _max_err(a: list, b: list) -> float:
     return max(float((x.detach().float() - y.detach().float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
+def bytes_model(args) -> list[dict]:
+    """The byte floor alone (no kernels run, any machine): bytes per token and floor time at a bandwidth."""
+    dtype = DTYPES[args.dtype]
+    records = []
+    for d in args.hidden or [2048, 4096]:
+        T = args.tokens or 16384
+        _, U, _, _, pairs = batch_ids(T, args.n_e, args.top_k, 131072, torch.Generator().manual_seed(args.seed), "cpu")
+        for op, bpt in floor_bytes_per_token(T, U, pairs, d, args.n_e, args.top_k, torch.finfo(dtype).bits // 8).items():
+            records.append({"op": op, "T": T, "U": U, "row_set_pairs": pairs, "d": d, "dtype": args.dtype,
+                            "bytes_per_token": bpt, "floor_us": bpt * T / (args.bandwidth_gbs * 1e9) * 1e6})
+    print(f"byte floor at {args.bandwidth_gbs:.0f} GB/s (n_e {args.n_e}, K {args.top_k}, {args.dtype}, Zipf(1.1) ids over 128k)")
+    print("| op | T | U | (row, set) pairs | d | bytes/token | floor us |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['op']} | {r['T']} | {r['U']} | {r['row_set_pairs']} | {r['d']} | {r['bytes_per_token']:.0f} | "
+              f"{r['floor_us']:.1f} |")
+    return records
+
+
 def run(args) -> list[dict]:
+    if args.bytes_only:
+        return bytes_model(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.check:
         shapes = [(args.tokens or 48, d) for d in (args.hidden or [40])]
@@ -192,6 +233,10 @@ def run(args) -> list[dict]:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="tiny sizes, any device (interpreter on CPU); writes nothing")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="print the byte floor per op (no kernels run, any machine) at --bandwidth-gbs")
+    p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
+                   help="bandwidth for --bytes-only (default 3350: H100 SXM nominal HBM3)")
     p.add_argument("--tokens", type=int, default=None, help="positions per micro-batch T (default 16384; check 48)")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes d (default 2048 4096; check 40)")
     p.add_argument("--n-e", dest="n_e", type=int, default=5)

@@ -364,3 +364,17 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(rows) == 16, proc.stdout                      # 8 kernels x (bf16, fp32)
     for kernel, dtype, arch, warps, regs, spill in (map(str.strip, r) for r in rows):
         assert 0 < int(regs) <= 255 and int(spill) == 0, f"{kernel} {dtype}: {regs} registers, {spill} bytes spilled"
+
+
+def test_kernel_bench_byte_floor():
+    spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernel_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recs = {r["op"]: r for r in bench.main(["--bytes-only", "--tokens", "4099", "--hidden", "333", "--dtype", "bfloat16",
+                                            "--bandwidth-gbs", "1000"])}
+    gate = recs["jtok_gate fwd"]
+    T, U, pairs, d = gate["T"], gate["U"], gate["row_set_pairs"], 333
+    assert 1 < U < T and 2 * U <= pairs <= 5 * U        # Zipf ids repeat; each row: at least K = 2 sets, at most n_e = 5
+    assert gate["bytes_per_token"] == pytest.approx(2 * d * 2 + U / T * d * 2)
+    assert recs["jtokm_blend fwd"]["bytes_per_token"] == pytest.approx(d * 2 + pairs / T * d * 2 + 2 * (2 + 8))
+    assert gate["floor_us"] == pytest.approx(gate["bytes_per_token"] * T / 1e12 * 1e6)
