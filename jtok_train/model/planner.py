@@ -23,21 +23,22 @@ Memory per GPU (bytes):
   autograd saves for backward in Megatron's local layer spec (RMSNorm, SwiGLU, no dropout: hidden and attention
   dropout are 0), in the spirit of Korthikanti et al. 2022 (their 34 sbh + 5 a s^2 b assumes dropout masks and a
   4h GELU MLP; ours is the same bookkeeping for this layer). T = micro-batch tokens, B = bytes per activation
-  element (4 fp32, 2 bf16), per layer:
-      attention  (2 + 1 + (2 + 3 g/a) + 1) T d B + a s^2 b B + s^2 (mask) + 8 T (norm stats) + 16 s d/a (RoPE)
-                 (with a fused flash-attention kernel, ``attention=flash``: 4 a s b softmax statistics instead of
-                 the a s^2 b B probabilities and the mask)
-      FFN norm   2 T d B
+  element (4 fp32, 2 bf16), Bn = 4 (torch's RMSNorm keeps fp32 copies), Bt = bytes of a table row element (4 for
+  the fp32 sharded shard), per layer:
+      attention  (2 Bn + B) T d + (2 + 3 g/a + 1) T d B + 8 T (norm stats) + 4 B s d/a (RoPE)
+                 + a s^2 b (4, + 2 in bf16: fp32 softmax and its bf16 copy) + s^2 (causal mask)
+                 (a fused flash-attention kernel, ``attention=flash``, keeps 4 a s b softmax statistics instead)
+      FFN norm   2 T d Bn
       dense MLP  T (d + 5 f) B                      (gated; non-gated T (d + 2 f) B)
       MoE        router/dispatch 9 T E + 28 T k;  routed rows R = T k: R (d + 6 f_e) B + 4 R;
                  shared expert T (d + 5 f_s) B
-      JTok       2 U d B (the rows and their normalised copy, U = unique ids of the micro-batch)
-      JTok-M     (4 + K) T d B + T (4 n_e + 28 K)
-  plus once: logits 4 T V (fp32 for the loss), final norm and output input 3 T d B, ids and masks 17 T (+ 8 U
-  and 8 T with JTok). TP divides the per-layer terms (with sequence parallelism all of them, else the inner
-  ones) and the logits. Recomputation is not modelled (the framework does not enable it). This formula matches
-  fp32 runs of the local spec within a few percent (tested); for bf16 it assumes everything but norm statistics
-  and logits is saved in bf16.
+      JTok       2 T d B + 2 U d Bt + 8 U  (gate input and output; the rows and their normalised copy)
+      JTok-M     2 T d Bn + 2 T d B + K T d Bt + T (4 + 4 n_e + 28 K)
+  plus once: logits 4 T V (fp32 for the loss), final norm and output input (2 Bn + B) T d, ids and masks 17 T
+  (+ 8 U and 8 T with JTok). TP divides the per-layer terms (with sequence parallelism all of them, else the
+  inner ones) and the logits. Recomputation is not modelled (the framework does not enable it). Tested against
+  autograd's saved tensors on CPU runs (fp32 MoE + JTok-M, bf16 dense + JTok) within 5%. On a GPU a fused RMSNorm
+  keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by up to ~6 T d bytes per layer.
 - exchange buffers (sharded tables) at the peak: the current micro-batch's received, served and re-ordered rows
   (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received per
   micro-batch, held until the optimizer step (2 U per micro-batch): (3 + 2 overlap + 2 n_micro) U row_bytes.
@@ -244,7 +245,9 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
         flash = getattr(cfg.model, "transformer_impl", "local") == "transformer_engine"
     m, j = cfg.model, cfg.jtok
     bf16 = cfg.train.precision == "bf16"
-    B = 2 if bf16 else 4
+    B = 2 if bf16 else 4     # activations in the training precision
+    Bn = 4                   # torch's RMSNorm keeps fp32 copies of its input and output (bf16 input upcast)
+    Bt = 4 if lay.sharded else B   # gathered table rows: the sharded shard is fp32, a replicated table is a param
     d, L, V, s, b = m.hidden_size, m.num_layers, m.vocab_size, m.seq_length, cfg.train.micro_batch_size
     a = m.num_attention_heads
     g = m.num_query_groups or a
@@ -252,9 +255,11 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
     sp = lay.tp if lay.sequence_parallel else 1   # divides the layer's input-sized terms
     tp = lay.tp                                    # divides the inner terms
     U = unique_ratio * T / sp
-    scores = 4 * a * s * b if flash else a * s * s * b * B + s * s * tp
-    attn = (3 * T * d * B + 8 * T) / sp + ((2 + 3 * g / a) * T * d * B + T * d * B + scores) / tp + 16 * s * d / a
-    ffn_norm = 2 * T * d * B / sp
+    # local spec: softmax in fp32 (Megatron's attention_softmax_in_fp32), a bf16 copy for the bmm, a causal mask
+    scores = 4 * a * s * b if flash else a * s * s * b * (4 + (2 if bf16 else 0)) + s * s * tp
+    attn = (2 * T * d * Bn + T * d * B + 8 * T) / sp + ((2 + 3 * g / a) * T * d * B + T * d * B + scores) / tp \
+        + 4 * B * s * d / a
+    ffn_norm = 2 * T * d * Bn / sp
     glu = m.gated_linear_unit
     mlp = moe = 0.0
     if m.num_experts:
@@ -269,11 +274,11 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
         mlp = T * d * B / sp + T * (5 if glu else 2) * f * B / tp
     jt = 0.0
     if j.variant == "jtok":
-        jt = 2 * U * d * B
+        jt = (2 * T * d * B + 2 * U * d * Bt + 8 * U) / sp
     elif j.variant == "jtokm":
-        jt = ((4 + j.top_k) * T * d * B + T * (4 * j.num_sets + 28 * j.top_k)) / sp
+        jt = (2 * T * d * Bn + 2 * T * d * B + j.top_k * T * d * Bt + T * (4 + 4 * j.num_sets + 28 * j.top_k)) / sp
     per_layer = attn + ffn_norm + mlp + moe + jt
-    once = 4 * T * V / tp + 3 * T * d * B / sp + 17 * T
+    once = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + 17 * T
     if j.variant != "none":
         once += 8 * U + (8 * T if j.variant == "jtok" else 0)
     return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),
@@ -393,11 +398,14 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
 # ------------------------------------------------------------------------------------------------- dedup from data
 
 
-def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, tokenizer: Optional[str] = None) -> dict:
+def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, tokenizer: Optional[str] = None,
+                  train_samples: Optional[int] = None, valid_samples: int = 0) -> dict:
     """unique/total ids per micro-batch and the remote share of the unique ids, on the training micro-batches
     the trainer would read first (Megatron GPTDataset order, this config's seq_length, micro-batch size and seed),
     with the real row placement over ``world`` ranks. Micro-batch j goes to data-parallel rank j mod DP (the
-    trainer's order); with TP + sequence parallelism each TP rank asks for its own sequence slice."""
+    trainer's order); with TP + sequence parallelism each TP rank asks for its own sequence slice.
+    ``train_samples`` / ``valid_samples``: the dataset sizes to build (the trainer's, train_iters x global batch and
+    eval_samples, give the trainer's exact sample order; the default builds just enough samples)."""
     import numpy as np
     import torch
 
@@ -413,8 +421,11 @@ def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, to
                         "the data was built with>")
     tok = load_tokenizer(tok_path)
     m, s = cfg.train.micro_batch_size, cfg.model.seq_length
-    train_ds, _ = build_datasets([prefix], tok, seq_length=s, seed=cfg.train.seed, train_samples=micro_batches * m,
-                                 valid_samples=0, split=cfg.data.split, cache_dir=cfg.data.cache_dir)
+    if micro_batches < 1:
+        raise PlanError(f"dedup_samples={micro_batches} is invalid: measure at least 1 micro-batch")
+    train_ds, _ = build_datasets([prefix], tok, seq_length=s, seed=cfg.train.seed,
+                                 train_samples=max(train_samples or 0, micro_batches * m), valid_samples=valid_samples,
+                                 split=cfg.data.split, cache_dir=cfg.data.cache_dir)
     placement = RowPlacement(cfg.model.vocab_size, lay.emb_world, cfg.jtok.table_seed)
     tp = lay.tp if lay.sequence_parallel else 1
     ratios, remote, unique, positions = [], [], [], []
