@@ -13,8 +13,8 @@ see analysis.py. A second group sweeps the JTok-M table size (eta) at a fixed ba
 Resumable: one directory per run under --runs (default benchmarks/quality/runs/, git-ignored); a run whose
 directory holds result.json is skipped. Runs execute one at a time, in a child process with one thread, in
 grid order (seed by seed, so a partial study still has whole U-curves). Each finished run's record (the shared
-run-record format of the scaling analysis) is written atomically to <run>/result.json and appended to
-benchmarks/quality/results.jsonl (the committed copy, from which analyze and plot work without the runs).
+run-record format of the scaling analysis) is written atomically to <run>/result.json; `analyze` gathers them
+into benchmarks/quality/results.jsonl (the committed copy, from which analyze and plot work without the runs).
 
 Needs the demo data: `jtok-data build --source python-docs --out data/demo --vocab-size 4096` (launch/demo.sh).
 """
@@ -57,6 +57,10 @@ ETA_WIDTH = 32
 ETA_STEPS = 108
 ETA_SETS = ((4, 1), (8, 2), (16, 4))   # (n_e, K) at rho = K/n_e = 0.25 (the paper's scaling studies)
 ETA_SEEDS = (1,)
+# Settings of the token tables on top of configs/jtok/*.yaml (empty: the configs' defaults). See the README
+# section of the study for the pilot that chose them.
+VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": ["jtok.table_init_std=0.02"],
+                                          "jtokm": ["jtok.table_init_std=0.02"]}
 
 
 def model_overrides(d: int) -> list[str]:
@@ -94,7 +98,7 @@ def train_overrides(steps: int, seed: int, run_dir: Path) -> list[str]:
 
 
 def jtok_overrides(variant: str, num_sets: int | None = None, top_k: int | None = None, seed: int = 1) -> list[str]:
-    o = [f"jtok={variant}"]
+    o = [f"jtok={variant}"] + list(VARIANT_OVERRIDES[variant])
     if variant != "none":
         o.append(f"jtok.table_seed={1000 + seed}")   # a seed is a new draw of every random init
     if num_sets is not None:
@@ -246,8 +250,6 @@ def worker(spec_file: str, deadline: float) -> None:
             return
         print(f"study: {spec['name']} ({spec['steps']} steps)", flush=True)
         rec = run_one(spec)
-        with open(RESULTS_JSONL, "a") as f:
-            f.write(json.dumps(rec) + "\n")
         print(f"study: {spec['name']} val_loss {rec['val_loss']:.4f} in {rec['wall_s']:.0f}s", flush=True)
 
 
@@ -259,6 +261,8 @@ def cmd_run(args) -> None:
     specs = grid(runs_dir, args.only)
     if args.filter:
         specs = [s for s in specs if args.filter in s["name"]]
+    for s in specs:
+        s["overrides"] += list(args.extra or [])
     todo = [s for s in specs if not (Path(s["run_dir"]) / "result.json").is_file()]
     print(f"study: {len(specs)} runs in the grid, {len(specs) - len(todo)} done, {len(todo)} to run", flush=True)
     if args.dry_run:
@@ -285,13 +289,14 @@ def cmd_run(args) -> None:
 
 
 # -- records ---------------------------------------------------------------------------------------------
-def load_records(source: Path | None = None) -> list[dict]:
-    """Run records from result.json files under a directory (recursively) or from a .jsonl file; the last
-    record of a name wins."""
+def load_records(source: Path | None = None, recursive: bool = True) -> list[dict]:
+    """Run records from result.json files under a directory (recursively, or only its direct sub-directories)
+    or from a .jsonl file; the last record of a name wins."""
     source = Path(source) if source is not None else RESULTS_JSONL
     recs: list[dict] = []
     if source.is_dir():
-        recs = [json.loads(p.read_text()) for p in sorted(source.rglob("result.json"))]
+        files = source.rglob("result.json") if recursive else source.glob("*/result.json")
+        recs = [json.loads(p.read_text()) for p in sorted(files)]
     elif source.is_file():
         recs = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     else:
@@ -300,14 +305,24 @@ def load_records(source: Path | None = None) -> list[dict]:
     return list(by_name.values())
 
 
+def _records_for(args) -> list[dict]:
+    """--records if given; else the study directory's runs (refreshing results.jsonl, the committed copy),
+    else results.jsonl."""
+    if args.records:
+        return load_records(Path(args.records))
+    if any(DEFAULT_RUNS.glob("*/result.json")):
+        recs = sorted(load_records(DEFAULT_RUNS, recursive=False), key=lambda r: r["name"])
+        tmp = RESULTS_JSONL.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        os.replace(tmp, RESULTS_JSONL)
+        return recs
+    return load_records(RESULTS_JSONL)
+
+
 def cmd_analyze(args) -> None:
     from analysis import analyze, summary_markdown
 
-    recs = load_records(Path(args.records) if args.records else None)
-    if args.records and Path(args.records).is_dir():     # refresh the committed compact copy
-        with open(RESULTS_JSONL, "w") as f:
-            for r in sorted(recs, key=lambda r: r["name"]):
-                f.write(json.dumps(r) + "\n")
+    recs = _records_for(args)
     out = analyze(recs)
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     _write_json(RESULTS_JSON, out)
@@ -319,7 +334,7 @@ def cmd_analyze(args) -> None:
 def cmd_plot(args) -> None:
     from plots import make_plots
 
-    recs = load_records(Path(args.records) if args.records else None)
+    recs = _records_for(args)
     out = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else None
     for p in make_plots(recs, out, PLOTS):
         print(p)
@@ -338,11 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--runs", default=str(DEFAULT_RUNS), help="study directory (one sub-directory per run)")
     r.add_argument("--dry-run", action="store_true", help="list the runs still to do")
     r.add_argument("--filter", default=None, help="only the runs whose name contains this string")
+    r.add_argument("--extra", action="append", help="an override added to every run (ablations; use another --runs)")
     r.add_argument("--widths", default=None, help="comma-separated backbone widths instead of the grid's (pilots)")
     for name, hlp in (("analyze", "fit the frontiers"), ("plot", "write the PNGs")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--records", default=None,
-                       help="a run directory tree or a .jsonl of records (default: benchmarks/quality/results.jsonl)")
+                       help="a run directory tree or a .jsonl of records (default: the runs of the study directory, "
+                            "else benchmarks/quality/results.jsonl)")
     args = ap.parse_args(argv)
     {"run": cmd_run, "analyze": cmd_analyze, "plot": cmd_plot}[args.cmd](args)
 

@@ -1,0 +1,285 @@
+"""Fits of the iso-FLOP quality study (PAPER.md, "Iso-FLOPs"), on run records of the shared format.
+
+- U-curve of a budget: quadratic fit of loss vs ln N_c (N_c = active_params); its vertex is the budget's
+  optimum when it lies inside the sampled sizes; otherwise the fitted curve's minimum over the sampled range
+  (an edge: the optimum is outside the grid, flagged ``interior: false``).
+- Frontier of a variant: least squares log10 L_opt = intercept + slope * log10 C over the budgets (the paper
+  writes log2 L = a log10 C + b: a = slope / log10 2, b = intercept / log10 2).
+- Compute JTok-M needs for the baseline's loss: C' with L_m(C') = L_base(C), so C'/C = 10^((i_b - i_m +
+  (s_b - s_m) log10 C) / s_m); "saving" = 1 - C'/C (paper: 35.2%). Loss gap at equal compute:
+  L_m(C) / L_base(C) - 1 (paper: -2.2%). Both at the geometric mean of the budgets and at each budget.
+- Seeds: every fit is done per seed (the spread: mean, min, max) and once on the seed-averaged losses.
+- Table-size sweep: L vs log2 N_n at a fixed backbone and fixed tokens, linear (paper: about -0.0118 per
+  doubling, R^2 0.996).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = ["fit_ucurve", "fit_frontier", "frontier_loss", "compute_ratio", "loss_gap", "fit_loglinear",
+           "analyze", "summary_markdown"]
+
+PAPER = {
+    "compute_saving": 0.352,          # JTok-M reaches the baseline's loss with 35.2% less compute
+    "loss_gap": -0.022,               # and has 2.2% lower loss at equal compute
+    "frontier_base_log2": (-0.2016, 5.1334),    # log2 L = a log10 C + b
+    "frontier_jtokm_log2": (-0.2009, 5.0881),
+    "eta_slope_per_doubling": -0.0118,
+    "eta_r2": 0.996,
+}
+
+
+def fit_ucurve(n: Iterable[float], loss: Iterable[float]) -> dict[str, Any]:
+    """Quadratic fit of loss vs ln n. Returns the optimum (n_opt, loss_opt), the coefficients and whether
+    the vertex lies inside the sampled range."""
+    x = np.log(np.asarray(list(n), dtype=float))
+    y = np.asarray(list(loss), dtype=float)
+    if x.size != y.size or x.size < 3 or np.unique(x).size < 3:
+        raise ValueError(f"a U-curve fit needs 3 or more distinct sizes, got {x.size} points "
+                         f"({np.unique(x).size} distinct): add backbone sizes to the budget")
+    a, b, c = np.polyfit(x, y, 2)
+    lo, hi = float(x.min()), float(x.max())
+    interior = bool(a > 0 and lo <= -b / (2 * a) <= hi)
+    if interior:
+        xo = -b / (2 * a)
+    else:   # the minimum of the fitted curve over the sampled range is at an edge
+        grid = np.linspace(lo, hi, 401)
+        xo = float(grid[np.argmin(np.polyval([a, b, c], grid))])
+    return {"n_opt": float(math.exp(xo)), "loss_opt": float(np.polyval([a, b, c], xo)), "interior": interior,
+            "coef": [float(a), float(b), float(c)], "min_observed": float(y.min()),
+            "n_min_observed": float(math.exp(x[int(np.argmin(y))]))}
+
+
+def fit_frontier(compute: Iterable[float], loss: Iterable[float]) -> dict[str, float]:
+    """log10 L = intercept + slope * log10 C (least squares)."""
+    lc = np.log10(np.asarray(list(compute), dtype=float))
+    ll = np.log10(np.asarray(list(loss), dtype=float))
+    if lc.size < 2 or np.unique(lc).size < 2:
+        raise ValueError(f"a frontier fit needs 2 or more budgets, got {np.unique(lc).size}: add budgets")
+    slope, intercept = np.polyfit(lc, ll, 1)
+    pred = intercept + slope * lc
+    ss_res = float(((ll - pred) ** 2).sum())
+    ss_tot = float(((ll - ll.mean()) ** 2).sum())
+    return {"slope": float(slope), "intercept": float(intercept),
+            "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+            "log2_a": float(slope / math.log10(2)), "log2_b": float(intercept / math.log10(2))}
+
+
+def frontier_loss(front: dict[str, float], compute: float) -> float:
+    return 10 ** (front["intercept"] + front["slope"] * math.log10(compute))
+
+
+def compute_ratio(base: dict[str, float], other: dict[str, float], compute: float) -> float:
+    """C'/C: the compute ``other`` needs to reach the loss ``base`` reaches with ``compute``."""
+    target = base["intercept"] + base["slope"] * math.log10(compute)
+    return 10 ** ((target - other["intercept"]) / other["slope"] - math.log10(compute))
+
+
+def loss_gap(base: dict[str, float], other: dict[str, float], compute: float) -> float:
+    """L_other(C) / L_base(C) - 1 on the frontiers."""
+    return frontier_loss(other, compute) / frontier_loss(base, compute) - 1.0
+
+
+def fit_loglinear(x: Iterable[float], y: Iterable[float]) -> dict[str, float]:
+    """y = intercept + slope * log2 x, with R^2."""
+    lx = np.log2(np.asarray(list(x), dtype=float))
+    yy = np.asarray(list(y), dtype=float)
+    if np.unique(lx).size < 2:
+        raise ValueError("a log-linear fit needs 2 or more distinct sizes")
+    slope, intercept = np.polyfit(lx, yy, 1)
+    pred = intercept + slope * lx
+    ss_tot = float(((yy - yy.mean()) ** 2).sum())
+    r2 = 1.0 - float(((yy - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    return {"slope_per_doubling": float(slope), "intercept": float(intercept), "r2": r2, "points": int(lx.size)}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
+            "n": len(values)}
+
+
+def _frontiers(points: dict[str, dict[float, list[tuple[float, float]]]]) -> dict[str, Any]:
+    """points[variant][budget] = [(active_params, val_loss), ...] -> U-curve fits and frontiers."""
+    out: dict[str, Any] = {}
+    for variant, by_budget in points.items():
+        curves = {}
+        for c in sorted(by_budget):
+            pts = sorted(by_budget[c])
+            try:
+                curves[c] = fit_ucurve([p[0] for p in pts], [p[1] for p in pts])
+            except ValueError:
+                continue
+        entry: dict[str, Any] = {"ucurves": {f"{c:.4g}": u for c, u in curves.items()}}
+        if len(curves) >= 2:
+            cs = sorted(curves)
+            entry["frontier"] = fit_frontier(cs, [curves[c]["loss_opt"] for c in cs])
+        out[variant] = entry
+    return out
+
+
+def _comparisons(fr: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "frontier" not in fr.get("none", {}) or not budgets:
+        return out
+    base = fr["none"]["frontier"]
+    mid = float(10 ** np.mean(np.log10(budgets)))
+    for variant in ("jtok", "jtokm"):
+        if "frontier" not in fr.get(variant, {}):
+            continue
+        f = fr[variant]["frontier"]
+        ratios = [compute_ratio(base, f, c) for c in budgets]
+        gaps = [loss_gap(base, f, c) for c in budgets]
+        out[variant] = {"compute_saving_mid": 1.0 - compute_ratio(base, f, mid), "loss_gap_mid": loss_gap(base, f, mid),
+                        "compute_saving_per_budget": [1.0 - r for r in ratios], "loss_gap_per_budget": gaps}
+    return out
+
+
+def analyze(records: list[dict]) -> dict[str, Any]:
+    """Fits of the iso-FLOP group (per seed and on the seed means) and of the table-size sweep."""
+    iso = [r for r in records if r.get("group") == "isoflop" and r.get("budget")]
+    budgets = sorted({float(r["budget"]) for r in iso})
+    seeds = sorted({int(r["seed"]) for r in iso})
+    out: dict[str, Any] = {"budgets": budgets, "seeds": seeds, "runs": len(records), "paper": PAPER}
+
+    def points(rs):
+        p: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+        for r in rs:
+            p[r["variant"]][float(r["budget"])].append((float(r["active_params"]), float(r["val_loss"])))
+        return p
+
+    per_seed = {}
+    for s in seeds:
+        fr = _frontiers(points([r for r in iso if int(r["seed"]) == s]))
+        per_seed[str(s)] = {"fits": fr, "comparison": _comparisons(fr, budgets)}
+    out["per_seed"] = per_seed
+    # the seed-averaged losses (only sizes every seed has)
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in iso:
+        groups[(r["variant"], float(r["budget"]), float(r["active_params"]), int(r["hidden_size"]))].append(
+            float(r["val_loss"]))
+    mean_pts: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    table = []
+    for (v, c, n, d), ls in sorted(groups.items()):
+        mean_pts[v][c].append((n, float(np.mean(ls))))
+        table.append({"variant": v, "budget": c, "hidden_size": d, "active_params": n, "val_loss_mean": float(np.mean(ls)),
+                      "val_loss_min": float(np.min(ls)), "val_loss_max": float(np.max(ls)), "seeds": len(ls)})
+    out["losses"] = table
+    fr = _frontiers(mean_pts)
+    out["seed_mean"] = {"fits": fr, "comparison": _comparisons(fr, budgets)}
+    spread: dict[str, Any] = {}
+    for variant in ("jtok", "jtokm"):
+        vals = [per_seed[str(s)]["comparison"].get(variant) for s in seeds]
+        vals = [v for v in vals if v]
+        if vals:
+            spread[variant] = {"compute_saving_mid": _spread([v["compute_saving_mid"] for v in vals]),
+                               "loss_gap_mid": _spread([v["loss_gap_mid"] for v in vals])}
+    out["seed_spread"] = spread
+    # same backbone, same compute: the loss ratio of each (budget, width) cell, over seeds
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in iso:
+        cells[(float(r["budget"]), int(r["hidden_size"]), int(r["seed"]))][r["variant"]].append(float(r["val_loss"]))
+    paired: dict[str, list[float]] = defaultdict(list)
+    for cell in cells.values():
+        if "none" in cell:
+            for v in ("jtok", "jtokm"):
+                if v in cell:
+                    paired[v].append(cell[v][0] / cell["none"][0] - 1.0)
+    out["paired_loss_ratio"] = {v: _spread(x) for v, x in paired.items()}
+    # table-size sweep
+    eta = sorted((r for r in records if r.get("group") == "eta_sweep"), key=lambda r: r["token_params"])
+    if eta:
+        sw: dict[str, Any] = {"points": [{k: r[k] for k in ("name", "num_sets", "top_k", "rho", "eta", "token_params",
+                                                            "active_params", "val_loss", "seed", "tokens")}
+                                         for r in eta]}
+        if len({r["token_params"] for r in eta}) >= 2:
+            sw["fit"] = fit_loglinear([r["token_params"] for r in eta], [r["val_loss"] for r in eta])
+        d, tokens = eta[0]["hidden_size"], eta[0]["tokens"]
+        ref = [r for r in records if r.get("variant") == "none" and r.get("hidden_size") == d
+               and r.get("tokens") == tokens and r.get("num_layers") == eta[0]["num_layers"]]
+        if ref:
+            sw["backbone_alone_val_loss"] = _spread([float(r["val_loss"]) for r in ref])
+        out["eta_sweep"] = sw
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def summary_markdown(out: dict[str, Any]) -> str:
+    """The tables of BENCHMARKS.md: the study against the paper's figures."""
+    lines = ["# Iso-FLOP quality study (small scale, CPU)", ""]
+    b = out["budgets"]
+    lines.append(f"{out['runs']} runs; budgets C = {', '.join(f'{c:.3g}' for c in b)} FLOPs; seeds {out['seeds']}.")
+    lines.append("")
+    lines += ["| figure | paper (3e18..3e20 FLOPs) | this study, seed mean fit | per seed (mean; min..max) |",
+              "|---|---|---|---|"]
+    sm = out["seed_mean"]
+    for variant, label in (("jtokm", "JTok-M"), ("jtok", "JTok")):
+        comp = sm["comparison"].get(variant)
+        spr = out["seed_spread"].get(variant)
+        if not comp:
+            continue
+        paper_s = f"{100 * PAPER['compute_saving']:.1f}%" if variant == "jtokm" else "n/a"
+        paper_g = f"{100 * PAPER['loss_gap']:.1f}%" if variant == "jtokm" else "n/a"
+
+        def sp(key):
+            if not spr:
+                return "n/a"
+            s = spr[key]
+            return f"{_pct(s['mean'])} ({_pct(s['min'])}..{_pct(s['max'])}, {s['n']} seeds)"
+
+        lines.append(f"| {label}: compute saved for the baseline's loss (mid budget) | {paper_s} | "
+                     f"{_pct(comp['compute_saving_mid'])} | {sp('compute_saving_mid')} |")
+        lines.append(f"| {label}: loss vs baseline at equal compute (mid budget) | {paper_g} | "
+                     f"{_pct(comp['loss_gap_mid'])} | {sp('loss_gap_mid')} |")
+    for variant, label, key in (("none", "baseline", "frontier_base_log2"), ("jtokm", "JTok-M", "frontier_jtokm_log2"),
+                                ("jtok", "JTok", None)):
+        f = sm["fits"].get(variant, {}).get("frontier")
+        if f:
+            paper = f"log2 L = {PAPER[key][0]:.4f} log10 C + {PAPER[key][1]:.4f}" if key else "n/a"
+            lines.append(f"| frontier, {label} | {paper} | log2 L = {f['log2_a']:.4f} log10 C + {f['log2_b']:.4f} "
+                         f"(R^2 {f['r2']:.3f}) | |")
+    sw = out.get("eta_sweep")
+    if sw and "fit" in sw:
+        lines.append(f"| JTok-M table size: loss change per doubling of N_n | {PAPER['eta_slope_per_doubling']:+.4f} "
+                     f"(R^2 {PAPER['eta_r2']}) | {sw['fit']['slope_per_doubling']:+.4f} (R^2 {sw['fit']['r2']:.3f}, "
+                     f"{sw['fit']['points']} points) | |")
+    pr = out.get("paired_loss_ratio", {})
+    for variant, label in (("jtok", "JTok"), ("jtokm", "JTok-M")):
+        if variant in pr:
+            s = pr[variant]
+            lines.append(f"| {label}: loss vs baseline, same width and budget (all cells) | | {_pct(s['mean'])} "
+                         f"({_pct(s['min'])}..{_pct(s['max'])}, {s['n']} cells) | |")
+    lines += ["", "## Optima of the U-curves (seed-mean losses)", "",
+              "| variant | budget C | N_c at the optimum | L_opt | vertex inside the sampled sizes |", "|---|---|---|---|---|"]
+    for variant in ("none", "jtok", "jtokm"):
+        for c, u in sm["fits"].get(variant, {}).get("ucurves", {}).items():
+            lines.append(f"| {variant} | {c} | {u['n_opt']:.3g} | {u['loss_opt']:.4f} | {'yes' if u['interior'] else 'no (edge)'} |")
+    lines += ["", "## Validation loss per run (mean over seeds, min..max)", "",
+              "| budget C | width d | N_c | base | + JTok | + JTok-M |", "|---|---|---|---|---|---|"]
+    cell: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in out["losses"]:
+        cell[(row["budget"], row["hidden_size"])][row["variant"]] = row
+    for (c, d), vs in sorted(cell.items()):
+        n = next(iter(vs.values()))["active_params"]
+
+        def fmt(v):
+            r = vs.get(v)
+            return f"{r['val_loss_mean']:.4f} ({r['val_loss_min']:.3f}..{r['val_loss_max']:.3f})" if r else "-"
+
+        lines.append(f"| {c:.3g} | {d} | {n:.3g} | {fmt('none')} | {fmt('jtok')} | {fmt('jtokm')} |")
+    if sw:
+        lines += ["", "## JTok-M table size at a fixed backbone", "",
+                  "| n_e | K | rho | eta | N_n | val loss |", "|---|---|---|---|---|---|"]
+        for p in sw["points"]:
+            lines.append(f"| {p['num_sets']} | {p['top_k']} | {p['rho']:.3g} | {p['eta']:.3g} | {p['token_params']:.3g} | "
+                         f"{p['val_loss']:.4f} |")
+        if "backbone_alone_val_loss" in sw:
+            lines.append(f"| backbone alone | | | 0 | 0 | {sw['backbone_alone_val_loss']['mean']:.4f} |")
+    return "\n".join(lines) + "\n"

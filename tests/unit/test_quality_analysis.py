@@ -1,0 +1,127 @@
+"""The iso-FLOP study's fits (benchmarks/quality/analysis.py) on synthetic U-curves with a known answer."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "quality"))
+
+from analysis import (  # noqa: E402
+    analyze,
+    compute_ratio,
+    fit_frontier,
+    fit_loglinear,
+    fit_ucurve,
+    loss_gap,
+    summary_markdown,
+)
+
+SLOPE, K = -0.05, 12.0          # L_opt(C) = K * C^SLOPE for the baseline
+GAIN = 1.6                      # the other variant: L(C) = L_base(C * GAIN) (a compute multiplier)
+
+
+def _l_opt(c: float, gain: float = 1.0) -> float:
+    return K * (c * gain) ** SLOPE
+
+
+def _n_opt(c: float) -> float:
+    return 0.02 * c ** 0.5
+
+
+def _u_loss(n: float, c: float, gain: float = 1.0, curv: float = 0.15) -> float:
+    """A U-curve in ln N around the budget's optimum."""
+    return _l_opt(c, gain) + curv * (math.log(n) - math.log(_n_opt(c))) ** 2
+
+
+def _records(rng, seeds=(1, 2), noise=0.0):
+    recs = []
+    budgets = [1e11, 4e11, 1.6e12, 6.4e12]
+    for seed in seeds:
+        for c in budgets:
+            for variant, gain in (("none", 1.0), ("jtokm", GAIN), ("jtok", 1.2)):
+                for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+                    n = _n_opt(c) * f * rng.uniform(0.9, 1.1)
+                    recs.append({"name": f"{variant}_{c}_{f}_{seed}", "group": "isoflop", "variant": variant,
+                                 "seed": seed, "budget": c, "active_params": n, "hidden_size": int(f * 64),
+                                 "val_loss": _u_loss(n, c, gain) + rng.normal(0, noise)})
+    return recs, budgets
+
+
+def test_ucurve_recovers_the_vertex():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = 10 ** rng.uniform(10, 14)
+        ns = _n_opt(c) * np.exp(rng.uniform(-1.5, 1.5, size=5))
+        ns[0], ns[1] = _n_opt(c) * 0.3, _n_opt(c) * 3.0     # the optimum lies inside the samples
+        u = fit_ucurve(ns, [_u_loss(n, c) for n in ns])
+        assert u["interior"]
+        assert u["n_opt"] == pytest.approx(_n_opt(c), rel=1e-6)
+        assert u["loss_opt"] == pytest.approx(_l_opt(c), rel=1e-9)
+
+
+def test_ucurve_optimum_outside_the_sizes_is_an_edge():
+    c = 1e12
+    ns = _n_opt(c) * np.array([2.0, 4.0, 8.0])               # all larger than the optimum: loss rises
+    u = fit_ucurve(ns, [_u_loss(n, c) for n in ns])
+    assert not u["interior"]
+    assert u["n_opt"] == pytest.approx(ns[0], rel=1e-6)
+    assert u["loss_opt"] == pytest.approx(_u_loss(ns[0], c), rel=1e-9)
+    with pytest.raises(ValueError, match="3 or more distinct sizes"):
+        fit_ucurve([1e5, 1e5, 2e5], [3.0, 3.1, 3.2])
+
+
+def test_frontier_compute_ratio_and_gap():
+    cs = [1e11, 1e12, 1e13]
+    base = fit_frontier(cs, [_l_opt(c) for c in cs])
+    other = fit_frontier(cs, [_l_opt(c, GAIN) for c in cs])
+    assert base["slope"] == pytest.approx(SLOPE, rel=1e-9)
+    assert base["intercept"] == pytest.approx(math.log10(K), rel=1e-9)
+    assert base["log2_a"] == pytest.approx(SLOPE / math.log10(2), rel=1e-9)
+    assert base["r2"] == pytest.approx(1.0)
+    for c in (3e11, 5e12):
+        assert compute_ratio(base, other, c) == pytest.approx(1 / GAIN, rel=1e-9)
+        assert loss_gap(base, other, c) == pytest.approx(GAIN ** SLOPE - 1, rel=1e-9)
+    # the paper's frontiers (log2 L = a log10 C + b), solved by hand in log2 space at C = 10^19.5: the loss
+    # gap is its -2.2%; the compute ratio of its rounded coefficients is 0.70 (it reports 35.2% saved)
+    f_b = {"slope": -0.2016 * math.log10(2), "intercept": 5.1334 * math.log10(2)}
+    f_m = {"slope": -0.2009 * math.log10(2), "intercept": 5.0881 * math.log10(2)}
+    x = 19.5
+    x_m = (5.0881 - 5.1334 + 0.2016 * x) / 0.2009
+    assert compute_ratio(f_b, f_m, 10 ** x) == pytest.approx(10 ** (x_m - x), rel=1e-9)
+    assert loss_gap(f_b, f_m, 10 ** x) == pytest.approx(2 ** ((0.2016 - 0.2009) * x + 5.0881 - 5.1334) - 1, rel=1e-9)
+    assert loss_gap(f_b, f_m, 10 ** x) == pytest.approx(-0.022, abs=0.001)
+
+
+def test_loglinear_slope():
+    rng = np.random.default_rng(1)
+    x = 2.0 ** np.arange(20, 25) * rng.uniform(0.95, 1.05, 5)
+    fit = fit_loglinear(x, 4.0 - 0.0118 * np.log2(x))
+    assert fit["slope_per_doubling"] == pytest.approx(-0.0118, rel=1e-9)
+    assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_analyze_end_to_end_with_seed_noise():
+    rng = np.random.default_rng(2)
+    recs, budgets = _records(rng, noise=0.002)
+    recs += [{"name": f"eta{ne}", "group": "eta_sweep", "variant": "jtokm", "seed": 1, "num_sets": ne, "top_k": 1,
+              "rho": 1 / ne, "eta": ne * 2.0, "token_params": ne * 1_000_000, "active_params": 500_000,
+              "hidden_size": 64, "num_layers": 4, "tokens": 1000, "val_loss": 5.0 - 0.02 * math.log2(ne)}
+             for ne in (1, 2, 4, 8)]
+    out = analyze(recs)
+    assert out["seeds"] == [1, 2] and out["budgets"] == budgets
+    truth_saving, truth_gap = 1 - 1 / GAIN, GAIN ** SLOPE - 1
+    comp = out["seed_mean"]["comparison"]["jtokm"]
+    assert comp["compute_saving_mid"] == pytest.approx(truth_saving, abs=0.06)
+    assert comp["loss_gap_mid"] == pytest.approx(truth_gap, abs=0.002)
+    spread = out["seed_spread"]["jtokm"]["loss_gap_mid"]
+    assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
+    assert out["seed_mean"]["fits"]["none"]["frontier"]["slope"] == pytest.approx(SLOPE, abs=0.005)
+    assert all(u["interior"] for u in out["seed_mean"]["fits"]["none"]["ucurves"].values())
+    assert out["eta_sweep"]["fit"]["slope_per_doubling"] == pytest.approx(-0.02, rel=1e-9)
+    md = summary_markdown(out)
+    assert "JTok-M: compute saved" in md and "per doubling" in md
