@@ -292,6 +292,50 @@ def test_modules_run_the_kernels_when_forced_and_the_reference_on_auto():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max().clamp_min(1e-6)))
 
 
+def _model_kernels_vs_reference() -> dict:
+    """A whole JTok / JTok-M GPT model (Megatron layers): forward and every parameter gradient, kernels vs reference."""
+    from jtok_train.compat import init_model_parallel
+    from jtok_train.config import compose
+    from jtok_train.model.builder import build_model
+
+    torch.set_num_threads(1)
+    worst = {}
+    for variant in ("jtok", "jtokm"):
+        cfg = compose(["model=tiny_dense", f"jtok={variant}", "model.num_layers=2", "model.hidden_size=40",
+                       "model.ffn_hidden_size=72", "model.vocab_size=97", "model.seq_length=16", "jtok.scale_init=0.7",
+                       "data.tokenizer=unused"])
+        init_model_parallel(seed=5)
+        model = build_model(cfg)
+        ids = torch.randint(0, 31, (2, 16), generator=_gen(2))             # T = 32 positions, repeated ids
+        pos = torch.arange(16).expand(2, 16)
+        res = {}
+        for backend in ("triton", "reference"):
+            ops.set_kernel_backend(backend)
+            model.zero_grad(set_to_none=True)
+            logits = model(ids, pos, None)
+            (logits.float().square().mean()).backward()
+            res[backend] = (logits.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        (y_k, g_k), (y_r, g_r) = res["triton"], res["reference"]
+        torch.testing.assert_close(y_k, y_r, rtol=1e-5, atol=1e-5)
+        assert sorted(g_k) == sorted(g_r) and "token_table.weight" in g_k
+        assert any(".jtok.scale" in n for n in g_k) and float(g_k["token_table.weight"].abs().max()) > 0
+        err = 0.0
+        for n in g_r:
+            scale = float(g_r[n].abs().max().clamp_min(1e-12))
+            torch.testing.assert_close(g_k[n], g_r[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+            err = max(err, float((g_k[n] - g_r[n]).abs().max()) / scale)
+        worst[variant] = err
+    return worst
+
+
+def test_whole_model_kernels_vs_reference():
+    """The Megatron layers call the ops through the modules: a JTok and a JTok-M model agree across backends."""
+    from jtok_train.testing import run_distributed
+
+    (worst,) = run_distributed(_model_kernels_vs_reference, 1, timeout=600)
+    assert set(worst) == {"jtok", "jtokm"} and max(worst.values()) < 1e-4
+
+
 def test_backend_switch_and_errors(monkeypatch):
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"kernel backend='fast' is not a JTok kernel backend: use one of auto, triton, reference"):
