@@ -12,7 +12,7 @@ see analysis.py. A second group sweeps the JTok-M table size (eta) at a fixed ba
 
 Resumable: one directory per run under --runs (default benchmarks/quality/runs/, git-ignored); a run whose
 directory holds result.json is skipped. Runs execute one at a time, in a child process with one thread, in
-grid order (seed by seed, so a partial study still has whole U-curves). Each finished run's record (the shared
+grid order (see grid()). Each finished run's record (the shared
 run-record format of the scaling analysis) is written atomically to <run>/result.json; `analyze` gathers them
 into benchmarks/quality/results.jsonl (the committed copy, from which analyze and plot work without the runs).
 
@@ -128,29 +128,34 @@ def budgets() -> list[float]:
 
 
 def grid(runs_dir: Path, only: str | None = None) -> list[dict]:
-    """Every run of the study, in execution order: seed by seed, budget by budget, so that a partial study
-    has whole U-curves of one seed first."""
-    specs: list[dict] = []
+    """Every run of the study, in execution order: the iso-FLOP runs of the first seed, the eta sweep, then
+    the other seeds; within a seed the backbone, JTok-M, then JTok, budget by budget. A partial study thus
+    has whole U-curves of one seed first, and the comparison that matters most (JTok-M) before JTok."""
+    iso: dict[int, list[dict]] = {}
     if only in (None, "isoflop"):
         cs = budgets()
         for seed in SEEDS:
-            for bi, c in enumerate(cs):
-                for variant in VARIANTS:
+            iso[seed] = []
+            for variant in ("none", "jtokm", "jtok"):
+                for bi, c in enumerate(cs):
                     for d in WIDTHS:
                         jo = jtok_overrides(variant, seed=seed)
                         acc = _accounting(model_overrides(d) + jo)
                         steps = max(1, round(c / (acc["flops_per_token"] * GBS * SEQ)))
                         name = f"iso_b{bi}_{variant}_d{d}_s{seed}"
-                        specs.append({"name": name, "group": "isoflop", "variant": variant, "seed": seed,
-                                      "hidden_size": d, "budget": c, "budget_index": bi, "steps": steps,
-                                      "overrides": model_overrides(d) + jo})
+                        iso[seed].append({"name": name, "group": "isoflop", "variant": variant, "seed": seed,
+                                          "hidden_size": d, "budget": c, "budget_index": bi, "steps": steps,
+                                          "overrides": model_overrides(d) + jo})
+    eta: list[dict] = []
     if only in (None, "eta"):
         for seed in ETA_SEEDS:
             for ne, k in ETA_SETS:
                 name = f"eta_ne{ne}_k{k}_d{ETA_WIDTH}_s{seed}"
-                specs.append({"name": name, "group": "eta_sweep", "variant": "jtokm", "seed": seed,
-                              "hidden_size": ETA_WIDTH, "budget": None, "steps": ETA_STEPS,
-                              "overrides": model_overrides(ETA_WIDTH) + jtok_overrides("jtokm", ne, k, seed)})
+                eta.append({"name": name, "group": "eta_sweep", "variant": "jtokm", "seed": seed,
+                            "hidden_size": ETA_WIDTH, "budget": None, "steps": ETA_STEPS,
+                            "overrides": model_overrides(ETA_WIDTH) + jtok_overrides("jtokm", ne, k, seed)})
+    seeds = sorted(iso)
+    specs = (iso[seeds[0]] if seeds else []) + eta + [s for seed in seeds[1:] for s in iso[seed]]
     for s in specs:
         s["run_dir"] = str(runs_dir / s["name"])
         s["overrides"] = s["overrides"] + train_overrides(s["steps"], s["seed"], Path(s["run_dir"]))
