@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import warnings
+from typing import Any
 
 
 def _fmt(n: float) -> str:
@@ -52,16 +53,15 @@ def compute_plan(overrides: list[str]) -> dict:
     return out
 
 
-def compute_capacity(overrides: list[str], cluster_name: str | None, cluster_overrides: list[str],
+def compute_capacity(overrides: list[str], cluster: Any,
                      dedup_ratio: float | None = None, dedup_from: str | None = None, dedup_samples: int = 64,
                      flash: bool | None = None) -> dict:
     """The capacity plan for a config on a cluster (no model is built)."""
     from jtok_train.config import compose
     from jtok_train.model.accounting import flops_per_token, formula_params
-    from jtok_train.model.planner import capacity_plan, load_cluster, measure_dedup
+    from jtok_train.model.planner import capacity_plan, measure_dedup
 
     cfg = compose(overrides)
-    cluster = load_cluster(cluster_name, cluster_overrides)
     measured = measure_dedup(cfg, dedup_from, cluster.gpus, dedup_samples) if dedup_from else None
     return capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_ratio, measured, flash)
 
@@ -167,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         print("jtok-plan: give dedup_ratio= or dedup_from=, not both", file=sys.stderr)
         return 2
     try:
-        out = compute_plan(overrides)
+        cluster = None
         if cluster_name is not None or cluster_overrides:
-            out["capacity"] = compute_capacity(overrides, cluster_name, cluster_overrides, dedup_ratio,
-                                               opts.get("dedup_from"), dedup_samples, flash)
+            from jtok_train.model.planner import load_cluster
+
+            cluster = load_cluster(cluster_name, cluster_overrides)   # cheap: bad cluster input fails first
+        out = compute_plan(overrides)
+        if cluster is not None:
+            out["capacity"] = compute_capacity(overrides, cluster, dedup_ratio, opts.get("dedup_from"),
+                                               dedup_samples, flash)
     except (ConfigError, HydraException, OmegaConfBaseException, PlanError) as e:
         msg = str(e).strip().replace("\n", " ")
         print(f"jtok-plan: bad config: {msg}", file=sys.stderr)
