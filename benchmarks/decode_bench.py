@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/decode_bench.py                          # tiny + bench, batch 1 and 8
     .venv/bin/python benchmarks/decode_bench.py --configs tiny --repeats 3 --new-tokens 32
 
-Models are randomly initialised (speed does not depend on the weights; generation is greedy and runs the
-full number of new tokens). Every variant runs on the same prompt and lengths, one thread, in the order
-A B C A B C ... (repeats); the figures are medians over the repeats. Also reported: the bytes of table
+Models are randomly initialised (speed does not depend on the weights) and share their backbone weights; every
+variant decodes the same fixed continuation with the KV cache (teacher forcing: the work of a decode step, but
+the same tokens, so MoE routing and JTok lookups are comparable), the full number of new tokens. Every variant runs on the same prompt and lengths, one thread, in the order
+A B C A B C ... (repeats); tokens/s are medians over the repeats, and the ratios to the backbone are medians of
+the per-repeat ratios (variants of one repeat run back to back), in wall time and in this process's CPU
+time (steadier when other work shares the cores). Also reported: the bytes of table
 rows that cross to the device per decoded token (all L * n_e rows of the new token; see
 jtok_train/inference/host_table.py). Results: a markdown table on stdout and benchmarks/results/decode.json.
 
@@ -38,6 +41,9 @@ CONFIGS = {
     # wider: d 256, 6 layers, 16 experts top-2, vocab 4096 (as benchmarks/exchange_bench.py)
     "bench": ["model=tiny", "model.hidden_size=256", "model.num_layers=6", "model.num_attention_heads=8",
               "model.num_experts=16", "model.moe_ffn_hidden_size=256", "model.moe_shared_expert_intermediate_size=256"],
+    # the same width and depth, dense SwiGLU FFN 1024 (no expert dispatch)
+    "bench_dense": ["model=tiny_dense", "model.hidden_size=256", "model.num_layers=6", "model.num_attention_heads=8",
+                    "model.ffn_hidden_size=1024", "model.vocab_size=4096", "model.seq_length=256"],
 }
 
 
@@ -87,14 +93,24 @@ def measure_decode(
     get_moe_layer_wise_logging_tracker().clear()   # process-global, sized by the first model's layer count
     built = {name: _build([*overrides, *extra], "device" if name.endswith("_device") else "host", dev)
              for name, extra in variants.items()}
+    # every variant gets the first one's backbone weights, so MoE routing (how many experts a step runs)
+    # differs only by what JTok-M adds
+    first = next(iter(built.values()))[0].state_dict()
+    for model, _, _ in built.values():
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in first.items() if isinstance(v, torch.Tensor) and k in own
+                               and own[k].shape == v.shape}, strict=False)
     vocab = min(cfg.model.vocab_size for _, _, cfg in built.values())
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g)
+    # the same continuation for every variant (teacher forcing: a decode step's work, a fixed token sequence)
+    forced = torch.randint(0, vocab, (batch, new_tokens), generator=g)
     for model, provider, _ in built.values():      # warm-up: allocator, caches
-        generate(model, prompt, 4, provider=provider)
+        generate(model, prompt, new_tokens, provider=provider, forced_tokens=forced)
     runs: dict[str, list[Any]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, (model, provider, _) in built.items():
-            runs[name].append(generate(model, prompt, new_tokens, provider=provider))
+            runs[name].append(generate(model, prompt, new_tokens, provider=provider, forced_tokens=forced))
     out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeats": repeats}
     for name, outs in runs.items():
         _, provider, cfg = built[name]
@@ -102,6 +118,9 @@ def measure_decode(
             "decode_tokens_per_s": statistics.median(o.decode_tokens_per_s for o in outs),
             "decode_tokens_per_s_all": [round(o.decode_tokens_per_s, 2) for o in outs],
             "decode_ms_per_step": statistics.median(1e3 * o.decode_s / o.decode_steps for o in outs),
+            # tokens per second of this process's CPU time: on a shared machine wall time also counts the time
+            # other processes held the core
+            "decode_tokens_per_cpu_s": statistics.median(o.decode_steps * batch / o.decode_cpu_s for o in outs),
             "prefill_s": statistics.median(o.prefill_s for o in outs),
             "tables": "none" if provider is None else ("device" if name.endswith("_device") else "host"),
         }
@@ -116,10 +135,14 @@ def measure_decode(
             rec["host_table_bytes"] = provider.host_bytes()
             rec["rows_per_token"] = f"L={provider.num_layers} x n_e={provider.num_sets} x d={provider.hidden_size}"
         out[name] = rec
-    base = out.get("backbone", {}).get("decode_tokens_per_s")
-    if base:
-        out["ratios"] = {f"{name}/backbone": out[name]["decode_tokens_per_s"] / base
-                         for name in variants if name != "backbone"}
+    if "backbone" in runs:
+        # per repeat (the variants of one repeat ran back to back), then the median: slow drifts cancel
+        ratio = {}
+        for kind, key in (("ratios", "decode_s"), ("ratios_cpu", "decode_cpu_s")):
+            ratio[kind] = {f"{name}/backbone": statistics.median(
+                getattr(base_run, key) / getattr(run, key) for base_run, run in zip(runs["backbone"], runs[name]))
+                for name in variants if name != "backbone"}
+        out.update(ratio)
     del built
     return out
 
@@ -164,14 +187,16 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print()
-    print("| config | batch | backbone tok/s | + JTok-M host tables | ratio | + JTok-M device tables | ratio | "
-          "table bytes / decoded token |")
+    print("| config | batch | backbone tok/s | + JTok-M, host tables | vs backbone (wall / CPU time) | "
+          "+ JTok-M, device tables | vs backbone (wall / CPU time) | table bytes per decoded token |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         h, d = r["jtokm_host"], r["jtokm_device"]
+        w, c = r["ratios"], r["ratios_cpu"]
         print(f"| {r['config']} | {r['batch']} | {r['backbone']['decode_tokens_per_s']:.1f} | "
-              f"{h['decode_tokens_per_s']:.1f} | {r['ratios']['jtokm_host/backbone'] - 1:+.1%} | "
-              f"{d['decode_tokens_per_s']:.1f} | {r['ratios']['jtokm_device/backbone'] - 1:+.1%} | "
+              f"{h['decode_tokens_per_s']:.1f} | {w['jtokm_host/backbone'] - 1:+.1%} / "
+              f"{c['jtokm_host/backbone'] - 1:+.1%} | {d['decode_tokens_per_s']:.1f} | "
+              f"{w['jtokm_device/backbone'] - 1:+.1%} / {c['jtokm_device/backbone'] - 1:+.1%} | "
               f"{h['table_bytes_per_decoded_token']:,} ({h['rows_per_token']}, fp32) |")
     print(f"\nwritten {args.out}")
     return 0

@@ -53,6 +53,7 @@ class GenerationOutput:
     prefill_s: float                  # prompt forward + first token
     decode_s: float                   # every later token (forward + sampling)
     decode_steps: int                 # forwards in decode_s
+    decode_cpu_s: float = 0.0         # CPU time of this process during decode_s (steadier on a shared machine)
     step_logits: list[Tensor] = field(default_factory=list)   # [b, V] per new token (return_logits=True)
     transfer: dict[str, float] = field(default_factory=dict)  # host table: what crossed to the device
 
@@ -114,6 +115,7 @@ def generate(
     vocab_limit: Optional[int] = None,
     max_sequence_length: Optional[int] = None,
     return_logits: bool = False,
+    forced_tokens: Optional[Tensor] = None,
 ) -> GenerationOutput:
     """Continue ``prompt_ids`` ([b, s] or [s], equal-length prompts) by ``max_new_tokens`` tokens.
 
@@ -121,6 +123,8 @@ def generate(
     statistics reported). vocab_limit: sample only ids below it (the tokenizer's vocabulary, when the
     model's is padded). eos_id: a sequence that produced it stops (the loop ends when all have).
     max_sequence_length: the KV cache's length (default: prompt + max_new_tokens).
+    forced_tokens: [b, max_new_tokens] ids to append instead of the sampled ones (teacher forcing: the same
+    work per step as decoding, on a fixed continuation; benchmarks compare models on it).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -148,12 +152,19 @@ def generate(
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     step_logits: list[Tensor] = []
 
-    def pick(logits: Tensor) -> Tensor:
+    if forced_tokens is not None:
+        forced_tokens = forced_tokens.to(device=device, dtype=torch.long).view(b, -1)
+        if forced_tokens.shape[1] < max_new_tokens:
+            raise ValueError(f"forced_tokens has {forced_tokens.shape[1]} tokens per sequence, fewer than "
+                             f"max_new_tokens={max_new_tokens}")
+
+    def pick(logits: Tensor, index: int) -> Tensor:
+        """The index-th new token from the last position's logits."""
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits = logits[:, :vocab_limit]
         if return_logits:
             step_logits.append(logits.detach().cpu())
-        nxt = sample_next(logits, sampling, generator)
+        nxt = sample_next(logits, sampling, generator) if forced_tokens is None else forced_tokens[:, index]
         if eos_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
         return nxt
@@ -166,13 +177,13 @@ def generate(
     logits = _forward_last(model, tokens, positions, context)
     if context is not None:
         context.sequence_len_offset += s
-    nxt = pick(logits)
+    nxt = pick(logits, 0)
     tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     num_new, decode_steps = 1, 0
     if eos_id is not None:
         finished |= nxt == eos_id
     _sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     while num_new < max_new_tokens and not (eos_id is not None and bool(finished.all())):
         cur = tokens.shape[1]
         if context is not None:
@@ -187,15 +198,15 @@ def generate(
         logits = _forward_last(model, step_ids, step_pos, context)
         if context is not None:
             context.sequence_len_offset += 1
-        nxt = pick(logits)
+        nxt = pick(logits, num_new)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         num_new += 1
         decode_steps += 1
         if eos_id is not None:
             finished |= nxt == eos_id
     _sync(device)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     stats = getattr(provider, "stats", None)
     transfer = stats.as_dict() if hasattr(stats, "as_dict") else {}
     return GenerationOutput(tokens=tokens.cpu(), num_new=num_new, prefill_s=t1 - t0, decode_s=t2 - t1,
-                            decode_steps=decode_steps, step_logits=step_logits, transfer=transfer)
+                            decode_steps=decode_steps, decode_cpu_s=c2 - c1, step_logits=step_logits, transfer=transfer)

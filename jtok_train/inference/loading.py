@@ -186,7 +186,7 @@ def load_for_inference(
         raise CheckpointError(f"checkpoint {path} does not load into its own config's model: {first}") from None
     # unexpected: asked for by the model, absent from the checkpoint; missing: in the checkpoint, not asked for
     unexpected = sorted(unexpected)
-    extra = sorted(k for k in missing if not k.startswith(("optimizer.", "rng.", "extra.")))
+    extra = sorted(k for k in missing if k.startswith(prefix) and not k.startswith(("optimizer.", "rng.", "extra.")))
     if unexpected or extra:
         what = (f"lacks {len(unexpected)} key(s) the model needs ({unexpected[0]}, ...)" if unexpected else
                 f"holds {len(extra)} model key(s) its config does not build ({extra[0]}, ...)")

@@ -170,12 +170,15 @@ def test_cli_bad_input_exits_2_with_one_line(jtokm_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "backbone_dense"])
+@pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "jtokm_moe_ep2", "backbone_dense"])
 def test_cli_other_checkpoints(small_dataset, tmp_path, kind):
-    """Dense JTok with tables sharded over 2 ranks (loaded at world size 1), and the backbone alone."""
+    """Checkpoints saved on 2 ranks (dense JTok with tables sharded over them; MoE + JTok-M with experts split
+    over them) load at world size 1; the backbone alone generates too."""
     run = tmp_path / "run"
     if kind == "backbone_dense":
         _train(tiny_overrides(small_dataset, str(run), dense=True, jtok="none", **{"train.save": "true"}))
+    elif kind == "jtokm_moe_ep2":
+        _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true", "parallel": "ep2"}), nproc=2)
     else:
         _train(tiny_overrides(small_dataset, str(run), dense=True, jtok="jtok",
                               **{"train.save": "true", "parallel.embedding": "sharded", "jtok.scale_init": 0.5}),
