@@ -111,6 +111,12 @@ def capacity_rows(c: dict) -> list[tuple[str, str]]:
                          + ("hides behind compute" if tx["hides_behind_compute"] else "does NOT hide")
                          + f"; exposed {100 * tx['exposed_share_overlap']:.1f}% of the step with overlap, "
                            f"{100 * tx['exposed_share_no_overlap']:.1f}% without"))
+        if e.get("premix"):
+            pm, tp = e["premix"], t["premix"]
+            rows.append(("owner premix (not implemented)",
+                         f"{_bytes(pm['bytes_sent'])} per step = {pm['vs_dedup']:.2f}x dedup's bytes, "
+                         f"{pm['all_to_alls_per_microbatch']} all-to-alls per micro-batch inside the compute: "
+                         f"{100 * tp['exposed_share']:.1f}% of the step exposed"))
         rows.append(("remote share of unique ids", f"{e['remote_fraction']:.3f}"))
         o = c["table_optimizer"]
         rows.append(("table optimizer traffic per step", f"adamw {_bytes(o['adamw_bytes'])} ({1e3 * o['adamw_s']:.2f} ms), "
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from jtok_train.config import ConfigError
+    from jtok_train.data.indexed import DataFileError
     from jtok_train.model.planner import PlanError
 
     try:
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().replace("\n", " ")
         print(f"jtok-plan: bad config: {msg}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as e:   # dedup_from: missing or unreadable data
+    except (OSError, ValueError, DataFileError) as e:   # dedup_from: missing or unreadable data
         msg = str(e).strip().replace("\n", " ")
         print(f"jtok-plan: {msg}", file=sys.stderr)
         return 3

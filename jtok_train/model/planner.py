@@ -49,6 +49,10 @@ Exchange bytes per step per GPU (what ExchangeStats counts as bytes_sent): per m
 with U = dedup ratio x T_local and r = (W - 1) / W for uniform owners (or measured on real micro-batches with
 the real row placement: ``measure_dedup``). Without dedup U = T_local.
 
+Owner premix (the paper's variant, not implemented: BENCHMARKS.md) is estimated next to it for JTok-M: per
+remote position the token id and per layer K weights + set ids go out and one blended d-vector comes back
+(backward: its gradient out, K weight gradients back); 4 all-to-alls per layer, inside the forward/backward.
+
 Time: compute per micro-batch = FLOPs per token x tokens / TP / (peak x MFU); exchange per micro-batch = bytes
 over NVLink to same-node peers and over the inter-node network to the others, in parallel, plus a latency per
 all-to-all. With overlap, micro-batch i+1's forward exchange and micro-batch i's gradient exchange run behind
@@ -360,8 +364,22 @@ def exchange_per_step(cfg: Any, lay: Layout, unique_ratio: float, remote_fractio
                 "forward_bytes_per_microbatch": ids + rows_fwd, "backward_bytes_per_microbatch": grads,
                 "count_bytes": 8 * W * lay.num_micro}
 
-    return {"row_bytes": rb, "positions_per_microbatch": T_local, "remote_fraction": r, "unique_ratio": unique_ratio,
-            "dedup": one(unique_ratio * T_local), "no_dedup": one(T_local)}
+    out = {"row_bytes": rb, "positions_per_microbatch": T_local, "remote_fraction": r, "unique_ratio": unique_ratio,
+           "dedup": one(unique_ratio * T_local), "no_dedup": one(T_local), "premix": None}
+    j = cfg.jtok
+    if j.variant == "jtokm":
+        # Owner premix (the paper's variant, not implemented here): per remote position the requester sends the
+        # token id and, per layer, the K router weights and set ids (4 + 1 B each); the owner returns one blended
+        # d-vector per layer. Backward: the d-vector's gradient goes to the owner, the K weight gradients come back.
+        L, d, K = cfg.model.num_layers, cfg.model.hidden_size, j.top_k
+        pos = T_local * r
+        fwd = pos * (8 + L * 5 * K) + pos * L * 4 * d
+        bwd = pos * L * (4 * d + 4 * K)
+        out["premix"] = {"remote_positions_per_microbatch": pos, "forward_bytes_per_microbatch": fwd,
+                         "backward_bytes_per_microbatch": bwd, "bytes_per_microbatch": fwd + bwd,
+                         "bytes_sent": (fwd + bwd) * lay.num_micro, "all_to_alls_per_microbatch": 4 * L,
+                         "vs_dedup": (fwd + bwd) / max(out["dedup"]["bytes_per_microbatch"], 1e-30)}
+    return out
 
 
 def _a2a_seconds(nbytes: float, cl: Cluster, W: int) -> float:
@@ -391,6 +409,16 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
                     "step_s_overlap": overlapped, "step_s_no_overlap": serial,
                     "exposed_share_overlap": (overlapped - n * t_c) / overlapped,
                     "exposed_share_no_overlap": (serial - n * t_c) / serial}
+    pm = exch.get("premix")
+    if pm:
+        # the weights depend on each layer's input: 2 all-to-alls per layer in the forward and 2 in the backward,
+        # inside the computation (nothing prefetched); counted as fully exposed
+        L = cfg.model.num_layers
+        t_f = L * (_a2a_seconds(pm["forward_bytes_per_microbatch"] / L, cl, lay.emb_world) + cl.latency_us * 1e-6)
+        t_b = L * (_a2a_seconds(pm["backward_bytes_per_microbatch"] / L, cl, lay.emb_world) + cl.latency_us * 1e-6)
+        step = lay.num_micro * (t_c + t_f + t_b)
+        out["premix"] = {"exchange_s_per_microbatch": t_f + t_b, "share_of_compute": (t_f + t_b) / t_c,
+                         "step_s": step, "exposed_share": (step - lay.num_micro * t_c) / step}
     out["backbone_step_s"] = lay.num_micro * t_c
     return out
 

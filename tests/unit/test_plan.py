@@ -177,6 +177,15 @@ def test_exchange_bytes_and_timing_against_hand_computation():
     assert e["dedup"]["bytes_sent"] == pytest.approx(U * r * (8 + 2 * rb))
     assert e["no_dedup"]["bytes_sent"] == pytest.approx(1024 * r * (8 + 2 * rb))
     assert e["dedup"]["grad_bytes_backward"] == pytest.approx(U * r * rb)
+    # owner premix (estimate): per remote position id + per layer K (weight, set id) out and a d-vector back;
+    # backward a d-vector gradient out, K weight gradients back
+    pos = 1024 * r
+    pm = e["premix"]
+    assert pm["bytes_per_microbatch"] == pytest.approx(pos * (8 + 4 * 5 * 2 + 4 * 4 * 128) + pos * 4 * (4 * 128 + 4 * 2))
+    assert pm["vs_dedup"] == pytest.approx(pm["bytes_per_microbatch"] / e["dedup"]["bytes_per_microbatch"])
+    assert 1 / (5 * 0.25) * 0.9 < pm["vs_dedup"] < 1 / (5 * 0.25) * 1.1     # ~ 1 / (n_e U/T), BENCHMARKS.md
+    assert exchange_per_step(_compose("model=tiny", "jtok=jtok", "parallel.embedding=sharded",
+                                      "train.global_batch_size=64", "train.eval_samples=64"), lay, 0.25)["premix"] is None
     # 2 nodes x 8 GPUs: 7 of 15 peers over NVLink, 8 over the network, in parallel; compute 1 s per micro-batch
     cl = Cluster(gpus=16, gpus_per_node=8, intra_node_GBps=100, inter_node_GBps=10, peak_tflops=1.0, mfu=0.5,
                  latency_us=0)
@@ -190,6 +199,8 @@ def test_exchange_bytes_and_timing_against_hand_computation():
     # exchange slower than compute: it cannot hide
     slow = Cluster(gpus=16, gpus_per_node=8, intra_node_GBps=1e-3, inter_node_GBps=1e-3, peak_tflops=1.0, mfu=0.5)
     assert not step_timing(cfg, lay, slow, fpt, e)["dedup"]["hides_behind_compute"]
+    # premix runs 4 all-to-alls per layer inside the compute: all of it is exposed
+    assert t["premix"]["step_s"] == pytest.approx(1.0 + t["premix"]["exchange_s_per_microbatch"])
 
 
 def test_cluster_presets_overrides_and_errors():
