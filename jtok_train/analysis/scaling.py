@@ -471,7 +471,15 @@ def analyze(records: Sequence[dict], law_form: str = "auto", at_compute: float |
             "gamma_p84": float(np.percentile(boot, 84)) if boot else math.nan,
             "compute_saving": [{"eta": e, "saving": compute_saving(e, g)} for e in etas],
         })
-    out: dict[str, Any] = {"law": asdict(law), "law_text": law.describe(), "runs": per_run, "pooled": pooled}
+    out: dict[str, Any] = {"law": asdict(law), "law_text": law.describe(), "runs": per_run, "pooled": pooled,
+                           "warnings": []}
+    seen: dict[str, str] = {}
+    for i, r in enumerate(records):
+        src = r.get("_source", f"record {i}")
+        if r["name"] in seen and seen[r["name"]] != src:
+            out["warnings"].append(f"run name {r['name']!r} appears more than once ({seen[r['name']]} and "
+                                   f"{src}): pass only the runs of one study")
+        seen.setdefault(r["name"], src)
     budgets = [r for r in records if r.get("budget") is not None]
     if budgets:
         iso: dict[str, Any] = {"frontiers": {}, "comparisons": []}
@@ -485,10 +493,12 @@ def analyze(records: Sequence[dict], law_form: str = "auto", at_compute: float |
                     iso.setdefault("skipped", []).append(str(e))
         if "none" in fronts:
             base_budgets = [p["budget"] for p in fronts["none"].points]
-            c_ref = at_compute or float(np.exp(np.mean(np.log(base_budgets))))
             for variant, fr in fronts.items():
                 if variant == "none":
                     continue
+                # compare inside the budgets both variants ran (no extrapolation of either frontier)
+                common = [b for b in base_budgets if any(abs(b - p["budget"]) <= 1e-6 * b for p in fr.points)]
+                c_ref = at_compute or float(np.exp(np.mean(np.log(common or base_budgets))))
                 cmp = compare_frontiers(fronts["none"], fr, c_ref)
                 cmp["variant"] = variant
                 cmp["per_budget"] = [compare_frontiers(fronts["none"], fr, b) for b in base_budgets]
@@ -521,6 +531,8 @@ def format_report(res: dict) -> str:
         savings = ", ".join(f"eta {s['eta']:.3g}: {_pct(s['saving'])}" for s in p["compute_saving"])
         lines.append(f"  {p['variant']} rho={p['rho']:.3g} ({p['runs']} runs): gamma = {p['gamma']:.4g}; {spread}{boot}")
         lines.append(f"    compute saving 1 - 1/(1 + eta gamma): {savings}")
+    for w in res.get("warnings", []):
+        lines.insert(0, f"warning: {w}")
     iso = res.get("isoflop")
     if iso:
         lines += ["", "iso-FLOP frontiers (log2 L = a log10 C + b over per-budget optima):"]

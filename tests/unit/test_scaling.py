@@ -158,4 +158,9 @@ def test_records_from_tree_and_jsonl_and_cli(tmp_path):
         p = subprocess.run([sys.executable, "-m", "jtok_train.cli.scaling", *args], capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert math.isfinite(out["law"]["alpha"])
+    assert math.isfinite(out["law"]["alpha"]) and out["warnings"] == []
+    # the same run twice (e.g. a pilot directory next to the study): a warning naming both places
+    (tmp_path / "tree" / "copy").mkdir()
+    (tmp_path / "tree" / "copy" / "result.json").write_text(json.dumps(runs[0]))
+    res = analyze(load_records([tmp_path / "tree", tmp_path / "more.jsonl"]), bootstrap=0)
+    assert len(res["warnings"]) == 1 and runs[0]["name"] in res["warnings"][0]
