@@ -157,9 +157,21 @@ def analyze(records: list[dict]) -> dict[str, Any]:
         fr = _frontiers(points([r for r in iso if int(r["seed"]) == s]))
         per_seed[str(s)] = {"fits": fr, "comparison": _comparisons(fr, budgets)}
     out["per_seed"] = per_seed
-    # the seed-averaged losses (only sizes every seed has)
+    # the seed-averaged losses: per variant, over the seeds that ran its whole grid (the same seeds in
+    # every cell), else over the seeds each cell has
+    cells_of = defaultdict(set)
+    for r in iso:
+        cells_of[r["variant"]].add((float(r["budget"]), int(r["hidden_size"])))
+    complete: dict[str, set] = {}
+    for v, cells in cells_of.items():
+        done = {s for s in seeds if cells <= {(float(r["budget"]), int(r["hidden_size"])) for r in iso
+                                              if r["variant"] == v and int(r["seed"]) == s}}
+        complete[v] = done
+    out["seed_mean_seeds"] = {v: sorted(s) for v, s in complete.items()}
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in iso:
+        if complete[r["variant"]] and int(r["seed"]) not in complete[r["variant"]]:
+            continue
         groups[(r["variant"], float(r["budget"]), float(r["active_params"]), int(r["hidden_size"]))].append(
             float(r["val_loss"]))
     mean_pts: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
@@ -215,7 +227,9 @@ def summary_markdown(out: dict[str, Any]) -> str:
     """The tables of BENCHMARKS.md: the study against the paper's figures."""
     lines = ["# Iso-FLOP quality study (small scale, CPU)", ""]
     b = out["budgets"]
-    lines.append(f"{out['runs']} runs; budgets C = {', '.join(f'{c:.3g}' for c in b)} FLOPs; seeds {out['seeds']}.")
+    lines.append(f"{out['runs']} runs; budgets C = {', '.join(f'{c:.3g}' for c in b)} FLOPs; seeds {out['seeds']}; "
+                 "seed-mean fits over the seeds with a complete grid: "
+                 + ", ".join(f"{v} {s}" for v, s in sorted(out.get("seed_mean_seeds", {}).items())) + ".")
     lines.append("")
     lines += ["| figure | paper (3e18..3e20 FLOPs) | this study, seed mean fit | per seed (mean; min..max) |",
               "|---|---|---|---|"]

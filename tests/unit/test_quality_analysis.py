@@ -125,3 +125,21 @@ def test_analyze_end_to_end_with_seed_noise():
     assert out["eta_sweep"]["fit"]["slope_per_doubling"] == pytest.approx(-0.02, rel=1e-9)
     md = summary_markdown(out)
     assert "JTok-M: compute saved" in md and "per doubling" in md
+
+
+def test_seed_mean_uses_the_seeds_with_a_whole_grid():
+    rng = np.random.default_rng(3)
+    recs, _ = _records(rng, noise=0.0)
+    # seed 2 of JTok-M stops half-way: its mean uses seed 1 only, the baseline's both seeds
+    recs = [r for r in recs if not (r["variant"] == "jtokm" and r["seed"] == 2 and r["budget"] > 1e12)]
+    for r in recs:
+        if r["variant"] == "jtokm" and r["seed"] == 1:
+            r["val_loss"] += 0.5
+    out = analyze(recs)
+    assert out["seed_mean_seeds"] == {"none": [1, 2], "jtok": [1, 2], "jtokm": [1]}
+    cells = [row for row in out["losses"] if row["variant"] == "jtokm"]
+    assert all(row["seeds"] == 1 for row in cells)
+    # every jtokm cell is seed 1's loss (shifted by 0.5), none mixed with seed 2's
+    truth = {(r["budget"], r["hidden_size"]): r["val_loss"] for r in recs if r["variant"] == "jtokm" and r["seed"] == 1}
+    for row in cells:
+        assert row["val_loss_mean"] == pytest.approx(truth[(row["budget"], row["hidden_size"])])
