@@ -12,6 +12,12 @@ from torch import Tensor
 # use does not grow with the hidden size. Tests lower it to exercise the loops on small rows.
 MAX_BLOCK_D = 1024
 
+# Segment loops (gradients summed per unique row) take BLOCK_P positions per step: Zipfian ids give a few
+# rows thousands of positions, and one position per step would leave such a program latency-bound. Their
+# column block is capped at SEGMENT_BLOCK_D so a [BLOCK_P, block] tile stays in registers.
+BLOCK_P = 16
+SEGMENT_BLOCK_D = 256
+
 # Dtypes the kernels load and store (they compute in fp32). Others go to the reference.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -24,7 +24,7 @@ from jtok_train.kernels import INTERPRET_HINT, interpreted
 from jtok_train.kernels import jtok as jtok_kernels
 from jtok_train.kernels import jtokm as jtokm_kernels
 from jtok_train.kernels import segment as segment_kernels
-from jtok_train.kernels._common import MAX_BLOCK_D
+from jtok_train.kernels._common import BLOCK_P, MAX_BLOCK_D, SEGMENT_BLOCK_D
 
 __all__ = ["KERNELS", "compile_kernel", "compile_all", "main"]
 
@@ -49,7 +49,7 @@ def _signature(fn, dtype: str) -> tuple[dict, dict]:
     for name in fn.arg_names:
         if name.startswith("BLOCK_"):
             sig[name] = "constexpr"
-            constexprs[name] = {"BLOCK_K": 2, "BLOCK_NE": 8}.get(name, MAX_BLOCK_D)
+            constexprs[name] = {"BLOCK_K": 2, "BLOCK_NE": 16, "BLOCK_P": BLOCK_P}.get(name, MAX_BLOCK_D)
         elif name in _SCALARS:
             sig[name] = _SCALARS[name]
         elif name in _INDEX:
@@ -58,8 +58,10 @@ def _signature(fn, dtype: str) -> tuple[dict, dict]:
             sig[name] = "*fp32"
         else:
             sig[name] = "*" + _TYPES[dtype]
-    if fn is jtokm_kernels._blend_bwd_rows_kernel:   # launched with column blocks of at most 256
-        constexprs["BLOCK_D"] = min(256, MAX_BLOCK_D)
+    if "BLOCK_P" in constexprs:        # segment loops: column blocks as the autograd Functions launch them
+        constexprs["BLOCK_D"] = SEGMENT_BLOCK_D
+    if fn is jtokm_kernels._blend_bwd_rows_kernel:
+        constexprs["BLOCK_D"] = SEGMENT_BLOCK_D // 2
     return sig, constexprs
 
 

@@ -6,7 +6,8 @@ Forward, two kernels:
   1. one program per unique row: c_u = 1 / (||E_u|| + eps)                     (dedup: U norms, not T)
   2. one program per (position, column block): out = dm * (1 + s * E_u * c_u)
 Backward, two kernels:
-  3. one program per (unique row, column block), looping over the row's positions in a fixed order:
+  3. one program per (unique row, column block), looping over the row's positions in a fixed order
+     (BLOCK_P at a time):
      d_dm[t] = g[t] * gate_u;  A_u = sum_t g[t] * dm[t];  dn_u = s * A_u;  ds_u = n_u * A_u
   4. one program per unique row: d_E_u = c dn - c^2 (E_u . dn) / ||E_u|| * E_u   (zero term when E_u = 0)
 and d_s = sum_u ds_u (a fixed-shape torch reduction: deterministic).
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from jtok_train.kernels import _common
 from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, check_inverse, csr_by_segment
 
 __all__ = ["jtok_gate_triton", "JTokGate"]
@@ -51,7 +53,7 @@ def _gate_fwd_kernel(dm, rows, inverse, scale, inv_norm, out, RS, D, BLOCK_D: tl
 
 @triton.jit
 def _gate_bwd_segment_kernel(grad, dm, rows, scale, inv_norm, order, offsets, d_dm, dn, ds_part, RS, D,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
@@ -62,12 +64,16 @@ def _gate_bwd_segment_kernel(grad, dm, rows, scale, inv_norm, order, offsets, d_
     start = tl.load(offsets + u)
     end = tl.load(offsets + u + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(start, end):
-        t = tl.load(order + i).to(tl.int64)
-        g = tl.load(grad + t * D + cols, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(dm + t * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(d_dm + t * D + cols, (g * gate).to(d_dm.dtype.element_ty), mask=m)
-        acc += g * x
+    for i0 in range(start, end, BLOCK_P):          # BLOCK_P of the row's positions per step
+        ps = i0 + tl.arange(0, BLOCK_P)
+        pm = ps < end
+        t = tl.load(order + ps, mask=pm, other=0).to(tl.int64)
+        at = t[:, None] * D + cols[None, :]
+        am = pm[:, None] & m[None, :]
+        g = tl.load(grad + at, mask=am, other=0.0).to(tl.float32)
+        x = tl.load(dm + at, mask=am, other=0.0).to(tl.float32)
+        tl.store(d_dm + at, (g * gate[None, :]).to(d_dm.dtype.element_ty), mask=am)
+        acc += tl.sum(g * x, axis=0)
     tl.store(dn + u * D + cols, s * acc, mask=m)
     tl.store(ds_part + u * D + cols, n * acc, mask=m)
 
@@ -129,8 +135,10 @@ class JTokGate(torch.autograd.Function):
         d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         if U > 0:
             order, offsets = csr_by_segment(inverse, U)
-            _gate_bwd_segment_kernel[(U, triton.cdiv(D, bd))](
-                g, dm, rows, s, inv_norm, order, offsets, d_dm, dn, ds_part, rows.stride(0), D, BLOCK_D=bd)
+            sbd = block_d(D, cap=_common.SEGMENT_BLOCK_D)
+            _gate_bwd_segment_kernel[(U, triton.cdiv(D, sbd))](
+                g, dm, rows, s, inv_norm, order, offsets, d_dm, dn, ds_part, rows.stride(0), D,
+                BLOCK_P=_common.BLOCK_P, BLOCK_D=sbd)
             _l2n_bwd_kernel[(U,)](rows, dn, d_rows, rows.stride(0), D, ctx.eps, BLOCK_D=bd)
         ds = ds_part.sum(dim=0).to(ctx.scale_dtype)
         return d_dm, d_rows, None, ds, None

@@ -16,8 +16,8 @@ Backward with g = dL/dy, dn = a s g:
 
 Kernels: forward, one program per position (two passes over column blocks: ||e||, then y; N is kept);
 backward 1, one program per position (one pass: the dot products -> dl_k and gamma_t); backward 2, one
-program per (unique row, column block) holding that row's n_e candidates, looping over the row's
-positions in a fixed order (CSR) to accumulate dE and ds in fp32: deterministic, no atomics.
+program per (unique row, column block) looping over the row's positions in a fixed order (CSR, BLOCK_P
+positions per step) to accumulate the n_e candidates' dE and ds in fp32: deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from jtok_train.kernels import _common
 from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, block_small, check_inverse, csr_by_segment
 
 __all__ = ["jtokm_blend_triton", "JTokMBlend"]
@@ -106,35 +107,41 @@ def _blend_bwd_pos_kernel(grad, rows, inverse, top_logits, top_idx, scale, norm_
 @triton.jit
 def _blend_bwd_rows_kernel(grad, rows, top_logits, top_idx, scale, norm_in, gamma_in, order, offsets,
                            d_rows, ds_part, RS, D, NE, K, depth, eps,
-                           BLOCK_K: tl.constexpr, BLOCK_NE: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_NE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
     es = tl.arange(0, BLOCK_NE)
-    emask = es < NE
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
+    s = tl.load(scale + cols, mask=m, other=0.0).to(tl.float32)
+    emask = es < NE
     tmask = emask[:, None] & m[None, :]
     cand = tl.load(rows + u * RS + es[:, None] * D + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-    tile = (u * NE + es)[:, None] * D + cols[None, :]                     # this row's n_e candidates in d_rows
-    s = tl.load(scale + cols, mask=m, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_NE, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_NE, BLOCK_D], dtype=tl.float32)      # d rows of this row's n_e candidates
     ds = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = tl.load(offsets + u)
     end = tl.load(offsets + u + 1)
-    for i in range(start, end):
-        t = tl.load(order + i).to(tl.int64)
-        _, _, w = _weights(top_logits, t, K, ks, kmask)
-        idx = tl.load(top_idx + t * K + ks, mask=kmask, other=-1)
-        w_full = tl.sum(tl.where(es[None, :] == idx[:, None], w[:, None], 0.0), axis=0)   # [BLOCK_NE]
-        e = tl.sum(w_full[:, None] * cand, axis=0)
-        norm = tl.load(norm_in + t)
+    for i0 in range(start, end, BLOCK_P):                      # BLOCK_P of the row's positions per step
+        ps = i0 + tl.arange(0, BLOCK_P)
+        pm = ps < end
+        t = tl.load(order + ps, mask=pm, other=0).to(tl.int64)                       # [P]
+        lk = pm[:, None] & kmask[None, :]
+        l = tl.load(top_logits + t[:, None] * K + ks[None, :], mask=lk, other=0.0).to(tl.float32)
+        sig = tl.where(lk, tl.sigmoid(l), 0.0)
+        total = tl.sum(sig, axis=1)
+        w = sig / tl.where(total > 0.0, total, 1.0)[:, None]                          # [P, K]
+        idx = tl.load(top_idx + t[:, None] * K + ks[None, :], mask=lk, other=-1)
+        w_full = tl.sum(tl.where(idx[:, :, None] == es[None, None, :], w[:, :, None], 0.0), axis=1)   # [P, NE]
+        norm = tl.load(norm_in + t, mask=pm, other=0.0)
         c = 1.0 / (norm + eps)
-        gamma = tl.load(gamma_in + t)
-        g = tl.load(grad + t * D + cols, mask=m, other=0.0).to(tl.float32)
-        de = c * depth * s * g - gamma * e
-        acc += w_full[:, None] * de[None, :]
-        ds += depth * g * e * c
+        gamma = tl.load(gamma_in + t, mask=pm, other=0.0)
+        g = tl.load(grad + t[:, None] * D + cols[None, :], mask=pm[:, None] & m[None, :], other=0.0).to(tl.float32)
+        e = tl.dot(w_full, cand, input_precision="ieee")                            # [P, D], fp32 FMA
+        de = (c * depth)[:, None] * s[None, :] * g - gamma[:, None] * e               # [P, D]
+        acc += tl.dot(tl.trans(w_full), de, input_precision="ieee")                  # [NE, D]
+        ds += tl.sum(depth * g * e * c[:, None], axis=0)
+    tile = (u * NE + es)[:, None] * D + cols[None, :]
     tl.store(d_rows + tile, acc.to(d_rows.dtype.element_ty), mask=tmask)
     tl.store(ds_part + u * D + cols, ds, mask=m)
 
@@ -176,9 +183,10 @@ class JTokMBlend(torch.autograd.Function):
                                         ctx.depth, ctx.eps, BLOCK_K=bk, BLOCK_D=bd)
         if U > 0:
             order, offsets = csr_by_segment(inverse, U)
-            _blend_bwd_rows_kernel[(U, triton.cdiv(D, block_d(D, cap=256)))](
+            sbd = max(16, block_d(D, cap=_common.SEGMENT_BLOCK_D // 2))   # tl.dot tiles: every side >= 16
+            _blend_bwd_rows_kernel[(U, triton.cdiv(D, sbd))](
                 g, rows, logits, idx, s, norm, gamma, order, offsets, d_rows, ds_part, rows.stride(0), D, NE, K, ctx.depth, ctx.eps,
-                BLOCK_K=bk, BLOCK_NE=block_small(NE), BLOCK_D=block_d(D, cap=256))
+                BLOCK_K=bk, BLOCK_NE=max(16, block_small(NE)), BLOCK_P=max(16, _common.BLOCK_P), BLOCK_D=sbd)
         ds = ds_part.sum(dim=0).to(ctx.scale_dtype)
         return d_rows, None, d_logits, None, ds, None, None
 

@@ -13,22 +13,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from jtok_train.kernels import _common
 from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, check_inverse, csr_by_segment
 
 __all__ = ["segment_sum_triton", "SegmentSum"]
 
 
 @triton.jit
-def _segment_sum_kernel(values, order, offsets, out, D, BLOCK_D: tl.constexpr):
+def _segment_sum_kernel(values, order, offsets, out, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
     start = tl.load(offsets + u)
     end = tl.load(offsets + u + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(start, end):
-        t = tl.load(order + i).to(tl.int64)
-        acc += tl.load(values + t * D + cols, mask=m, other=0.0).to(tl.float32)
+    for i0 in range(start, end, BLOCK_P):          # BLOCK_P positions per step, a fixed reduction order
+        ps = i0 + tl.arange(0, BLOCK_P)
+        pm = ps < end
+        t = tl.load(order + ps, mask=pm, other=0).to(tl.int64)
+        v = tl.load(values + t[:, None] * D + cols[None, :], mask=pm[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(v.to(tl.float32), axis=0)
     tl.store(out + u.to(tl.int64) * D + cols, acc.to(out.dtype.element_ty), mask=m)
 
 
@@ -40,8 +44,8 @@ def _segment_sum(values: Tensor, inverse: Tensor, num_segments: int) -> Tensor:
     if num_segments == 0 or D == 0:
         return out.view(num_segments, *values.shape[1:])
     order, offsets = csr_by_segment(inverse, num_segments)
-    bd = block_d(D)
-    _segment_sum_kernel[(num_segments, triton.cdiv(D, bd))](flat, order, offsets, out, D, BLOCK_D=bd)
+    bd = block_d(D, cap=_common.SEGMENT_BLOCK_D)
+    _segment_sum_kernel[(num_segments, triton.cdiv(D, bd))](flat, order, offsets, out, D, BLOCK_P=_common.BLOCK_P, BLOCK_D=bd)
     return out.view(num_segments, *values.shape[1:])
 
 
