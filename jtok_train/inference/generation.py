@@ -53,7 +53,8 @@ class GenerationOutput:
     prefill_s: float                  # prompt forward + first token
     decode_s: float                   # every later token (forward + sampling)
     decode_steps: int                 # forwards in decode_s
-    decode_cpu_s: float = 0.0         # CPU time of this process during decode_s (steadier on a shared machine)
+    decode_cpu_s: float = 0.0         # CPU time of this process during decode_s
+    step_s: list[float] = field(default_factory=list)         # wall time of each decode step (time_steps=True)
     step_logits: list[Tensor] = field(default_factory=list)   # [b, V] per new token (return_logits=True)
     transfer: dict[str, float] = field(default_factory=dict)  # host table: what crossed to the device
 
@@ -116,6 +117,7 @@ def generate(
     max_sequence_length: Optional[int] = None,
     return_logits: bool = False,
     forced_tokens: Optional[Tensor] = None,
+    time_steps: bool = False,
 ) -> GenerationOutput:
     """Continue ``prompt_ids`` ([b, s] or [s], equal-length prompts) by ``max_new_tokens`` tokens.
 
@@ -124,7 +126,8 @@ def generate(
     model's is padded). eos_id: a sequence that produced it stops (the loop ends when all have).
     max_sequence_length: the KV cache's length (default: prompt + max_new_tokens).
     forced_tokens: [b, max_new_tokens] ids to append instead of the sampled ones (teacher forcing: the same
-    work per step as decoding, on a fixed continuation; benchmarks compare models on it).
+    work per step as decoding, on a fixed continuation; benchmarks compare models on it). time_steps: record
+    each decode step's wall time (synchronises the device every step).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -184,7 +187,9 @@ def generate(
         finished |= nxt == eos_id
     _sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
+    step_s: list[float] = []
     while num_new < max_new_tokens and not (eos_id is not None and bool(finished.all())):
+        ts = time.perf_counter()
         cur = tokens.shape[1]
         if context is not None:
             step_ids = tokens[:, -1:]
@@ -204,9 +209,13 @@ def generate(
         decode_steps += 1
         if eos_id is not None:
             finished |= nxt == eos_id
+        if time_steps:
+            _sync(device)
+            step_s.append(time.perf_counter() - ts)
     _sync(device)
     t2, c2 = time.perf_counter(), time.process_time()
     stats = getattr(provider, "stats", None)
     transfer = stats.as_dict() if hasattr(stats, "as_dict") else {}
     return GenerationOutput(tokens=tokens.cpu(), num_new=num_new, prefill_s=t1 - t0, decode_s=t2 - t1,
-                            decode_steps=decode_steps, decode_cpu_s=c2 - c1, step_logits=step_logits, transfer=transfer)
+                            decode_steps=decode_steps, decode_cpu_s=c2 - c1, step_s=step_s,
+                            step_logits=step_logits, transfer=transfer)
