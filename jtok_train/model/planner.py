@@ -30,14 +30,15 @@ Memory per GPU (bytes):
                  (a fused flash-attention kernel, ``attention=flash``, keeps 4 a s b softmax statistics instead)
       FFN norm   2 T d Bn
       dense MLP  T (d + 5 f) B                      (gated; non-gated T (d + 2 f) B)
-      MoE        router/dispatch 9 T E + 28 T k;  routed rows R = T k: R (d + 6 f_e) B + 4 R;
+      MoE        router/dispatch 9 T E + 28 T k;  routed rows R = T k (x expert-TP / TP with sequence
+                 parallelism: the shard's tokens are gathered over the expert-TP group): R (d + 6 f_e / ETP) B + 4 R;
                  shared expert T (d + 5 f_s) B
       JTok       2 T d B + 2 U d Bt + 8 U  (gate input and output; the rows and their normalised copy)
       JTok-M     2 T d Bn + 2 T d B + K T d Bt + T (4 + 4 n_e + 28 K)
   plus once: logits 4 T V (fp32 for the loss), final norm and output input (2 Bn + B) T d, ids and masks 17 T
-  (+ 8 U and 8 T with JTok). TP divides the per-layer terms (with sequence parallelism all of them, else the
+  (+ 8 U and 8 T with JTok, + T with TP: the vocabulary-parallel mask). TP divides the per-layer terms (with sequence parallelism all of them, else the
   inner ones) and the logits. Recomputation is not modelled (the framework does not enable it). Tested against
-  autograd's saved tensors on CPU runs (fp32 MoE + JTok-M, bf16 dense + JTok) within 5%. On a GPU a fused RMSNorm
+  autograd's saved tensors on CPU runs (fp32 MoE + JTok-M, bf16 dense + JTok, TP 2 + sequence parallel) within 5%. On a GPU a fused RMSNorm
   keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by up to ~6 T d bytes per layer.
 - exchange buffers (sharded tables) at the peak: the current micro-batch's received, served and re-ordered rows
   (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received per
@@ -268,7 +269,9 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
     mlp = moe = 0.0
     if m.num_experts:
         k, E, fe = m.moe_router_topk, m.num_experts, m.moe_ffn_hidden_size
-        R = T * k / sp
+        # routed rows per rank: the sequence shard's tokens gathered over the expert-TP group (Megatron's MoE with
+        # TP requires sequence parallelism), then spread over the EP ranks (balanced on average)
+        R = T * k / sp * lay.etp
         moe = (9 * T * E + 28 * T * k) / sp + R * (d * B + 6 * fe * B / lay.etp + 4)
         if m.moe_shared_expert_intermediate_size:
             fs = m.moe_shared_expert_intermediate_size
@@ -282,7 +285,7 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
     elif j.variant == "jtokm":
         jt = (2 * T * d * Bn + 2 * T * d * B + j.top_k * T * d * Bt + T * (4 + 4 * j.num_sets + 28 * j.top_k)) / sp
     per_layer = attn + ffn_norm + mlp + moe + jt
-    once = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + 17 * T
+    once = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + 17 * T + (T if tp > 1 else 0)
     if j.variant != "none":
         once += 8 * U + (8 * T if j.variant == "jtok" else 0)
     return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),

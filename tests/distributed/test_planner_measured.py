@@ -1,7 +1,8 @@
 """The capacity planner against real runs: a tiny training on 2 gloo ranks with sharded tables, its exchange bytes
 per step (ExchangeStats) and its per-rank memory measured on the live tensors, against jtok-plan's figures for
-the same config, data and world size. Everything within 5% (measured: exchange bytes exact, parameters, gradients,
-tables and table optimizer exact, Megatron optimizer states within 0.01%, activations within 0.5%).
+the same config, data and world size (MoE + JTok-M fp32, dense + JTok bf16, MoE + JTok-M with TP 2 + sequence
+parallelism). Everything within 5% (seen: exchange bytes exact, parameters, gradients, tables and table
+optimizer exact, Megatron optimizer states within 0.02%, activations within 1%).
 
 The planner measures the dedup ratio on the same micro-batches the run trains on (``measure_dedup`` with the
 trainer's dataset sizes), so the exchange figure is compared at the run's own token statistics."""
@@ -83,19 +84,24 @@ def _measure(runs: list[list[str]]) -> list[dict]:
     return out
 
 
-def _plan(overrides: list[str], prefix: str, world: int, micro_batches: int) -> dict:
+def _plans(runs: list[list[str]], prefix: str, world: int) -> list[dict]:
+    """jtok-plan's capacity figures for each run, the dedup ratio measured on every micro-batch the run trains on."""
     from jtok_train.compat import init_model_parallel
     from jtok_train.config import compose
     from jtok_train.model.accounting import flops_per_token, formula_params
     from jtok_train.model.planner import capacity_plan, load_cluster, measure_dedup
 
     init_model_parallel()
-    cfg = compose(overrides)
-    t = cfg.train
-    measured = measure_dedup(cfg, prefix, world, micro_batches, train_samples=t.train_iters * t.global_batch_size,
-                             valid_samples=t.eval_samples)
-    cluster = load_cluster("cpu_2", [f"gpus={world}", f"gpus_per_node={world}"])
-    return capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_measured=measured)
+    out = []
+    for overrides in runs:
+        cfg = compose(overrides)
+        t = cfg.train
+        samples = t.train_iters * t.global_batch_size
+        measured = measure_dedup(cfg, prefix, world, samples // t.micro_batch_size, train_samples=samples,
+                                 valid_samples=t.eval_samples)
+        cluster = load_cluster("cpu_2", [f"gpus={world}", f"gpus_per_node={world}"])
+        out.append(capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_measured=measured))
+    return out
 
 
 def _close(plan: float, measured: float, what: str) -> None:
@@ -114,12 +120,14 @@ def test_planner_bytes_and_memory_match_a_2_rank_run(small_dataset, tmp_path):
         # dense + static JTok, bf16 (bf16 params with fp32 main weights and fp32 gradient buffers)
         tiny_overrides(small_dataset, str(tmp_path / "dense"), dense=True, jtok="jtok", **common,
                        **{"train.precision": "bf16", "jtok.scale_init": 0.5}),
+        # TP 2 + sequence parallelism: each TP rank asks for its own half of the sequence; weights split by TP
+        tiny_overrides(small_dataset, str(tmp_path / "tp2"), **common,
+                       **{"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": "true"}),
     ]
     got = run_distributed(_measure, 2, runs, timeout=900)
-    for i, overrides in enumerate(runs):
-        n_micro_total = 3 * 2 * 2      # steps x micro-batches per step x data-parallel ranks
-        plan = run_distributed(_plan, 1, overrides, small_dataset["prefix"], 2, n_micro_total, timeout=300)[0]
-        name = ("moe/jtokm/fp32", "dense/jtok/bf16")[i]
+    plans = run_distributed(_plans, 1, runs, small_dataset["prefix"], 2, timeout=300)[0]
+    for i, plan in enumerate(plans):
+        name = ("moe/jtokm/fp32", "dense/jtok/bf16", "moe/jtokm/fp32/tp2+sp")[i]
         # exchange bytes per step per rank (ids + rows forward + row gradients backward), mean over steps and ranks
         steps = [h for rank in got for h in rank[i]["exchange"]]
         assert len(steps) == 6
@@ -134,6 +142,7 @@ def test_planner_bytes_and_memory_match_a_2_rank_run(small_dataset, tmp_path):
                f"{name} remote rows per step")
         # the uniform-owner model (remote share (W-1)/W) is what the planner uses for a cluster without data
         assert plan["exchange"]["remote_fraction"] == pytest.approx(0.5, abs=0.1)
+        assert plan["layout"]["tp"] == (2 if "tp2" in name else 1)
         # without dedup every position's row travels: strictly more
         nd, dd = plan["exchange"]["no_dedup"]["bytes_sent"], plan["exchange"]["dedup"]["bytes_sent"]
         assert nd > dd and nd * ratio == pytest.approx(dd, rel=1e-9)
