@@ -39,7 +39,8 @@ Memory per GPU (bytes):
   (+ 8 U and 8 T with JTok, + T with TP: the vocabulary-parallel mask). TP divides the per-layer terms (with sequence parallelism all of them, else the
   inner ones) and the logits. Recomputation is not modelled (the framework does not enable it). Tested against
   autograd's saved tensors on CPU runs (fp32 MoE + JTok-M, bf16 dense + JTok, TP 2 + sequence parallel) within 5%. On a GPU a fused RMSNorm
-  keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by up to ~6 T d bytes per layer.
+  keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by 4 T d bytes per norm and layer
+  (12 T d with JTok-M's router norm: 2.6 GiB for moe_17b_a2b at 4,096 tokens per micro-batch).
 - exchange buffers (sharded tables) at the peak: the current micro-batch's received, served and re-ordered rows
   (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received per
   micro-batch, held until the optimizer step (2 U per micro-batch): (3 + 2 overlap + 2 n_micro) U row_bytes.
