@@ -9,10 +9,11 @@ that one block to the device:
 * CUDA: the gather runs on the host into a pinned staging buffer, the copy is ``non_blocking`` on a copy
   stream and records an event; ``lookup`` makes the compute stream wait on the event (a device-side wait,
   the host does not block; ``record_stream`` so the allocator keeps the rows alive). Ids are known before
-  the forward, so ``prefetch(ids)`` issues the copy before the forward is launched. The model looks the rows
-  up when its forward starts, so the compute stream waits there: the copy (e.g. 560 KiB per token, tens of
-  microseconds over PCIe) overlaps the previous step's queued work, not this step's first layers; making
-  each layer wait on its own slice would need an event per layer in ``TokenRows``.
+  the forward, so ``prefetch(ids)`` issues the copy before the forward is launched. What it overlaps today
+  is little: the host gather needs the sampled id on the host (one small device->host sync per step), and
+  the model looks the rows up when its forward starts, so the compute stream waits there. The copy itself
+  is small (e.g. 560 KiB per token for the 17B config, tens of microseconds over PCIe); hiding it behind
+  the first layers would need an event per layer in ``TokenRows`` (each layer waiting for its own slice).
 * CPU: the same steps, synchronously (the "device" is the CPU, the copy a memcpy into a separate buffer,
   so the cost of the transfer is paid as it would be).
 
