@@ -42,8 +42,10 @@ Memory per GPU (bytes):
   keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by 4 T d bytes per norm and layer
   (12 T d with JTok-M's router norm: 2.6 GiB for moe_17b_a2b at 4,096 tokens per micro-batch).
 - exchange buffers (sharded tables) at the peak: the current micro-batch's received, served and re-ordered rows
-  (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received per
-  micro-batch, held until the optimizer step (2 U per micro-batch): (3 + 2 overlap + 2 n_micro) U row_bytes.
+  (3 U rows), the prefetched next one (2 U, with overlap), and the row gradients sent and received (2 U per
+  micro-batch) of at most two micro-batches: the table adds a micro-batch's gradients to its shard once the
+  next one has run its backward, so they do not pile up over the step:
+  (3 + 2 overlap + 2 min(n_micro, 2)) U row_bytes.
 
 Exchange bytes per step per GPU (what ExchangeStats counts as bytes_sent): per micro-batch, the remote unique ids
 (8 B each), the rows this rank serves to others and the row gradients it sends back,
@@ -323,7 +325,7 @@ def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[
         T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
         U = unique_ratio * T_local
         overlap = 1 if cfg.parallel.overlap else 0
-        out["exchange_buffers"] = (3 + 2 * overlap + 2 * lay.num_micro) * U * _row_bytes(cfg)
+        out["exchange_buffers"] = (3 + 2 * overlap + 2 * min(lay.num_micro, 2)) * U * _row_bytes(cfg)
     act = activation_bytes(cfg, lay, unique_ratio, flash)
     out["activations"] = act["total"]
     out["total"] = sum(v for v in out.values())

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from jtok_train.model.ops import segment_sum
 from jtok_train.parallel.placement import RowPlacement
 
 __all__ = ["DedupPlan", "make_plan", "ExchangeStats", "SideStream", "RowLookup", "exchange_ids"]
@@ -198,7 +199,13 @@ class RowLookup:
         self.stats.wait_s += time.perf_counter() - t0
         self.stream.handoff(self.grad_recv)
         rows = self.placement.local_row(self.recv_ids.cpu()).to(shard_grad.device)
-        shard_grad.index_add_(0, rows, self.grad_recv.to(shard_grad.dtype))
+        # An owned row is asked for by up to W requesters: sum its gradients per row first, in a fixed order
+        # (segment_sum: a deterministic kernel on GPU, where index_add_ with repeated rows uses atomics), then
+        # add each row once.
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        grads = self.grad_recv.to(shard_grad.dtype).reshape(len(rows), -1)
+        summed = segment_sum(grads, inv, len(uniq)).view(len(uniq), *shard_grad.shape[1:])
+        shard_grad.index_add_(0, uniq, summed)
         self.work, self._sent, self.grad_recv = None, None, None
         self.state = "done"
 

@@ -71,7 +71,7 @@ class ShardedTokenTable(nn.Module):
         self.stream = SideStream(device, enabled=overlap)
         self.stats = ExchangeStats()
         self._prefetched: deque[tuple[Tensor, RowLookup]] = deque()
-        self._in_backward: list[RowLookup] = []
+        self._in_backward: deque[RowLookup] = deque()
 
     # -- provider interface --------------------------------------------------------------------------
     def _local_positions(self, token_ids: Tensor) -> Tensor:
@@ -117,6 +117,10 @@ class ShardedTokenTable(nn.Module):
             pending = self._start(token_ids)
         rows = pending.wait_rows()
         if torch.is_grad_enabled():
+            # Row gradients of micro-batches two or more back have had a whole forward and backward to
+            # arrive: add them to the shard's gradient now and free their buffers, so at most two
+            # micro-batches' gradients are in flight whatever the number of micro-batches per step.
+            self._accumulate_arrived(keep=1)
             self._in_backward.append(pending)
             rows = rows_with_grad_exchange(self._anchor, rows, lambda g, p=pending: p.send_grads(g, self.grad_scale))
         return TokenRows(unique_ids=pending.plan.unique_ids, unique_rows=rows, inverse=pending.plan.inverse)
@@ -127,10 +131,21 @@ class ShardedTokenTable(nn.Module):
         micro-batch order (deterministic)."""
         if self._prefetched:
             raise RuntimeError("token-row exchange: a prefetched micro-batch was never consumed")
-        for pending in self._in_backward:
+        if any(p.state != "grads_sent" for p in self._in_backward):
+            raise RuntimeError("token-row exchange: a micro-batch's rows were looked up but their backward never "
+                               "ran (every training forward needs its backward before the optimizer step)")
+        self._accumulate_arrived(keep=0)
+
+    def _accumulate_arrived(self, keep: int) -> None:
+        """Add the row gradients of all but the ``keep`` latest backward-done micro-batches to ``shard_grad``,
+        oldest first: the same order whenever it happens, so the sum is bitwise the same."""
+        done = 0
+        while done < len(self._in_backward) and self._in_backward[done].state == "grads_sent":
+            done += 1
+        for _ in range(max(0, done - keep)):
+            pending = self._in_backward.popleft()
             pending.accumulate_grads(self.shard_grad)
             self.touched[self.placement.local_row(pending.recv_ids.cpu()).to(self.touched.device)] = True
-        self._in_backward.clear()
 
     def zero_grad(self) -> None:
         self.shard_grad.zero_()
