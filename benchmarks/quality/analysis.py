@@ -202,19 +202,41 @@ def analyze(records: list[dict]) -> dict[str, Any]:
                 if v in cell:
                     paired[v].append(cell[v][0] / cell["none"][0] - 1.0)
     out["paired_loss_ratio"] = {v: _spread(x) for v, x in paired.items()}
-    # table-size sweep
-    eta = sorted((r for r in records if r.get("group") == "eta_sweep"), key=lambda r: r["token_params"])
+    # table-size sweep: per series (rho fixed at the sweep's most common rho; K fixed), the seed-mean loss
+    # at each N_n, a log-linear fit, and the backbone alone at the same width, tokens and seeds
+    eta = sorted((r for r in records if r.get("group") == "eta_sweep"), key=lambda r: (r["token_params"], r["seed"]))
     if eta:
-        sw: dict[str, Any] = {"points": [{k: r[k] for k in ("name", "num_sets", "top_k", "rho", "eta", "token_params",
-                                                            "active_params", "val_loss", "seed", "tokens")}
-                                         for r in eta]}
-        if len({r["token_params"] for r in eta}) >= 2:
-            sw["fit"] = fit_loglinear([r["token_params"] for r in eta], [r["val_loss"] for r in eta])
+        keys = ("name", "num_sets", "top_k", "rho", "eta", "token_params", "active_params", "val_loss", "seed", "tokens")
+        sw: dict[str, Any] = {"points": [{k: r[k] for k in keys} for r in eta]}
+
+        def series(rs):
+            by_n: dict[int, list[float]] = defaultdict(list)
+            for r in rs:
+                by_n[int(r["token_params"])].append(float(r["val_loss"]))
+            pts = [{"token_params": n, "val_loss_mean": float(np.mean(v)), "seeds": len(v),
+                    "val_loss_min": float(np.min(v)), "val_loss_max": float(np.max(v))} for n, v in sorted(by_n.items())]
+            res: dict[str, Any] = {"points": pts, "seeds": sorted({int(r["seed"]) for r in rs})}
+            if len(pts) >= 2:
+                res["fit"] = fit_loglinear([p["token_params"] for p in pts], [p["val_loss_mean"] for p in pts])
+            return res
+
+        rhos = [round(float(r["rho"]), 6) for r in eta]
+        rho0 = max(set(rhos), key=rhos.count)
+        sw["rho_fixed"] = dict(series([r for r in eta if round(float(r["rho"]), 6) == rho0]), rho=rho0)
+        ks = [int(r["top_k"]) for r in eta]
+        k_series = [k for k in sorted(set(ks)) if len({r["num_sets"] for r in eta if r["top_k"] == k}) >= 2]
+        if k_series:
+            k0 = max(k_series, key=ks.count)
+            sw["k_fixed"] = dict(series([r for r in eta if int(r["top_k"]) == k0]), top_k=k0)
+        if "fit" in sw["rho_fixed"]:
+            sw["fit"] = sw["rho_fixed"]["fit"]
         d, tokens = eta[0]["hidden_size"], eta[0]["tokens"]
         ref = [r for r in records if r.get("variant") == "none" and r.get("hidden_size") == d
                and r.get("tokens") == tokens and r.get("num_layers") == eta[0]["num_layers"]]
-        if ref:
-            sw["backbone_alone_val_loss"] = _spread([float(r["val_loss"]) for r in ref])
+        ref_same = [r for r in ref if int(r["seed"]) in set(sw["rho_fixed"]["seeds"])]
+        if ref_same or ref:
+            sw["backbone_alone_val_loss"] = _spread([float(r["val_loss"]) for r in (ref_same or ref)])
+            sw["backbone_alone_seeds"] = sorted({int(r["seed"]) for r in (ref_same or ref)})
         out["eta_sweep"] = sw
     return out
 
@@ -260,10 +282,14 @@ def summary_markdown(out: dict[str, Any]) -> str:
             lines.append(f"| frontier, {label} | {paper} | log2 L = {f['log2_a']:.4f} log10 C + {f['log2_b']:.4f} "
                          f"(R^2 {f['r2']:.3f}) | |")
     sw = out.get("eta_sweep")
-    if sw and "fit" in sw:
-        lines.append(f"| JTok-M table size: loss change per doubling of N_n | {PAPER['eta_slope_per_doubling']:+.4f} "
-                     f"(R^2 {PAPER['eta_r2']}) | {sw['fit']['slope_per_doubling']:+.4f} (R^2 {sw['fit']['r2']:.3f}, "
-                     f"{sw['fit']['points']} points) | |")
+    for key, label in (("rho_fixed", "rho fixed"), ("k_fixed", "K fixed")):
+        ser = (sw or {}).get(key, {})
+        if "fit" in ser:
+            f = ser["fit"]
+            what = f"rho {ser['rho']:g}" if key == "rho_fixed" else f"K {ser['top_k']}"
+            paper = f"{PAPER['eta_slope_per_doubling']:+.4f} (R^2 {PAPER['eta_r2']}, rho 0.25)" if key == "rho_fixed" else ""
+            lines.append(f"| JTok-M table size ({what}): loss change per doubling of N_n | {paper} | "
+                         f"{f['slope_per_doubling']:+.4f} (R^2 {f['r2']:.3f}, {f['points']} sizes, seeds {ser['seeds']}) | |")
     pr = out.get("paired_loss_ratio", {})
     for variant, label in (("jtok", "JTok"), ("jtokm", "JTok-M")):
         if variant in pr:
@@ -289,11 +315,12 @@ def summary_markdown(out: dict[str, Any]) -> str:
 
         lines.append(f"| {c:.3g} | {d} | {n:.3g} | {fmt('none')} | {fmt('jtok')} | {fmt('jtokm')} |")
     if sw:
-        lines += ["", "## JTok-M table size at a fixed backbone", "",
-                  "| n_e | K | rho | eta | N_n | val loss |", "|---|---|---|---|---|---|"]
+        lines += ["", "## JTok-M table size at a fixed backbone (runs)", "",
+                  "| n_e | K | rho | eta | N_n | seed | val loss |", "|---|---|---|---|---|---|---|"]
         for p in sw["points"]:
             lines.append(f"| {p['num_sets']} | {p['top_k']} | {p['rho']:.3g} | {p['eta']:.3g} | {p['token_params']:.3g} | "
-                         f"{p['val_loss']:.4f} |")
+                         f"{p['seed']} | {p['val_loss']:.4f} |")
         if "backbone_alone_val_loss" in sw:
-            lines.append(f"| backbone alone | | | 0 | 0 | {sw['backbone_alone_val_loss']['mean']:.4f} |")
+            b0 = sw["backbone_alone_val_loss"]
+            lines.append(f"| backbone alone | | | 0 | 0 | {sw['backbone_alone_seeds']} | {b0['mean']:.4f} (mean) |")
     return "\n".join(lines) + "\n"

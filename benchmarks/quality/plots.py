@@ -11,6 +11,7 @@ import numpy as np
 COLORS = {"none": "tab:gray", "jtok": "tab:blue", "jtokm": "tab:red"}
 LABELS = {"none": "MoE backbone", "jtok": "+ JTok", "jtokm": "+ JTok-M"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
+STYLE = {"none": "-", "jtok": "--", "jtokm": "-"}     # JTok dashed: it lies on the backbone's curves
 DPI = 100
 
 
@@ -39,7 +40,8 @@ def loss_curves(records: list[dict], path: Path) -> Path | None:
             y = np.mean([r["train_losses"][:n] for r in rs], axis=0)
             x = np.arange(1, n + 1) * rs[0]["tokens"] / len(rs[0]["train_losses"]) / 1e3
             vl = np.mean([r["val_loss"] for r in rs])
-            ax.plot(x, _smooth(y, max(1, n // 20)), color=COLORS[v], lw=1.2, label=f"{LABELS[v]} (val {vl:.3f})")
+            ax.plot(x, _smooth(y, max(1, n // 20)), STYLE[v], color=COLORS[v], lw=1.2,
+                    label=f"{LABELS[v]} (val {vl:.3f})")
         ax.set_title(f"d={d}, C={top:.2g} FLOPs", fontsize=9)
         ax.set_xlabel("training tokens (thousands)", fontsize=8)
         ax.set_ylim(top=7.0)
@@ -71,12 +73,12 @@ def isoflop(records: list[dict], out: dict[str, Any] | None, path: Path) -> Path
             if not xs:
                 continue
             ys = [np.mean(pts[(v, c, n)]) for n in xs]
-            ax1.plot(xs, ys, MARKERS[bi % len(MARKERS)], color=COLORS[v], ms=5,
-                     label=f"{LABELS[v]}" if bi == 0 else None)
+            ax1.plot(xs, ys, MARKERS[bi % len(MARKERS)], color=COLORS[v], ms=5 if v != "jtok" else 7,
+                     mfc=COLORS[v] if v != "jtok" else "none", label=f"{LABELS[v]}" if bi == 0 else None)
             u = fits.get(v, {}).get("ucurves", {}).get(f"{c:.4g}")
             if u:
                 grid = np.linspace(np.log(min(xs)), np.log(max(xs)), 50)
-                ax1.plot(np.exp(grid), np.polyval(u["coef"], grid), "-", color=COLORS[v], lw=0.8, alpha=0.7)
+                ax1.plot(np.exp(grid), np.polyval(u["coef"], grid), STYLE[v], color=COLORS[v], lw=0.8, alpha=0.7)
                 ax1.plot([u["n_opt"]], [u["loss_opt"]], "*", color=COLORS[v], ms=9, mec="k", mew=0.5)
     ax1.set_xscale("log")
     ax1.set_xlabel("active backbone parameters N_c", fontsize=8)
@@ -91,11 +93,12 @@ def isoflop(records: list[dict], out: dict[str, Any] | None, path: Path) -> Path
         if not us:
             continue
         cs = [float(c) for c in us]
-        ax2.plot(cs, [us[c]["loss_opt"] for c in us], "o", color=COLORS[v], label=LABELS[v])
+        ax2.plot(cs, [us[c]["loss_opt"] for c in us], "o", color=COLORS[v], label=LABELS[v],
+                 mfc=COLORS[v] if v != "jtok" else "none", ms=5 if v != "jtok" else 7)
         f = entry.get("frontier")
         if f:
             xx = np.geomspace(min(cs) / 1.3, max(cs) * 1.3, 20)
-            ax2.plot(xx, 10 ** (f["intercept"] + f["slope"] * np.log10(xx)), "-", color=COLORS[v], lw=1,
+            ax2.plot(xx, 10 ** (f["intercept"] + f["slope"] * np.log10(xx)), STYLE[v], color=COLORS[v], lw=1,
                      label=f"log2 L = {f['log2_a']:.3f} log10 C + {f['log2_b']:.3f}")
     comp = (out or {}).get("seed_mean", {}).get("comparison", {}).get("jtokm")
     title = "iso-FLOP frontiers (seed-mean fit)"
@@ -122,26 +125,39 @@ def eta_plot(out: dict[str, Any] | None, path: Path) -> Path | None:
     sw = (out or {}).get("eta_sweep")
     if not sw:
         return None
-    p = sw["points"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.array([q["token_params"] for q in p], dtype=float)
-    y = np.array([q["val_loss"] for q in p])
-    ax.plot(x, y, "o", color=COLORS["jtokm"], label="+ JTok-M")
-    for q in p:
-        ax.annotate(f"n_e={q['num_sets']},K={q['top_k']}\neta={q['eta']:.0f}", (q["token_params"], q["val_loss"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
-    if "fit" in sw:
-        f = sw["fit"]
-        xx = np.geomspace(x.min() / 1.2, x.max() * 1.2, 20)
-        ax.plot(xx, f["intercept"] + f["slope_per_doubling"] * np.log2(xx), "-", color=COLORS["jtokm"], lw=1,
-                label=f"{f['slope_per_doubling']:+.4f} per doubling (R^2 {f['r2']:.2f}); paper -0.0118")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    series = [("rho_fixed", "tab:red", "o"), ("k_fixed", "tab:purple", "s")]
+    xs_all = []
+    for key, color, marker in series:
+        ser = sw.get(key)
+        if not ser:
+            continue
+        pts = ser["points"]
+        x = np.array([p["token_params"] for p in pts], dtype=float)
+        y = np.array([p["val_loss_mean"] for p in pts])
+        err = np.array([[p["val_loss_mean"] - p["val_loss_min"] for p in pts],
+                        [p["val_loss_max"] - p["val_loss_mean"] for p in pts]])
+        what = f"rho {ser['rho']:g}" if key == "rho_fixed" else f"K {ser['top_k']}"
+        ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=5, capsize=3,
+                    label=f"+ JTok-M, {what} (seeds {ser['seeds']})")
+        xs_all += list(x)
+        if "fit" in ser:
+            f = ser["fit"]
+            xx = np.geomspace(x.min() / 1.15, x.max() * 1.15, 20)
+            ax.plot(xx, f["intercept"] + f["slope_per_doubling"] * np.log2(xx), "-", color=color, lw=1,
+                    label=f"{f['slope_per_doubling']:+.4f} per doubling (R^2 {f['r2']:.2f})")
+    for p in sw["points"]:
+        if p["seed"] == min(q["seed"] for q in sw["points"]):
+            ax.annotate(f"{p['num_sets']}/{p['top_k']}", (p["token_params"], p["val_loss"]), fontsize=6,
+                        xytext=(4, -8), textcoords="offset points")
     if "backbone_alone_val_loss" in sw:
-        ax.axhline(sw["backbone_alone_val_loss"]["mean"], color=COLORS["none"], ls="--", lw=1, label="backbone alone")
+        ax.axhline(sw["backbone_alone_val_loss"]["mean"], color=COLORS["none"], ls="--", lw=1,
+                   label=f"backbone alone (seeds {sw['backbone_alone_seeds']})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("JTok-M table parameters N_n", fontsize=8)
-    ax.set_ylabel("validation loss", fontsize=8)
-    ax.set_title("loss vs table size (fixed backbone and tokens, rho 0.25)", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.set_xlabel("JTok-M table parameters N_n (labels: n_e/K)", fontsize=8)
+    ax.set_ylabel("validation loss (seed mean, min..max)", fontsize=8)
+    ax.set_title("loss vs table size, fixed backbone (d=32) and tokens; paper: -0.0118 per doubling", fontsize=8)
+    ax.legend(fontsize=6.5)
     ax.grid(alpha=0.3, which="both")
     ax.tick_params(labelsize=7)
     fig.tight_layout()

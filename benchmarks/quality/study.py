@@ -55,8 +55,9 @@ REF_WIDTH = 32               # budgets are named by the steps this width gets ..
 BUDGET_STEPS = (54, 108, 216)  # ... at these counts (3 budgets, a factor 2 apart)
 ETA_WIDTH = 32
 ETA_STEPS = 108
-ETA_SETS = ((4, 1), (8, 2), (16, 4))   # (n_e, K) at rho = K/n_e = 0.25 (the paper's scaling studies)
-ETA_SEEDS = (1,)
+# (n_e, K, seeds): rho = K/n_e = 0.25 fixed (the paper's table-scaling study), 2 seeds; and K = 2 fixed with
+# n_e 4 / 8 / 16 (K = 1 gives the router no gradient from the loss: its one weight is renormalised to 1)
+ETA_SETS = ((4, 1, (1, 2)), (8, 2, (1, 2)), (16, 4, (1, 2)), (4, 2, (1,)), (16, 2, (1,)))
 # Settings of the token tables on top of configs/jtok/*.yaml (empty: the configs' defaults). See the README
 # section of the study for the pilot that chose them.
 VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": ["jtok.table_init_std=0.02"],
@@ -148,8 +149,8 @@ def grid(runs_dir: Path, only: str | None = None) -> list[dict]:
                                           "overrides": model_overrides(d) + jo})
     eta: list[dict] = []
     if only in (None, "eta"):
-        for seed in ETA_SEEDS:
-            for ne, k in ETA_SETS:
+        for ne, k, eta_seeds in ETA_SETS:
+            for seed in eta_seeds:
                 name = f"eta_ne{ne}_k{k}_d{ETA_WIDTH}_s{seed}"
                 eta.append({"name": name, "group": "eta_sweep", "variant": "jtokm", "seed": seed,
                             "hidden_size": ETA_WIDTH, "budget": None, "steps": ETA_STEPS,

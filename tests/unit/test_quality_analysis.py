@@ -108,10 +108,20 @@ def test_loglinear_slope():
 def test_analyze_end_to_end_with_seed_noise():
     rng = np.random.default_rng(2)
     recs, budgets = _records(rng, noise=0.002)
-    recs += [{"name": f"eta{ne}", "group": "eta_sweep", "variant": "jtokm", "seed": 1, "num_sets": ne, "top_k": 1,
-              "rho": 1 / ne, "eta": ne * 2.0, "token_params": ne * 1_000_000, "active_params": 500_000,
-              "hidden_size": 64, "num_layers": 4, "tokens": 1000, "val_loss": 5.0 - 0.02 * math.log2(ne)}
-             for ne in (1, 2, 4, 8)]
+    # table-size sweep: rho = 0.25 fixed (2 seeds, +-0.01 around the truth) and K = 2 fixed (seed 1)
+    def eta_rec(ne, k, seed, loss):
+        return {"name": f"eta{ne}_{k}_{seed}", "group": "eta_sweep", "variant": "jtokm", "seed": seed, "num_sets": ne,
+                "top_k": k, "rho": k / ne, "eta": ne * 2.0, "token_params": ne * 1_000_000, "active_params": 500_000,
+                "hidden_size": 32, "num_layers": 4, "tokens": 1000, "val_loss": loss}
+
+    def on_line(ne):
+        return 5.0 - 0.02 * math.log2(ne * 1_000_000)
+
+    for ne, k in ((4, 1), (8, 2), (16, 4), (32, 8)):
+        recs += [eta_rec(ne, k, 1, on_line(ne) + 0.01), eta_rec(ne, k, 2, on_line(ne) - 0.01)]
+    recs += [eta_rec(4, 2, 1, on_line(8) + 0.03 + 0.01), eta_rec(16, 2, 1, on_line(8) - 0.03 + 0.01)]
+    recs += [{"name": f"ref{s}", "group": "other", "variant": "none", "seed": s, "hidden_size": 32, "num_layers": 4,
+              "tokens": 1000, "val_loss": 6.0 + s, "active_params": 500_000} for s in (1, 2, 3)]
     out = analyze(recs)
     assert out["seeds"] == [1, 2] and out["budgets"] == budgets
     truth_saving, truth_gap = 1 - 1 / GAIN, GAIN ** SLOPE - 1
@@ -122,7 +132,16 @@ def test_analyze_end_to_end_with_seed_noise():
     assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
     assert out["seed_mean"]["fits"]["none"]["frontier"]["slope"] == pytest.approx(SLOPE, abs=0.005)
     assert all(u["interior"] for u in out["seed_mean"]["fits"]["none"]["ucurves"].values())
-    assert out["eta_sweep"]["fit"]["slope_per_doubling"] == pytest.approx(-0.02, rel=1e-9)
+    sw = out["eta_sweep"]
+    assert sw["rho_fixed"]["rho"] == 0.25 and sw["rho_fixed"]["seeds"] == [1, 2]
+    assert sw["fit"]["slope_per_doubling"] == pytest.approx(-0.02, rel=1e-9)
+    assert sw["fit"]["r2"] == pytest.approx(1.0)
+    assert sw["k_fixed"]["top_k"] == 2
+    assert [p["token_params"] for p in sw["k_fixed"]["points"]] == [4_000_000, 8_000_000, 16_000_000]
+    # K = 2 series: (4,2) and (16,2) of seed 1, (8,2) averaged over both seeds (on the line)
+    assert sw["k_fixed"]["fit"]["slope_per_doubling"] == pytest.approx(-0.03, abs=0.004)
+    assert sw["backbone_alone_seeds"] == [1, 2]           # the sweep's seeds, not seed 3
+    assert sw["backbone_alone_val_loss"]["mean"] == pytest.approx(7.5)
     md = summary_markdown(out)
     assert "JTok-M: compute saved" in md and "per doubling" in md
 
