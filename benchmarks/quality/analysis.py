@@ -294,7 +294,7 @@ def summary_markdown(out: dict[str, Any]) -> str:
     for variant, label in (("jtok", "JTok"), ("jtokm", "JTok-M")):
         if variant in pr:
             s = pr[variant]
-            lines.append(f"| {label}: loss vs baseline, same width and budget (all cells) | | {_pct(s['mean'])} "
+            lines.append(f"| {label}: loss vs baseline, same width, budget and seed (all cells) | | {_pct(s['mean'])} "
                          f"({_pct(s['min'])}..{_pct(s['max'])}, {s['n']} cells) | |")
     lines += ["", "## Optima of the U-curves (seed-mean losses)", "",
               "| variant | budget C | N_c at the optimum | L_opt | vertex inside the sampled sizes |", "|---|---|---|---|---|"]
