@@ -217,7 +217,14 @@ def main() -> None:
           f"exposed wait with overlap: {s['exposed_wait_with_overlap_s'] * 1e3:.2f} ms of "
           f"{s['wait_without_overlap_s'] * 1e3:.2f} ms")
     if decode:
-        print("decode:", json.dumps(decode))
+        host = decode["jtokm_host"]
+        print(f"decode ({decode['batch']} x {decode['new_tokens']} new tokens, KV cache, median of "
+              f"{decode['repeats']}): backbone {decode['backbone']['decode_tokens_per_s']:.1f} tok/s, + JTok-M "
+              f"tables in host memory {host['decode_tokens_per_s']:.1f} tok/s "
+              f"({decode['ratios']['jtokm_host/backbone'] - 1:+.1%}), tables on device "
+              f"{decode['jtokm_device']['decode_tokens_per_s']:.1f} tok/s "
+              f"({decode['ratios']['jtokm_device/backbone'] - 1:+.1%}); table bytes to the device per token: "
+              f"{host['table_bytes_per_decoded_token']:,} ({host['rows_per_token']})")
 
 
 if __name__ == "__main__":
