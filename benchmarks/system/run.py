@@ -40,13 +40,9 @@ VARIANTS = {
     "jtokm_sharded_no_dedup": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=true",
                                "parallel.dedup=false"],
 }
-CONFIGS = {
-    # the demo model: d 128, 4 layers, 8 experts top-2 + shared, JTok-M n_e 5 K 2; micro-batch 4 x 256 tokens
-    "tiny": ["model=tiny"],
-    # wider: d 256, 6 layers, 16 experts
-    "bench": ["model=tiny", "model.hidden_size=256", "model.num_layers=6", "model.num_attention_heads=8",
-              "model.num_experts=16", "model.moe_ffn_hidden_size=256", "model.moe_shared_expert_intermediate_size=256"],
-}
+# the demo model ("tiny") and a wider one ("bench"): the same configs as the exchange benchmark
+from benchmarks.exchange_bench import CONFIGS  # noqa: E402
+
 EXCHANGE_KEYS = ("exchange/bytes_sent", "exchange/bytes_received", "exchange/wait_s", "exchange/positions",
                  "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested")
 

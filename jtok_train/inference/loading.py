@@ -155,13 +155,10 @@ def load_for_inference(
     meta = read_meta(path)
 
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     from jtok_train.compat import device as compute_device
     from jtok_train.compat import init_distributed, init_model_parallel
     from jtok_train.model.builder import build_model, build_transformer_config
-    from jtok_train.training.checkpoint import _weights_only_objects
+    from jtok_train.training.checkpoint import load_sharded_state
 
     init_distributed()
     if dist.get_world_size() != 1:
@@ -176,14 +173,7 @@ def load_for_inference(
     model.eval()
     prefix = _model_key_prefix(path)
     state = {"model": model.sharded_state_dict(prefix=prefix)}
-    try:
-        with _weights_only_objects():
-            loaded, missing, unexpected = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a shape mismatch or an unreadable shard, in one line
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} does not load into its own config's model: {first}") from None
+    loaded, missing, unexpected = load_sharded_state(state, path, "its own config's model")
     # unexpected: asked for by the model, absent from the checkpoint; missing: in the checkpoint, not asked for
     unexpected = sorted(unexpected)
     extra = sorted(k for k in missing if k.startswith(prefix) and not k.startswith(("optimizer.", "rng.", "extra.")))

@@ -574,12 +574,25 @@ def check_compatible(path: Path, meta: dict, cfg: Any, data_fp: str | None) -> N
                               "anyway")
 
 
-def load_checkpoint(trainer: Any, path: Path | str) -> dict:
-    """Load a checkpoint into the trainer's model, optimizer, scheduler, components and (at the same world
-    size) RNG states. Collective. Returns the checkpoint's meta."""
+def load_sharded_state(state: dict, path: Path, into: str) -> tuple[dict, set, set]:
+    """dist_checkpointing.load with safe unpickling; any failure becomes one CheckpointError line.
+    Returns (loaded state, keys in the checkpoint not asked for, keys asked for but absent)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    try:
+        with _weights_only_objects():
+            return dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a shape mismatch or an unreadable shard, in one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not load into {into}: {first}") from None
+
+
+def load_checkpoint(trainer: Any, path: Path | str) -> dict:
+    """Load a checkpoint into the trainer's model, optimizer, scheduler, components and (at the same world
+    size) RNG states. Collective. Returns the checkpoint's meta."""
     path = Path(path)
     rank, world = dist.get_rank(), dist.get_world_size()
     if trainer.cfg.train.verify_checksums:
@@ -591,14 +604,7 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
     same_rng = meta["world_size"] == world and meta.get("rng_names") == sorted(local_rng)
     rng = _rng_sharded(rank, world, local_rng) if same_rng else None
     state = _state(trainer, is_loading=True, rng=rng)
-    try:
-        with _weights_only_objects():
-            loaded, missing, unexpected = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a shape mismatch or an unreadable shard, in one line
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} does not load into this model: {first}") from None
+    loaded, missing, unexpected = load_sharded_state(state, path, "this model")
     missing = sorted(k for k in missing if not k.startswith("rng."))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} key(s) this model needs ({missing[0]}, ...): "
