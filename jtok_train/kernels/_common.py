@@ -54,6 +54,14 @@ def csr_by_segment(inverse: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
+def check_dtypes(what: str, **tensors: Tensor) -> None:
+    """One-line error for a tensor the kernels do not take (they compute in fp32 from fp32/bf16/fp16)."""
+    for name, t in tensors.items():
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{what}: the Triton kernel takes {SUPPORTED_DTYPES}, got {name} in {t.dtype}; "
+                             "use the reference backend (JTOK_KERNELS=reference) for this dtype")
+
+
 def check_inverse(inverse: Tensor, T: int, what: str) -> None:
     if inverse.dim() != 1 or inverse.numel() != T:
         raise ValueError(f"{what}: inverse has shape {tuple(inverse.shape)}, expected [{T}] (one unique index per position)")

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from jtok_train.kernels import _common
-from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, check_inverse, csr_by_segment
+from jtok_train.kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
 
 __all__ = ["jtok_gate_triton", "JTokGate"]
 
@@ -153,8 +153,5 @@ def jtok_gate_triton(ffn_increment: Tensor, unique_rows: Tensor, inverse: Tensor
     if scale.numel() != ffn_increment.shape[1]:
         raise ValueError(f"jtok_gate: scale has {scale.numel()} elements, expected d={ffn_increment.shape[1]}")
     check_inverse(inverse, ffn_increment.shape[0], "jtok_gate")
-    for name, t in (("ffn_increment", ffn_increment), ("unique_rows", unique_rows), ("scale", scale)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"jtok_gate: the Triton kernel takes {SUPPORTED_DTYPES}, got {name} in {t.dtype}; "
-                             "use the reference backend (JTOK_KERNELS=reference) for this dtype")
+    check_dtypes("jtok_gate", ffn_increment=ffn_increment, unique_rows=unique_rows, scale=scale)
     return JTokGate.apply(ffn_increment, unique_rows, inverse, scale.reshape(-1), float(eps))

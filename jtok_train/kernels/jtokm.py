@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from jtok_train.kernels import _common
-from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, block_small, check_inverse, csr_by_segment
+from jtok_train.kernels._common import check_dtypes, block_d, block_small, check_inverse, csr_by_segment
 
 __all__ = ["jtokm_blend_triton", "JTokMBlend"]
 
@@ -206,8 +206,5 @@ def jtokm_blend_triton(unique_rows: Tensor, inverse: Tensor, top_logits: Tensor,
     if scale.numel() != d:
         raise ValueError(f"jtokm_blend: scale has {scale.numel()} elements, expected d={d}")
     check_inverse(inverse, top_logits.shape[0], "jtokm_blend")
-    for name, t in (("unique_rows", unique_rows), ("top_logits", top_logits), ("scale", scale)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"jtokm_blend: the Triton kernel takes {SUPPORTED_DTYPES}, got {name} in {t.dtype}; "
-                             "use the reference backend (JTOK_KERNELS=reference) for this dtype")
+    check_dtypes("jtokm_blend", unique_rows=unique_rows, top_logits=top_logits, scale=scale)
     return JTokMBlend.apply(unique_rows, inverse, top_logits, top_idx, scale.reshape(-1), depth_factor, eps)

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from jtok_train.kernels import _common
-from jtok_train.kernels._common import SUPPORTED_DTYPES, block_d, check_inverse, csr_by_segment
+from jtok_train.kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
 
 __all__ = ["segment_sum_triton", "SegmentSum"]
 
@@ -68,7 +68,5 @@ def segment_sum_triton(values: Tensor, inverse: Tensor, num_segments: int) -> Te
     if values.dim() < 1:
         raise ValueError("segment_sum: values must have a leading position axis [T, ...], got a scalar")
     check_inverse(inverse, values.shape[0], "segment_sum")
-    if values.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"segment_sum: the Triton kernel takes {SUPPORTED_DTYPES}, got {values.dtype}; "
-                         "use the reference backend (JTOK_KERNELS=reference) for this dtype")
+    check_dtypes("segment_sum", values=values)
     return SegmentSum.apply(values, inverse, int(num_segments))
