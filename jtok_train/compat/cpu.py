@@ -137,6 +137,9 @@ def init_model_parallel(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     install_cpu_compat()
+    from jtok_train.compat.megatron import apply_megatron_fixes
+
+    apply_megatron_fixes()
     if etp is None:
         etp = 1 if ep > 1 else tp
     if parallel_state.model_parallel_is_initialized():

@@ -79,6 +79,17 @@ class ModelConfig:
     "Layer implementation: local (Megatron's own modules, CPU and GPU) or transformer_engine (GPU only)."
     moe_router_load_balancing_type: str = "aux_loss"
     "Megatron MoE balancing loss: aux_loss (per micro-batch over its ranks), seq_aux_loss (per sequence) or none."
+    recompute_granularity: Optional[str] = None
+    "Activation recompute (Megatron's TransformerConfig.recompute_granularity): null (none), selective (the "
+    "submodules of recompute_modules) or full (whole layers, replayed in the backward)."
+    recompute_method: Optional[str] = None
+    "full recompute: uniform (every chunk of recompute_num_layers layers) or block (the first recompute_num_layers "
+    "layers of the stage)."
+    recompute_num_layers: Optional[int] = None
+    "full recompute: layers per chunk (uniform) or layers recomputed (block)."
+    recompute_modules: Optional[list[str]] = None
+    "selective recompute: any of core_attn, layernorm, mlp, moe, shared_experts (Megatron's names; null = "
+    "[core_attn])."
 
 
 @dataclass
@@ -212,6 +223,11 @@ class TrainConfig:
     "Resume from this checkpoint directory (or run directory: its latest); overrides auto_resume."
     auto_resume: bool = True
     "Resume from <run_dir>/checkpoints/latest when it exists."
+    ckpt_optim_format: str = "dp_reshardable"
+    "Distributed optimizer's checkpoint layout (Megatron's distrib_optim_sharding_type): dp_reshardable (each rank "
+    "writes its own shard, no gather; reshards over the data-parallel size only, Megatron-LM's default) or "
+    "fully_reshardable (states gathered into model-parameter shapes on save: reshards TP/PP/EP too, loads into "
+    "the plain optimizer, costs a gather of the whole optimizer state per data-parallel group)."
     verify_checksums: bool = True
     "Check every checkpoint file's sha256 before loading (work spread over ranks)."
     ignore_data_change: bool = False
@@ -278,6 +294,40 @@ def _check_known_keys(cfg: Any) -> None:
                 raise ConfigError(f"unknown config key {name}.{key}{extra}")
 
 
+# Megatron's selective-recompute modules that run with this project's layers (local spec, per-expert MLPs):
+# moe_act needs grouped GEMM and mla_up_proj multi-latent attention, neither of which is built here.
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "shared_experts")
+
+
+def _validate_recompute(m: Any) -> None:
+    g = m.recompute_granularity
+    _need(g in (None, "selective", "full"), "model.recompute_granularity", g, "null, selective or full")
+    if g == "full":
+        _need(m.recompute_method in ("uniform", "block"), "model.recompute_method", m.recompute_method,
+              "full recompute needs uniform or block")
+        _need(m.recompute_num_layers is not None and 1 <= m.recompute_num_layers <= m.num_layers,
+              "model.recompute_num_layers", m.recompute_num_layers,
+              f"full recompute needs a layer count in [1, model.num_layers={m.num_layers}]")
+    else:
+        _need(m.recompute_method is None, "model.recompute_method", m.recompute_method,
+              "is for model.recompute_granularity=full; set it to null")
+        _need(m.recompute_num_layers is None, "model.recompute_num_layers", m.recompute_num_layers,
+              "is for model.recompute_granularity=full; set it to null")
+    if m.recompute_modules is not None:
+        _need(g == "selective", "model.recompute_modules", list(m.recompute_modules),
+              "is for model.recompute_granularity=selective")
+        mods = list(m.recompute_modules)
+        bad = [x for x in mods if x not in RECOMPUTE_MODULES]
+        _need(not bad and mods, "model.recompute_modules", mods,
+              f"must be a non-empty list of {', '.join(RECOMPUTE_MODULES)}")
+        moe = m.num_experts is not None
+        for name, ok, why in (("mlp", not moe, "a dense backbone (use moe for an MoE one)"),
+                              ("moe", moe, "an MoE backbone (use mlp for a dense one)"),
+                              ("shared_experts", moe and m.moe_shared_expert_intermediate_size,
+                               "an MoE backbone with a shared expert")):
+            _need(name not in mods or ok, "model.recompute_modules", mods, f"{name} needs {why}")
+
+
 def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Check keys, values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
     (dataclass or OmegaConf node)."""
@@ -311,6 +361,8 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
               "model.moe_router_load_balancing_type", m.moe_router_load_balancing_type, "aux_loss, seq_aux_loss or none")
         _need(m.moe_token_dispatcher_type in ("alltoall", "allgather"), "model.moe_token_dispatcher_type",
               m.moe_token_dispatcher_type, "alltoall or allgather")
+
+    _validate_recompute(m)
 
     _need(j.variant in ("none", "jtok", "jtokm"), "jtok.variant", j.variant, "none, jtok or jtokm")
     if j.variant != "none":
@@ -371,6 +423,8 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     _need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0")
     _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _need(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "stop or skip")
+    _need(t.ckpt_optim_format in ("dp_reshardable", "fully_reshardable"), "train.ckpt_optim_format",
+          t.ckpt_optim_format, "dp_reshardable or fully_reshardable")
     _need(t.keep_last >= 0, "train.keep_last", t.keep_last, "must be >= 0 (0 keeps all)")
     _need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0 (0: only at the end)")
 

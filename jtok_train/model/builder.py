@@ -32,7 +32,20 @@ class JTokGPTModel(GPTModel):
         self.token_context = token_context
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, **kwargs: Any):
-        self.token_context.current = self.token_table.lookup(input_ids)
+        rows = self.token_table.lookup(input_ids)
+        if (self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+                and self.pre_process and not args and kwargs.get("decoder_input") is None):
+            # Layers replayed by full recompute send their row gradients through the join (token_table.py).
+            from dataclasses import replace
+
+            from jtok_train.model.token_table import ReplayGradSink, RowGradJoin
+
+            sink = ReplayGradSink()
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            decoder_input, unique_rows = RowGradJoin.apply(decoder_input, rows.unique_rows, sink)
+            kwargs["decoder_input"] = decoder_input
+            rows = replace(rows, unique_rows=unique_rows, replay_sink=sink)
+        self.token_context.current = rows
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
@@ -80,7 +93,12 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=True,
+        recompute_granularity=_get(m, "recompute_granularity"),
+        recompute_method=_get(m, "recompute_method"),
+        recompute_num_layers=_get(m, "recompute_num_layers"),
     )
+    if _get(m, "recompute_modules") is not None:
+        kw["recompute_modules"] = list(m.recompute_modules)
     if moe:
         kw.update(
             num_moe_experts=m.num_experts,

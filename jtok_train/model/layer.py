@@ -15,6 +15,7 @@ JTok by swapping two fields and nothing is forked.
 
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class JTokTransformerLayer(TransformerLayer):
         for p in self.jtok.parameters():
             p.sequence_parallel = bool(config.sequence_parallel)
         self._pending: torch.Tensor | None = None
+        self._replay: collections.deque[TokenRows] = collections.deque()   # rows queued for full recompute
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_load: torch.Tensor | None = None   # JTok-M f_i of the last forward (logging)
 
@@ -60,18 +62,43 @@ class JTokTransformerLayer(TransformerLayer):
     def table_index(self) -> int:
         return self.layer_number - 1   # the provider holds the layers of this stage (PP = 1 for now)
 
+    def _rows_for_this_forward(self) -> tuple[TokenRows, torch.Tensor]:
+        """The micro-batch's rows and this layer's slice of them. Under Megatron's full recompute the layer
+        runs twice: first inside the model's forward with grad disabled (the checkpointed forward: the rows
+        are queued), then in the backward, outside any model forward (the replay: the queued rows are taken
+        in order, detached, and their gradient goes to the micro-batch's ReplayGradSink)."""
+        ctx = self.token_context
+        if ctx.current is None and self._replay and torch.is_grad_enabled():
+            rows = self._replay.popleft()
+            i = self.table_index
+            leaf = rows.layer(i).detach().requires_grad_(rows.unique_rows.requires_grad)
+            if leaf.requires_grad:
+                sink, like = rows.replay_sink, rows.unique_rows
+                leaf.register_hook(lambda g: sink.add(i, like, g))
+            return rows, leaf
+        rows = ctx.rows()
+        if rows.replay_sink is not None and self.training and not torch.is_grad_enabled():
+            self._replay.append(rows)
+        return rows, rows.layer(self.table_index)
+
+    @property
+    def _in_checkpointed_forward(self) -> bool:
+        rows = self.token_context.current
+        return rows is not None and rows.replay_sink is not None and not torch.is_grad_enabled()
+
     def _local_rows(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows: TokenRows = self.token_context.rows()
+        rows, layer_rows = self._rows_for_this_forward()
         inverse = rows.inverse
         s_local, b = hidden_states.shape[0], hidden_states.shape[1]
         if inverse.numel() != s_local * b:
             # Sequence parallel: this TP rank holds sequence positions [r*s_local, (r+1)*s_local).
             r = self.pg_collection.tp.rank()
             inverse = inverse.view(-1, b)[r * s_local : (r + 1) * s_local].reshape(-1)
-        return rows.layer(self.table_index), inverse
+        return layer_rows, inverse
 
     def forward(self, *args: Any, **kwargs: Any):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        checkpointed = self._in_checkpointed_forward
         self._rows = self._local_rows(hidden_states)
         if isinstance(self.jtok, JTokM):
             out = self.jtok(hidden_states, *self._rows)
@@ -79,9 +106,10 @@ class JTokTransformerLayer(TransformerLayer):
             if self.training and torch.is_grad_enabled() and self.jtok.aux_loss_coeff > 0:
                 # Joins Megatron's MoE aux-loss mechanism: the aux gradient rides on dr's backward.
                 residual = MoEAuxLossAutoScaler.apply(residual, out.aux_loss)
-            save_to_aux_losses_tracker(
-                JTOKM_AUX_LOSS_NAME, out.aux_loss.detach(), self.layer_number, self.config.num_layers
-            )
+            if not checkpointed:   # a recomputed layer reports its aux loss once, from the replay (as Megatron's router)
+                save_to_aux_losses_tracker(
+                    JTOKM_AUX_LOSS_NAME, out.aux_loss.detach(), self.layer_number, self.config.num_layers
+                )
             self.last_load = out.load
             self._pending = residual
         try:

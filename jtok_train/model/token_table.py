@@ -25,6 +25,8 @@ __all__ = [
     "TokenRowProvider",
     "ReplicatedTokenTable",
     "TokenRowsContext",
+    "ReplayGradSink",
+    "RowGradJoin",
     "row_permutation",
     "init_rows_for_permuted_range",
     "check_token_ids",
@@ -34,6 +36,46 @@ __all__ = [
 INIT_CHUNK = 4096
 
 
+class ReplayGradSink:
+    """Row gradients of layers replayed by Megatron's activation recompute, for one micro-batch.
+
+    Megatron's full recompute is reentrant (``tensor_parallel.checkpoint``): the layers' forward runs again
+    inside the backward and a nested ``torch.autograd.backward`` differentiates it. Rows captured from
+    outside the checkpoint would make that nested backward run the table's own backward (the exchange of
+    row gradients) once per replayed chunk. Instead a replayed layer reads a detached copy of its rows, the
+    copy's gradient lands here, and ``RowGradJoin`` (at the decoder input, whose backward comes after every
+    layer's) hands the sum to the table's backward once. Layer ``i``'s gradient fills ``[:, i]`` only, so
+    the result is bitwise that of the run without recompute."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+    def add(self, layer_index: int, like: Tensor, grad: Tensor) -> None:
+        if self.grad is None:
+            self.grad = torch.zeros_like(like)
+        self.grad[:, layer_index] += grad
+
+    def take(self) -> Tensor | None:
+        grad, self.grad = self.grad, None
+        return grad
+
+
+class RowGradJoin(torch.autograd.Function):
+    """Identity on (decoder input, unique rows); the backward adds the replayed layers' row gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, rows: Tensor, sink: ReplayGradSink):
+        ctx.sink = sink
+        return hidden.view_as(hidden), rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad_hidden: Tensor, grad_rows: Tensor):
+        extra = ctx.sink.take()
+        if extra is not None:
+            grad_rows = extra.to(grad_rows.dtype) + grad_rows
+        return grad_hidden, grad_rows, None
+
+
 @dataclass
 class TokenRows:
     """The rows a micro-batch needs. Positions are in Megatron's [s, b] order (T = s*b)."""
@@ -41,6 +83,7 @@ class TokenRows:
     unique_ids: Tensor    # [U] sorted unique token ids
     unique_rows: Tensor   # [U, L, n_e, d] rows of every layer of this stage (autograd-connected)
     inverse: Tensor       # [T] position -> index into unique_ids
+    replay_sink: "ReplayGradSink | None" = None   # set when the layers may be replayed by full recompute
 
     def layer(self, index: int) -> Tensor:
         """Rows of one layer (0-based index within the stage): [U, n_e, d]."""

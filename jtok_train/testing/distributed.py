@@ -164,21 +164,25 @@ def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02)
     import zlib
 
     import torch
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     with torch.no_grad():
         for chunk in chunks:
             module = chunk.module if hasattr(chunk, "module") else chunk
-            for sh in nested_values(module.sharded_state_dict()):
+            sharded = module.sharded_state_dict()
+            # factories (a GLU's fc1 is stored as its two halves, views of the weight) become ShardedTensors:
+            # without this the fc1 weights keep their layout-dependent random init
+            apply_factories(sharded)
+            for sh in nested_values(sharded):
                 if not isinstance(sh, ShardedTensor) or not torch.is_floating_point(sh.data):
                     continue
                 if getattr(sh, "flattened_range", None) is not None:
                     raise NotImplementedError(f"{sh.key}: flattened (distributed-optimizer) shards")
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sh.key.encode()))
                 full = torch.randn(sh.global_shape, generator=gen, dtype=torch.float32) * std
-                if sh.key.endswith(("norm.weight", "layernorm.weight")):
+                if sh.key.endswith(("norm.weight", "layernorm.weight", "layer_norm_weight")):
                     full += 1.0
                 pre = sh.prepend_axis_num
                 index = tuple(sh.global_offset[:pre]) + tuple(

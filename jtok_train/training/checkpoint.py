@@ -390,7 +390,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 # -- the save strategy -----------------------------------------------------------------------------------
-def _save_strategy():
+def _save_strategy(kill_after_bytes: int | None = None):
     """torch_dist format written synchronously by torch.distributed.checkpoint's FileSystemWriter.
 
     Megatron's default torch_dist strategy goes through its async writer, which starts a multiprocessing
@@ -412,11 +412,47 @@ def _save_strategy():
                 sharded_state_dict, self.keep_only_main_replica
             )
             pyt = mcore_to_pyt_state_dict(sd, False)
-            dcp_save(pyt, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
+            writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True)
+            if kill_after_bytes is not None:
+                _kill_while_writing(writer, kill_after_bytes)
+            dcp_save(pyt, storage_writer=writer,
                      planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                               flatten_state_dict=False))
 
     return SyncTorchDistSave("torch_dist", 1)
+
+
+def _kill_while_writing(writer: Any, after_bytes: int) -> None:
+    """Fault injection for the crash tests: SIGKILL this rank in the middle of writing its first shard file
+    (``after_bytes`` bytes into it), from inside torch.distributed.checkpoint's file writer."""
+    import signal
+    from contextlib import contextmanager
+
+    create = writer.fs.create_stream
+
+    class Killing:
+        def __init__(self, stream):
+            self.stream, self.written = stream, 0
+
+        def write(self, data):
+            n = len(memoryview(data).cast("B"))
+            if self.written + n > after_bytes:
+                self.stream.write(memoryview(data).cast("B")[: max(0, after_bytes - self.written)])
+                self.stream.flush()
+                os.fsync(self.stream.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.written += n
+            return self.stream.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    @contextmanager
+    def create_stream(path, mode):
+        with create(path, mode) as stream:
+            yield Killing(stream) if str(path).endswith(".distcp") and "w" in mode else stream
+
+    writer.fs.create_stream = create_stream
 
 
 # -- RNG -------------------------------------------------------------------------------------------------
@@ -476,12 +512,44 @@ def _components(trainer: Any) -> dict[str, Any]:
     return dict(fn()) if fn is not None else {}
 
 
-def _state(trainer: Any, is_loading: bool, rng: dict | None) -> dict:
+def optimizer_layout(cfg: Any) -> dict:
+    """How Megatron's optimizer is checkpointed: plain (states per parameter) or the distributed optimizer
+    with its ``distrib_optim_sharding_type`` (train.ckpt_optim_format). Stored in the checkpoint's meta; a
+    load uses the checkpoint's layout, not the current config's."""
+    if not cfg.parallel.use_distributed_optimizer:
+        return {"distributed": False, "format": None}
+    return {"distributed": True, "format": str(cfg.train.ckpt_optim_format)}
+
+
+def _allocate_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh DistributedOptimizer's torch optimizer its states (zeros, step 0) before a load.
+
+    Without Apex/Transformer Engine (the CPU path), ``DistributedOptimizer.state_dict()`` reads the step from
+    the torch optimizer's per-parameter states, which exist only after a first step, and
+    ``sharded_state_dict(is_loading=True)`` calls it first (checked on megatron-core 0.16.1). The states
+    are overwritten by the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+                inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None = None) -> dict:
     model_sd = trainer.model.sharded_state_dict()
     if is_loading:
-        opt_sd = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)
-    else:
-        opt_sd = trainer.optimizer.sharded_state_dict(model_sd)
+        _allocate_distributed_optimizer_state(trainer.optimizer)
+    layout = layout or optimizer_layout(trainer.cfg)
+    # Megatron's default distributed-optimizer layout (fully_sharded_model_space) uses flattened ShardedTensors,
+    # which its torch_dist strategy no longer writes: name a supported one.
+    metadata = {"distrib_optim_sharding_type": layout["format"]} if layout["distributed"] else None
+    opt_sd = trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     state = {"model": model_sd, "optimizer": opt_sd}
     extra = {}
     for name, comp in _components(trainer).items():
@@ -522,11 +590,15 @@ def save_checkpoint(trainer: Any, step: int, consumed_samples: int | None = None
         "scheduler": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
                       for k, v in trainer.scheduler.state_dict().items()},
         "rng_names": sorted(_rng_tensors()),
+        "optimizer_layout": optimizer_layout(cfg),
         **(extra_meta or {}),
     }
     state = _state(trainer, is_loading=False, rng=_rng_sharded(rank, world, _rng_tensors()))
     state["meta"] = meta
-    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
+    # fault injection for the crash tests: JTOK_FAULT_KILL_IN_WRITE=<step>[:<rank>] kills inside the writer
+    kill = os.environ.get("JTOK_FAULT_KILL_IN_WRITE", "").split(":")
+    kill_here = kill[0] == str(step) and (len(kill) < 2 or kill[1] == str(rank))
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(4096 if kill_here else None))
     if os.environ.get("JTOK_FAULT_KILL_IN_SAVE") == str(step):   # fault injection for the crash tests
         import signal
 
@@ -603,15 +675,27 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
     local_rng = _rng_tensors()
     same_rng = meta["world_size"] == world and meta.get("rng_names") == sorted(local_rng)
     rng = _rng_sharded(rank, world, local_rng) if same_rng else None
-    state = _state(trainer, is_loading=True, rng=rng)
+    saved_layout = meta.get("optimizer_layout", {"distributed": False, "format": None})
+    if saved_layout["distributed"] != bool(trainer.cfg.parallel.use_distributed_optimizer):
+        raise CheckpointError(f"checkpoint {path} holds the states of the "
+                              f"{'distributed' if saved_layout['distributed'] else 'plain'} optimizer: resume with "
+                              f"parallel.use_distributed_optimizer={str(saved_layout['distributed']).lower()}")
+    state = _state(trainer, is_loading=True, rng=rng, layout=saved_layout)
     loaded, missing, unexpected = load_sharded_state(state, path, "this model")
     missing = sorted(k for k in missing if not k.startswith("rng."))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} key(s) this model needs ({missing[0]}, ...): "
                               "it is from a different model or parallel layout")
-    # keys are those of the wrapper's own state_dict ("module.<name>"): load through nn.Module, not through
-    # Megatron's DDP.load_state_dict (which forwards to the inner module)
-    torch.nn.Module.load_state_dict(trainer.model, loaded["model"], strict=True)
+    # keys are "module.<name>" (Megatron's DDP adds "module."; Float16Module forwards its child's keys without
+    # a prefix of its own), so fp32 and bf16 checkpoints share one layout: load into the unwrapped model
+    # (whose parameters DDP and Float16Module share), a bf16 checkpoint into an fp32 model and back.
+    model_state = {}
+    for k, v in loaded["model"].items():
+        if not k.startswith("module."):
+            raise CheckpointError(f"checkpoint {path}: model key {k} lacks the module. prefix of jtok-train's "
+                                  "training checkpoints")
+        model_state[k[len("module."):]] = v
+    trainer.unwrapped.load_state_dict(model_state, strict=True)
     with torch.no_grad(), _param_groups_in_order():
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     for name, comp in _components(trainer).items():

@@ -300,28 +300,37 @@ class Trainer:
         return float(local) / self.dp_size
 
     def _optimizer_step(self) -> tuple[bool, float | None]:
-        """Megatron's optimizer step; with sharded tables, the table's gradient joins the global norm
-        (one clipping coefficient for backbone and tables, as an unsharded model computes it)."""
-        if self.table_opt is None:
-            ok, grad_norm, _ = self.optimizer.step()
-            return ok, grad_norm
+        """Megatron's optimizer step, in its own pieces (prepare_grads, get_grad_norm, clipping by the total
+        norm, step_with_ready_grads: what ChainedOptimizer.step does), so that (1) with sharded tables the
+        table's gradient joins the global norm (one clipping coefficient for backbone and tables, as an
+        unsharded model computes it) and (2) a non-finite gradient norm under a finite loss (bf16 has no loss
+        scaler, so Megatron's found-inf check never fires) is seen before anything is applied.
+        Returns (applied, total grad norm); nothing is applied when the gradients are not finite."""
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         t, j = self.cfg.train, self.cfg.jtok
-        self.table.finish_backward()
-        if self.optimizer.prepare_grads():      # found inf/nan in the backbone's grads
-            return False, None
-        total = math.sqrt(float(self.optimizer.get_grad_norm()) ** 2 + self.table.grad_norm_sq())
+        if self.table_opt is not None:
+            self.table.finish_backward()
+        if self.optimizer.prepare_grads():      # Megatron's found-inf (fp16 loss scaler)
+            return False, float("nan")
+        norm_sq = float(self.optimizer.get_grad_norm()) ** 2
+        if self.table_opt is not None:
+            norm_sq += self.table.grad_norm_sq()
+        total = math.sqrt(norm_sq)
+        if not math.isfinite(total):          # the norm is reduced over ranks: every rank takes this branch
+            return False, total
         if t.clip_grad > 0:
             for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
                 params = opt.get_parameters()
                 if params:
                     clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=total)
             coeff = t.clip_grad / (total + 1.0e-6)
-            if coeff < 1.0:
+            if coeff < 1.0 and self.table_opt is not None:
                 self.table.shard_grad.mul_(coeff)
         ok = self.optimizer.step_with_ready_grads()
-        self.table_opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult, "min_lr": t.min_lr * j.lr_mult}))
+        if self.table_opt is not None:
+            self.table_opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult,
+                                                          "min_lr": t.min_lr * j.lr_mult}))
         return ok, total
 
     # -- metrics -------------------------------------------------------------------------------------
@@ -394,19 +403,20 @@ class Trainer:
             if self.table_opt is not None:
                 self.table.zero_grad()
             loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
-            if math.isfinite(loss):    # the loss is reduced over ranks: every rank takes the same branch
-                ok, grad_norm = self._optimizer_step()
+            # the loss and the grad norm are reduced over ranks: every rank takes the same branch
+            ok, grad_norm = self._optimizer_step() if math.isfinite(loss) else (False, None)
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
+            if ok:
                 self.scheduler.step(increment=G)
             elif t.nan_policy == "skip":
-                ok, grad_norm = False, None
                 self.skipped_steps += 1
-                logger.message(f"step {step + 1}: loss is {loss}, update skipped "
+                logger.message(f"step {step + 1}: {what}, update skipped "
                                f"({self.skipped_steps} skipped so far; train.nan_policy=skip)")
             else:
                 # nothing was applied yet: the current weights are those of the last good step
                 path = self.save(step) if last_saved != step else str(self._ckpt_dir(step))
                 logger.close()
-                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: saved the last good step {step} to "
+                raise NonFiniteLossError(f"{what} at step {step + 1}: saved the last good step {step} to "
                                          f"{path}; lower train.lr, check the data, or set train.nan_policy=skip")
             dt = timer.lap()
             done = step + 1
