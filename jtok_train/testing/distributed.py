@@ -153,13 +153,14 @@ def _rank_main(
         results.put((rank, "error", traceback.format_exc()))
 
 
-def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02) -> None:
+def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02, skip: tuple[str, ...] = ()) -> None:
     """Overwrite every parameter of a Megatron model with values that depend only on the parameter's
     checkpoint key and global position, not on how it is sharded (TP, EP, PP) or on the world size.
 
     Two runs with different parallel layouts then start from the same global weights, so their losses can be
     compared. Uses the model's sharded_state_dict (global shapes and offsets, as dist_checkpointing does).
-    Norm weights keep a mean of 1.
+    Norm weights keep a mean of 1. Keys containing any of ``skip`` keep their values (e.g. "token_table": the
+    replicated and the sharded tables are initialised per token id already, identically).
     """
     import zlib
 
@@ -177,6 +178,8 @@ def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02)
             apply_factories(sharded)
             for sh in nested_values(sharded):
                 if not isinstance(sh, ShardedTensor) or not torch.is_floating_point(sh.data):
+                    continue
+                if any(part in sh.key for part in skip):
                     continue
                 if getattr(sh, "flattened_range", None) is not None:
                     raise NotImplementedError(f"{sh.key}: flattened (distributed-optimizer) shards")

@@ -233,3 +233,80 @@ def _bad_inputs(data: dict, root: str) -> dict:
 def test_bad_inputs_give_one_line_errors_and_keep_the_checkpoint(small_dataset, tmp_path):
     msgs = run_distributed(_bad_inputs, 1, small_dataset, str(tmp_path), timeout=600)[0]
     assert set(msgs) == {"model", "trunc", "flip", "nosums", "evil", "missing", "truncated", "vocab", "nan_stop"}
+
+
+# -- the distributed optimizer: save at one data-parallel size, load at another ------------------------------
+LEARN = {"train.lr": 1e-2, "train.min_lr": 1e-3, "train.warmup_fraction": 0.0}
+PRODUCTION = {"train.precision": "bf16", "parallel.use_distributed_optimizer": "true", "parallel.embedding": "sharded"}
+
+
+def _save_at_3(data: dict, run_dir: str, extra: dict) -> dict:
+    from jtok_train.config import compose
+    from jtok_train.testing.state import global_state
+    from jtok_train.training.trainer import Trainer
+
+    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, **LEARN, **extra})))
+    tr.cfg.train.train_iters = 3          # the LR schedule is that of the 5-step run; saved at step 3
+    tr.fit()
+    return {"state": global_state(tr)}
+
+
+def _load_and_finish(data: dict, run_dir: str, ckpt: str, extra: dict) -> dict:
+    from jtok_train.config import compose
+    from jtok_train.testing.state import global_state
+    from jtok_train.training.trainer import Trainer
+
+    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt, **LEARN,
+                                                      **extra})))
+    assert tr.start_step == 3
+    loaded = global_state(tr)
+    return {"state": loaded, "losses": tr.fit().losses}
+
+
+def _same_state(saved: dict, loaded: dict) -> None:
+    from jtok_train.testing.state import compare_states
+
+    diffs = compare_states(saved, loaded, rel=0.0)     # bitwise: a load copies, it computes nothing
+    assert any(k.startswith("optim/exp_avg_sq/") for k in diffs), sorted(diffs)[:5]
+    assert any(k.startswith("optim/param/") for k in diffs), "the fp32 main weights were not compared"
+    assert any(k.startswith("extra/table_optimizer/") for k in diffs) and "model/module.token_table.shard" in diffs
+
+
+def test_distributed_optimizer_reshards_2_to_4_and_1(small_dataset, tmp_path):
+    """bf16 + distributed optimizer (dp_reshardable, the default) + sharded tables: saved on 2 ranks, loaded on 4
+    and on 1: every weight, fp32 main weight, Adam moment and table moment as saved; the runs continue alike."""
+    src = tmp_path / "w2"
+    saved = run_distributed(_save_at_3, 2, small_dataset, str(src), PRODUCTION, timeout=900)[0]["state"]
+    ckpt = str(src / "checkpoints" / "step_0000003")
+    one = run_distributed(_load_and_finish, 1, small_dataset, str(tmp_path / "w1"), ckpt, PRODUCTION, timeout=900)[0]
+    four = run_distributed(_load_and_finish, 4, small_dataset, str(tmp_path / "w4"), ckpt, PRODUCTION, timeout=900)[0]
+    for got in (one, four):
+        _same_state(saved, got["state"])
+    # bf16 forward at another data-parallel size: the same samples, sums in another order
+    assert one["losses"] == pytest.approx(four["losses"], rel=5e-3)
+
+
+def test_distributed_optimizer_fully_reshardable_4_to_2(small_dataset, tmp_path):
+    """train.ckpt_optim_format=fully_reshardable: saved on 4 ranks, loaded on 2, every state as saved."""
+    extra = {**PRODUCTION, "train.precision": "fp32", "train.ckpt_optim_format": "fully_reshardable"}
+    src = tmp_path / "w4"
+    saved = run_distributed(_save_at_3, 4, small_dataset, str(src), extra, timeout=900)[0]["state"]
+    ckpt = str(src / "checkpoints" / "step_0000003")
+    two = run_distributed(_load_and_finish, 2, small_dataset, str(tmp_path / "w2"), ckpt, extra, timeout=900)[0]
+    _same_state(saved, two["state"])
+
+
+def _switch_optimizer(data: dict, root: str) -> str:
+    from jtok_train.config import compose
+    from jtok_train.training.errors import CheckpointError
+    from jtok_train.training.trainer import Trainer
+
+    good = Path(root) / "good"
+    Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
+    return _expect(CheckpointError, "parallel.use_distributed_optimizer=false", lambda: Trainer(compose(_overrides(
+        data, str(good), **{"train.train_iters": 4, "parallel.use_distributed_optimizer": "true"}))))
+
+
+def test_resume_with_the_other_optimizer_is_refused_in_one_line(small_dataset, tmp_path):
+    msg = run_distributed(_switch_optimizer, 1, small_dataset, str(tmp_path), timeout=600)[0]
+    assert "plain optimizer" in msg
