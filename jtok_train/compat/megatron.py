@@ -6,6 +6,8 @@ Each entry names the megatron-core versions it was checked on and the upstream c
 
 from __future__ import annotations
 
+import torch
+
 __all__ = ["apply_megatron_fixes"]
 
 _APPLIED = False
@@ -32,10 +34,64 @@ def _fix_checkpoint_without_output_fp8() -> None:
     cls._jtok_fp8_fixed = True
 
 
+def _fix_fully_reshardable_load_without_apex() -> None:
+    """``DistributedOptimizer.load_parameter_state_from_fully_reshardable`` copies every entry of the torch
+    optimizer's per-parameter state from the checkpoint; without Apex/Transformer Engine (torch's AdamW) that
+    state holds ``step``, which the fully_reshardable layout does not store (the step travels in the param
+    groups and ``load_state_dict`` has already set it), so the load fails with KeyError 'step'. Keep the step
+    that was just set. Checked on megatron-core 0.16.1 (optimizer/distrib_optimizer.py,
+    _set_main_param_and_optimizer_states); a no-op with Apex/TE."""
+    from megatron.core.optimizer import distrib_optimizer as mdo
+
+    cls = mdo.DistributedOptimizer
+    if getattr(mdo, "HAVE_APEX_OR_TE", True) or getattr(cls, "_jtok_step_fixed", False) \
+            or not hasattr(cls, "_set_main_param_and_optimizer_states"):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state.get(main_param, {})
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    cls._jtok_step_fixed = True
+
+
+def _fix_shared_step_after_load_without_apex() -> None:
+    """Without Apex/Transformer Engine, ``DistributedOptimizer.load_state_dict`` gives every parameter's torch
+    AdamW state one and the same ``step`` tensor (``s["step"] = step`` in a loop; torch's load keeps a step
+    tensor as it is). torch's AdamW increments ``state["step"]`` in place per parameter, so after a resume the
+    shared step advanced once per parameter per iteration and the bias correction went wrong: the resumed run
+    left the uninterrupted one. Give each parameter its own copy. Checked on megatron-core 0.16.1
+    (optimizer/distrib_optimizer.py, load_state_dict); a no-op with Apex/TE (the step lives in the groups)."""
+    from megatron.core.optimizer import distrib_optimizer as mdo
+
+    cls = mdo.DistributedOptimizer
+    if getattr(mdo, "HAVE_APEX_OR_TE", True) or getattr(cls, "_jtok_unshared_step", False):
+        return
+    original = cls.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+
+    cls.load_state_dict = load_state_dict
+    cls._jtok_unshared_step = True
+
+
 def apply_megatron_fixes() -> None:
     """Idempotent; called when Megatron's parallel state is set up (compat.init_model_parallel)."""
     global _APPLIED
     if _APPLIED:
         return
     _fix_checkpoint_without_output_fp8()
+    _fix_fully_reshardable_load_without_apex()
+    _fix_shared_step_after_load_without_apex()
     _APPLIED = True

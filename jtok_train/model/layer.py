@@ -55,6 +55,7 @@ class JTokTransformerLayer(TransformerLayer):
             p.sequence_parallel = bool(config.sequence_parallel)
         self._pending: torch.Tensor | None = None
         self._replay: collections.deque[TokenRows] = collections.deque()   # rows queued for full recompute
+        self.replays = 0   # forwards replayed by full recompute (tests, logging)
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_load: torch.Tensor | None = None   # JTok-M f_i of the last forward (logging)
 
@@ -70,6 +71,7 @@ class JTokTransformerLayer(TransformerLayer):
         ctx = self.token_context
         if ctx.current is None and self._replay and torch.is_grad_enabled():
             rows = self._replay.popleft()
+            self.replays += 1
             i = self.table_index
             leaf = rows.layer(i).detach().requires_grad_(rows.unique_rows.requires_grad)
             if leaf.requires_grad:

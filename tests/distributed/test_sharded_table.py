@@ -95,6 +95,18 @@ def test_sharded_matches_replicated_on_2_and_4_ranks(small_dataset, tmp_path):
     # overlap on vs off: bitwise identical
     on, off = got2[0][0], got2[0][2]
     assert on["losses"] == off["losses"] and (on["table"] == off["table"]).all()
+    # ... and overlap hides the exchange: the time compute waited on rows (exchange/wait_s, every step of rank 0's
+    # metrics.jsonl) is lower. Without overlap every lookup starts its exchange and waits for all of it; with it
+    # only the first micro-batch of a step waits for a whole exchange (the next one's ran during its compute).
+    import json
+
+    def waited(name):
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["exchange/wait_s"] for r in recs if "exchange/wait_s" in r]
+
+    w_on, w_off = waited("s2_m"), waited("s2_m_nooverlap")
+    assert len(w_on) == len(w_off) == 3, (w_on, w_off)
+    assert sum(w_on) < sum(w_off), (w_on, w_off)
     # memory: each rank stores ceil(V/W) rows (V = 512: no padding beyond one block)
     row_bytes = 2 * 5 * 64 * 4
     assert got2[0][0]["shard_rows"] == 256 and got4[0][0]["shard_rows"] == 128

@@ -169,6 +169,47 @@ def test_cli_bad_input_exits_2_with_one_line(jtokm_run, tmp_path, capsys):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def _loaded_vs_raw(run: str, out: str) -> dict:
+    """Every tensor of the model load_for_inference built (world size 1) against the checkpoint's raw contents
+    (its global tensors, read by torch.distributed.checkpoint without any model), bitwise."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from jtok_train.inference import load_for_inference
+    from jtok_train.model.token_table import row_permutation
+
+    loaded = load_for_inference(run, tables="device")
+    dcp_to_torch_save(str(loaded.path), out)
+    raw = {k: v for k, v in torch.load(out, weights_only=False).items() if torch.is_tensor(v)}
+    model = loaded.unwrapped
+    sharded = model.sharded_state_dict(prefix="module.")
+    apply_factories(sharded)
+    compared = []
+    for sh in nested_values(sharded):
+        if not isinstance(sh, ShardedTensor) or "token_table" in sh.key:
+            continue
+        pre = sh.prepend_axis_num
+        index = tuple(sh.global_offset[:pre]) + tuple(slice(o, o + n) for o, n in zip(sh.global_offset[pre:],
+                                                                                      sh.local_shape))
+        want = raw[sh.key][index].reshape(sh.data.shape)
+        assert torch.equal(sh.data, want.to(sh.data.dtype)), sh.key
+        compared.append(sh.key)
+    table = getattr(model, "token_table", None)
+    if table is not None:
+        cfg = loaded.cfg
+        if "module.token_table.shard" in raw:     # stored in permuted row order: row q is token perm[q]
+            perm = row_permutation(cfg.model.vocab_size, cfg.jtok.table_seed)
+            want = torch.empty_like(raw["module.token_table.shard"])
+            want[perm] = raw["module.token_table.shard"]
+        else:
+            want = raw["module.token_table.weight"]
+        assert torch.equal(table.weight.detach(), want.to(table.weight.dtype))
+        compared.append("token_table")
+    return {"compared": compared, "experts": any("experts.experts" in k for k in compared)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "jtokm_moe_ep2", "backbone_dense"])
 def test_cli_other_checkpoints(small_dataset, tmp_path, kind):
@@ -191,3 +232,7 @@ def test_cli_other_checkpoints(small_dataset, tmp_path, kind):
         assert proc.stdout.startswith(PROMPT)
         outs.append(proc.stdout)
     assert outs[0] == outs[1] == outs[2]
+    got = run_distributed(_loaded_vs_raw, 1, str(run), str(tmp_path / "raw.pt"), timeout=600)[0]
+    assert len(got["compared"]) > 10
+    assert ("token_table" in got["compared"]) == (kind != "backbone_dense")
+    assert got["experts"] == (kind == "jtokm_moe_ep2")
