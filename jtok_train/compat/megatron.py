@@ -67,8 +67,11 @@ def _fix_shared_step_after_load_without_apex() -> None:
     AdamW state one and the same ``step`` tensor (``s["step"] = step`` in a loop; torch's load keeps a step
     tensor as it is). torch's AdamW increments ``state["step"]`` in place per parameter, so after a resume the
     shared step advanced once per parameter per iteration and the bias correction went wrong: the resumed run
-    left the uninterrupted one. Give each parameter its own copy. Checked on megatron-core 0.16.1
-    (optimizer/distrib_optimizer.py, load_state_dict); a no-op with Apex/TE (the step lives in the groups)."""
+    left the uninterrupted one. And with the dp_reshardable layout the per-bucket ``step`` entries are
+    LocalNonpersistentObjects, so the parameter-state load then copies the *current* (fresh: 0) step over it.
+    The checkpoint's step is in the loaded param groups: give each parameter its own tensor of it. Checked on
+    megatron-core 0.16.1 (optimizer/distrib_optimizer.py, load_state_dict and
+    load_parameter_state_from_dp_reshardable); a no-op with Apex/TE (the step lives in the groups)."""
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
@@ -78,9 +81,13 @@ def _fix_shared_step_after_load_without_apex() -> None:
 
     def load_state_dict(self, state_dict):
         original(self, state_dict)
-        for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].detach().clone()
+        for group in self.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = self.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
     cls.load_state_dict = load_state_dict
     cls._jtok_unshared_step = True

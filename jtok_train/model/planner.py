@@ -37,7 +37,11 @@ Memory per GPU (bytes):
       JTok-M     2 T d Bn + 2 T d B + K T d Bt + T (4 + 4 n_e + 28 K)
   plus once: logits 4 T V (fp32 for the loss), final norm and output input (2 Bn + B) T d, ids and masks 17 T
   (+ 8 U and 8 T with JTok, + T with TP: the vocabulary-parallel mask). TP divides the per-layer terms (with sequence parallelism all of them, else the
-  inner ones) and the logits. Recomputation is not modelled (the framework does not enable it). Tested against
+  inner ones) and the logits. Activation recompute (``model.recompute_*``, Megatron's): full recompute
+  keeps only each checkpointed chunk's input T d B (uniform: ceil(L/n) chunks over all layers; block: the first
+  n layers one by one) and re-materialises one chunk during its backward (``recompute_working``, n layers,
+  counted in the total); selective drops core_attn's a s^2 b terms, layernorm's fp32 norm copies (the norm
+  outputs are discarded after use), and replaces moe / mlp / shared_experts by their input T d B. Tested against
   autograd's saved tensors on CPU runs (fp32 MoE + JTok-M, bf16 dense + JTok, TP 2 + sequence parallel) within 5%. On a GPU a fused RMSNorm
   keeps its input in bf16 (Bn = B), so the bf16 figure is an overestimate by 4 T d bytes per norm and layer
   (12 T d with JTok-M's router norm: 2.6 GiB for moe_17b_a2b at 4,096 tokens per micro-batch).
@@ -287,12 +291,38 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
         jt = (2 * T * d * B + 2 * U * d * Bt + 8 * U) / sp
     elif j.variant == "jtokm":
         jt = (2 * T * d * Bn + 2 * T * d * B + j.top_k * T * d * Bt + T * (4 + 4 * j.num_sets + 28 * j.top_k)) / sp
+    granularity = getattr(m, "recompute_granularity", None)
+    if granularity == "selective":
+        mods = set(getattr(m, "recompute_modules", None) or ["core_attn"])
+        chunk_in = T * d * B / sp              # what a checkpointed submodule keeps: its input
+        if "core_attn" in mods:
+            attn -= scores / tp
+        if "layernorm" in mods:               # the norms' fp32 copies go; their outputs are freed after use
+            attn -= 2 * T * d * Bn / sp
+            ffn_norm = 0.0
+        if "mlp" in mods and not m.num_experts:
+            mlp = chunk_in
+        if "moe" in mods and m.num_experts:
+            moe = chunk_in
+        elif "shared_experts" in mods and m.num_experts and m.moe_shared_expert_intermediate_size:
+            fs = m.moe_shared_expert_intermediate_size
+            moe -= T * d * B / sp + T * (5 if glu else 2) * fs * B / tp - chunk_in
     per_layer = attn + ffn_norm + mlp + moe + jt
     once = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + 17 * T + (T if tp > 1 else 0)
     if j.variant != "none":
         once += 8 * U + (8 * T if j.variant == "jtok" else 0)
+    layers_saved, working = L * per_layer, 0.0
+    if granularity == "full":
+        n = int(m.recompute_num_layers)
+        if m.recompute_method == "uniform":
+            chunks, recomputed = math.ceil(L / n), L
+        else:                                   # block: the first n layers, one checkpoint each
+            chunks = recomputed = min(n, L)
+        layers_saved = chunks * T * d * B / sp + (L - recomputed) * per_layer
+        working = (n if m.recompute_method == "uniform" else 1) * per_layer
     return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),
-            "jtok": L * jt, "logits_and_head": once, "total": L * per_layer + once}
+            "jtok": L * jt, "logits_and_head": once, "saved_by_layers": layers_saved,
+            "recompute_working": working, "total": layers_saved + once}
 
 
 def _row_bytes(cfg: Any) -> int:
@@ -328,6 +358,7 @@ def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[
         out["exchange_buffers"] = (3 + 2 * overlap + 2 * min(lay.num_micro, 2)) * U * _row_bytes(cfg)
     act = activation_bytes(cfg, lay, unique_ratio, flash)
     out["activations"] = act["total"]
+    out["recompute_working"] = act["recompute_working"]   # one chunk re-materialised in the backward
     out["total"] = sum(v for v in out.values())
     out["activation_breakdown"] = act
     out["params_by_role"] = p

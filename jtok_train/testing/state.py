@@ -57,6 +57,12 @@ def global_state(trainer: Any) -> dict[str, np.ndarray]:
         rest = rest[len("optimizer.state."):] if rest.startswith("optimizer.state.") else rest
         state, _, param = rest.partition(".")
         pieces.append((f"optim/{state}/{param}", _shape, _index, _data))
+    # the optimizer's step count (torch AdamW keeps one per parameter: all must agree)
+    steps = {float(st["step"]) for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+             for st in o.optimizer.state.values() if "step" in st}
+    if len(steps) > 1:
+        raise AssertionError(f"optimizer step differs between parameters: {sorted(steps)}")
+    pieces.append(("optim/step/all", (1,), ((0, 1),), np.array([steps.pop() if steps else 0.0], np.float32)))
     for name, comp in trainer.checkpoint_components().items():
         pieces += _pieces(comp.sharded_state_dict(prefix=""), f"extra/{name}/")
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -9,6 +9,8 @@ trainer's dataset sizes), so the exchange figure is compared at the run's own to
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from jtok_train.testing import run_distributed
@@ -67,19 +69,24 @@ def _measure(runs: list[list[str]]) -> list[dict]:
         batch = get_microbatch(tr.train_ds, microbatch_indices(0, 0, tr.dp_rank, tr.dp_size,
                                                                cfg.train.micro_batch_size, cfg.train.global_batch_size))
         weights = {p.untyped_storage().data_ptr() for p in params} | {t.shard.untyped_storage().data_ptr()}
-        saved: dict[int, int] = {}
+        saved: dict[int, Any] = {}
 
         def pack(x):
             st = x.untyped_storage()
             if st.data_ptr() not in weights:
-                saved[st.data_ptr()] = st.nbytes()
+                saved[st.data_ptr()] = st
             return x
 
         tr.model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            tr.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        t._in_backward.clear()   # this forward is never backpropagated
-        rec["activations"] = sum(saved.values())
+            out_ = tr.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # sizes after the forward: storages Megatron frees after use (selective recompute's discarded outputs)
+        rec["activations"] = sum(st.nbytes() for st in saved.values())
+        # a forward whose backward never runs: release what it queued (exchange, full-recompute replays)
+        t._in_backward.clear()
+        for layer in tr.unwrapped.decoder.layers:
+            getattr(layer, "_replay", []).clear()
+        del out_
         out.append(rec)
     return out
 
