@@ -14,7 +14,8 @@ Memory per GPU (bytes):
   replicated;
 - gradients: Megatron DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
 - optimizer states (Megatron AdamW): fp32 training 8 B/param (m, v); bf16 12 B/param (fp32 main copy + m + v);
-  with ``parallel.use_distributed_optimizer`` divided by the data-parallel size (experts: expert-DP size);
+  with ``parallel.use_distributed_optimizer`` 12 B/param in either precision (it keeps an fp32 main shard even
+  in fp32 training) divided by the data-parallel size (experts: expert-DP size);
 - sharded tables (fp32, as ShardedTokenTable allocates them): shard + its gradient (+1 B/row "touched" flag) +
   the table optimizer's two moments and an int64 step per row. ``sparse_adamw`` allocates the same moments as
   ``adamw`` (lazy *updates*, not lazy allocation): it saves optimizer *traffic* per step, not memory;
@@ -335,6 +336,8 @@ def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[
     bf16 = cfg.train.precision == "bf16"
     pbytes, opt_bytes = (2, 12) if bf16 else (4, 8)
     distopt = bool(cfg.parallel.use_distributed_optimizer)
+    if distopt:
+        opt_bytes = 12   # the distributed optimizer keeps an fp32 main shard in fp32 training too (measured)
     dense = sum(v for k, v in p.items() if k not in ("routed_experts", "table", "table_rows_local"))
     experts = p["routed_experts"]
     table_params = 0 if lay.sharded else p["table"]

@@ -158,3 +158,32 @@ def test_planner_bytes_and_memory_match_a_2_rank_run(small_dataset, tmp_path):
             m = rank[i]
             for key in ("params", "grads", "optimizer", "table", "table_grad", "table_optimizer", "activations"):
                 _close(mem[key], m[key], f"{name} {key} per rank")
+
+
+@pytest.mark.slow
+def test_planner_memory_with_distributed_optimizer_and_recompute(small_dataset, tmp_path):
+    """The distributed optimizer's states per rank (fp32 and bf16) and the activations saved under Megatron's
+    recompute (full uniform / block, selective core_attn + layernorm, moe) against live 2-rank runs (MoE +
+    JTok-M, sharded tables, fp32: the precision whose activation bookkeeping is exact to 1% above)."""
+    common = {"parallel.embedding": "sharded", "train.train_iters": 2}
+    cases = {
+        "distopt fp32": {"parallel.use_distributed_optimizer": "true"},
+        "distopt bf16": {"parallel.use_distributed_optimizer": "true", "train.precision": "bf16"},
+        "full uniform 1": {"model.recompute_granularity": "full", "model.recompute_method": "uniform",
+                           "model.recompute_num_layers": 1},
+        "full block 1": {"model.recompute_granularity": "full", "model.recompute_method": "block",
+                         "model.recompute_num_layers": 1},
+        "selective core_attn+layernorm": {"model.recompute_granularity": "selective",
+                                          "model.recompute_modules": "[core_attn,layernorm]"},
+        "selective moe": {"model.recompute_granularity": "selective", "model.recompute_modules": "[moe]"},
+    }
+    runs = [tiny_overrides(small_dataset, str(tmp_path / str(i)), **common, **extra)
+            for i, extra in enumerate(cases.values())]
+    got = run_distributed(_measure, 2, runs, timeout=900)
+    plans = run_distributed(_plans, 1, runs, small_dataset["prefix"], 2, timeout=300)[0]
+    names = list(cases)
+    for i, plan in enumerate(plans):
+        for rank in got:
+            _close(plan["memory"]["optimizer"], rank[i]["optimizer"], f"{names[i]} optimizer per rank")
+            if "distopt" not in names[i]:
+                _close(plan["memory"]["activations"], rank[i]["activations"], f"{names[i]} activations per rank")

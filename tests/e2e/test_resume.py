@@ -112,7 +112,9 @@ def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_datas
     assert (ck / "latest").read_text().strip() == "step_0000002"
     assert (ck / "step_0000003.partial").is_dir() and not (ck / "step_0000003").exists()
     # 2) resumes from step 2; SIGKILL at a random later step
-    kill_at = random.Random(os.environ.get("JTOK_TEST_SEED", "1")).randint(3, STEPS - 1)
+    seed = os.environ.get("JTOK_TEST_SEED") or str(random.SystemRandom().randrange(1 << 30))
+    kill_at = random.Random(seed).randint(3, STEPS - 1)
+    print(f"JTOK_TEST_SEED={seed}: SIGKILL after step {kill_at}")
     procs = _launch(1, _args(small_dataset, run), run)
     _wait_for_step(run, kill_at, procs)
     procs[0].send_signal(signal.SIGKILL)
@@ -152,7 +154,9 @@ def test_sigkill_at_20_random_points(small_dataset, tmp_path):
     """20 trials at 1 rank: kill at a random step (sometimes mid-save), resume, compare."""
     ref = tmp_path / "ref" / "run"
     assert _wait(_launch(1, _args(small_dataset, ref), ref)) == [0]
-    rnd = random.Random(20)
+    seed = os.environ.get("JTOK_TEST_SEED") or str(random.SystemRandom().randrange(1 << 30))
+    print(f"JTOK_TEST_SEED={seed}")
+    rnd = random.Random(seed)
     for trial in range(20):
         run = tmp_path / f"t{trial}" / "run"
         procs = _launch(1, _args(small_dataset, run), run)
