@@ -7,16 +7,15 @@ vs the distributed optimizer, and activation recompute none / selective / full (
 Needs the demo data (`make demo`, or `jtok-data build --source python-docs --out data/demo`). Variants run
 interleaved (A B C D E A B C D E ...); step times are medians over steps after the first two and over ranks.
 Memory per rank, from the live tensors (the planner's units, tests/distributed/test_planner_measured.py):
-Megatron's optimizer states, and the activations one training micro-batch saves for its backward; plus the
-process's peak RSS (whole process: Python, torch and Megatron included). Results: a markdown table on stdout and
-benchmarks/results/production.json.
+Megatron's optimizer states, and the activations one training micro-batch saves for its backward (the process's
+RSS is no per-variant figure: the variants run one after another in the same 2 processes, and its peak only
+grows). Results: a markdown table on stdout and benchmarks/results/production.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 from pathlib import Path
@@ -48,8 +47,7 @@ def _run(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
         rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step_time_s"] for r in rows if "step_time_s" in r][2:]
         out.append({"config": config, "variant": variant, "step_time_s": steps, "optimizer": mem["optimizer"],
-                    "activations": mem["activations"],
-                    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+                    "activations": mem["activations"]})
     return out
 
 
@@ -75,13 +73,12 @@ def main() -> None:
     agg: dict[tuple[str, str], dict] = {}
     for rank_res in per_rank:
         for rec in rank_res:
-            a = agg.setdefault((rec["config"], rec["variant"]), {"steps": [], "opt": [], "act": [], "rss": []})
+            a = agg.setdefault((rec["config"], rec["variant"]), {"steps": [], "opt": [], "act": []})
             a["steps"] += rec["step_time_s"]
             a["opt"].append(rec["optimizer"])
             a["act"].append(rec["activations"])
-            a["rss"].append(rec["peak_rss_gib"])
     report, lines = {}, ["| config | variant | median step (s) | vs ddp | optimizer MiB/rank | vs ddp | "
-                         "activations MiB/rank | vs ddp | peak RSS GiB/rank |", "|---|---|---|---|---|---|---|---|---|"]
+                         "activations MiB/rank | vs ddp |", "|---|---|---|---|---|---|---|---|"]
     for config in args.configs:
         base = agg[(config, "ddp")]
         b_step, b_opt, b_act = (statistics.median(base["steps"]), statistics.median(base["opt"]),
@@ -89,13 +86,11 @@ def main() -> None:
         for variant in VARIANTS:
             a = agg[(config, variant)]
             step, opt, act = statistics.median(a["steps"]), statistics.median(a["opt"]), statistics.median(a["act"])
-            rss = max(a["rss"])
             report[f"{config}/{variant}"] = {"median_step_s": step, "step_vs_ddp": step / b_step,
                                              "optimizer_bytes": opt, "optimizer_vs_ddp": opt / b_opt,
-                                             "activation_bytes": act, "activations_vs_ddp": act / b_act,
-                                             "peak_rss_gib": rss}
+                                             "activation_bytes": act, "activations_vs_ddp": act / b_act}
             lines.append(f"| {config} | {variant} | {step:.3f} | {step / b_step:.3f} | {opt / 2**20:.2f} | "
-                         f"{opt / b_opt:.3f} | {act / 2**20:.2f} | {act / b_act:.3f} | {rss:.2f} |")
+                         f"{opt / b_opt:.3f} | {act / 2**20:.2f} | {act / b_act:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("\n".join(lines))

@@ -163,7 +163,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 # Training hyperparameters inside the model sections: they may change on resume.
 NOT_MODEL_KEYS = {"jtok.lr_mult", "jtok.weight_decay", "jtok.table_optimizer", "jtok.aux_loss_coeff",
-                  "model.moe_aux_loss_coeff"}
+                  "model.moe_aux_loss_coeff",
+                  # activation recompute changes memory and time, not the parameters: switch it on resume
+                  "model.recompute_granularity", "model.recompute_method", "model.recompute_num_layers",
+                  "model.recompute_modules"}
 
 
 def config_differences(saved_yaml: str, cfg: Any, sections: tuple[str, ...] = MODEL_SECTIONS) -> list[str]:

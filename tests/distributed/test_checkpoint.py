@@ -303,8 +303,14 @@ def _switch_optimizer(data: dict, root: str) -> str:
 
     good = Path(root) / "good"
     Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
-    return _expect(CheckpointError, "parallel.use_distributed_optimizer=false", lambda: Trainer(compose(_overrides(
+    msg = _expect(CheckpointError, "parallel.use_distributed_optimizer=false", lambda: Trainer(compose(_overrides(
         data, str(good), **{"train.train_iters": 4, "parallel.use_distributed_optimizer": "true"}))))
+    # activation recompute is no model key: a run may switch it on when it resumes
+    tr = Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 4, "model.recompute_granularity": "full",
+                                                        "model.recompute_method": "block",
+                                                        "model.recompute_num_layers": 2})))
+    assert tr.start_step == 2 and len(tr.fit().losses) == 2
+    return msg
 
 
 def test_resume_with_the_other_optimizer_is_refused_in_one_line(small_dataset, tmp_path):

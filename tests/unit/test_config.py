@@ -78,3 +78,38 @@ def test_transformer_engine_is_rejected_where_it_is_missing():
         pytest.skip("transformer-engine is installed here")
     with pytest.raises(ConfigError, match=r"model\.transformer_impl=.*transformer-engine is not installed"):
         validate(compose(["model.transformer_impl=transformer_engine"]))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.recompute_granularity=all"], r"model\.recompute_granularity='all' is invalid: null, selective or full"),
+    (["model.recompute_granularity=full"], r"model\.recompute_method=None is invalid: full recompute needs uniform"),
+    (["model.recompute_granularity=full", "model.recompute_method=uniform"], r"model\.recompute_num_layers=None"),
+    (["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=9"],
+     r"model\.recompute_num_layers=9 is invalid: .*\[1, model\.num_layers=4\]"),
+    (["model.recompute_method=uniform"], r"model\.recompute_method='uniform' is invalid: is for .*=full"),
+    (["model.recompute_modules=[core_attn]"], r"model\.recompute_modules=\['core_attn'\] is invalid: is for .*selective"),
+    (["model.recompute_granularity=selective", "model.recompute_modules=[moe_act]"],
+     r"must be a non-empty list of core_attn, layernorm, mlp, moe, shared_experts"),
+    (["model.recompute_granularity=selective", "model.recompute_modules=[mlp]"], r"mlp needs a dense backbone"),
+    (["model=tiny_dense", "model.recompute_granularity=selective", "model.recompute_modules=[moe]"],
+     r"moe needs an MoE backbone"),
+    (["train.ckpt_optim_format=zero"], r"train\.ckpt_optim_format='zero' is invalid: dp_reshardable or fully_reshardable"),
+])
+def test_recompute_and_checkpoint_layout_refused_at_config_time(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose(["model=tiny", "jtok=jtokm", *overrides]))
+
+
+def test_recompute_settings_reach_megatron():
+    from jtok_train.model.builder import build_transformer_config
+
+    for extra, want in ((["model.recompute_granularity=full", "model.recompute_method=block",
+                          "model.recompute_num_layers=2"], ("full", "block", 2, None)),
+                        (["model.recompute_granularity=selective", "model.recompute_modules=[core_attn,moe]"],
+                         ("selective", None, None, ["core_attn", "moe"]))):
+        cfg = compose(["model=tiny", "jtok=jtokm", *extra])
+        validate(cfg)
+        tc = build_transformer_config(cfg)
+        got = (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers,
+               tc.recompute_modules if want[3] else None)
+        assert got == want
