@@ -263,37 +263,56 @@ def _load_and_finish(data: dict, run_dir: str, ckpt: str, extra: dict) -> dict:
     return {"state": loaded, "losses": tr.fit().losses}
 
 
-def _same_state(saved: dict, loaded: dict) -> None:
+def _same_state(saved: dict, loaded: dict, extra: dict) -> None:
     from jtok_train.testing.state import compare_states
 
     diffs = compare_states(saved, loaded, rel=0.0)     # bitwise: a load copies, it computes nothing
     assert any(k.startswith("optim/exp_avg_sq/") for k in diffs), sorted(diffs)[:5]
-    assert any(k.startswith("optim/param/") for k in diffs), "the fp32 main weights were not compared"
-    assert any(k.startswith("extra/table_optimizer/") for k in diffs) and "model/module.token_table.shard" in diffs
+    assert "optim/step/all" in diffs and saved["optim/step/all"][0] == 3
+    main = "optim/param/" if extra.get("parallel.use_distributed_optimizer") == "true" else "optim/fp32_param/"
+    assert any(k.startswith(main) for k in diffs), "the fp32 main weights were not compared"
+    if extra.get("parallel.embedding") == "sharded":
+        assert any(k.startswith("extra/table_optimizer/") for k in diffs) and "model/module.token_table.shard" in diffs
+    else:
+        assert "model/module.token_table.weight" in diffs
 
 
-def test_distributed_optimizer_reshards_2_to_4_and_1(small_dataset, tmp_path):
-    """bf16 + distributed optimizer (dp_reshardable, the default) + sharded tables: saved on 2 ranks, loaded on 4
-    and on 1: every weight, fp32 main weight, Adam moment and table moment as saved; the runs continue alike."""
+RESHARD_CELLS = {
+    "bf16-distopt-sharded": PRODUCTION,
+    "bf16-ddp-replicated": {"train.precision": "bf16"},
+    "bf16-ddp-sharded-sparse_adamw": {"train.precision": "bf16", "parallel.embedding": "sharded",
+                                      "jtok.table_optimizer": "sparse_adamw"},
+    "bf16-distopt-sharded-ep2": {**PRODUCTION, "parallel.expert_model_parallel_size": 2},
+}
+
+
+@pytest.mark.parametrize("cell", list(RESHARD_CELLS))
+def test_bf16_checkpoints_reshard_2_to_4_and_1(cell, small_dataset, tmp_path):
+    """bf16 checkpoints saved on 2 ranks, loaded on 4 and on 1 (EP 2: on 4 only): every weight, fp32 main weight,
+    Adam moment, the optimizer step and the table moments as saved (the distributed optimizer in its default
+    dp_reshardable layout); the runs continue alike."""
+    extra = RESHARD_CELLS[cell]
     src = tmp_path / "w2"
-    saved = run_distributed(_save_at_3, 2, small_dataset, str(src), PRODUCTION, timeout=900)[0]["state"]
+    saved = run_distributed(_save_at_3, 2, small_dataset, str(src), extra, timeout=900)[0]["state"]
     ckpt = str(src / "checkpoints" / "step_0000003")
-    one = run_distributed(_load_and_finish, 1, small_dataset, str(tmp_path / "w1"), ckpt, PRODUCTION, timeout=900)[0]
-    four = run_distributed(_load_and_finish, 4, small_dataset, str(tmp_path / "w4"), ckpt, PRODUCTION, timeout=900)[0]
-    for got in (one, four):
-        _same_state(saved, got["state"])
-    # bf16 forward at another data-parallel size: the same samples, sums in another order
-    assert one["losses"] == pytest.approx(four["losses"], rel=5e-3)
+    worlds = (4,) if "ep2" in cell else (1, 4)
+    got = [run_distributed(_load_and_finish, w, small_dataset, str(tmp_path / f"w{w}"), ckpt, extra,
+                           timeout=900)[0] for w in worlds]
+    for g in got:
+        _same_state(saved, g["state"], extra)
+        assert len(g["losses"]) == 2
+    if len(got) == 2:   # bf16 forward at another data-parallel size: the same samples, sums in another order
+        assert got[0]["losses"] == pytest.approx(got[1]["losses"], rel=5e-3)
 
 
 def test_distributed_optimizer_fully_reshardable_4_to_2(small_dataset, tmp_path):
-    """train.ckpt_optim_format=fully_reshardable: saved on 4 ranks, loaded on 2, every state as saved."""
-    extra = {**PRODUCTION, "train.precision": "fp32", "train.ckpt_optim_format": "fully_reshardable"}
+    """train.ckpt_optim_format=fully_reshardable: bf16, sharded tables, saved on 4 ranks, loaded on 2."""
+    extra = {**PRODUCTION, "train.ckpt_optim_format": "fully_reshardable"}
     src = tmp_path / "w4"
     saved = run_distributed(_save_at_3, 4, small_dataset, str(src), extra, timeout=900)[0]["state"]
     ckpt = str(src / "checkpoints" / "step_0000003")
     two = run_distributed(_load_and_finish, 2, small_dataset, str(tmp_path / "w2"), ckpt, extra, timeout=900)[0]
-    _same_state(saved, two["state"])
+    _same_state(saved, two["state"], extra)
 
 
 def _switch_optimizer(data: dict, root: str) -> str:

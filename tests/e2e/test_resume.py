@@ -57,9 +57,11 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def _wait_for_step(run: Path, step: int, procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    """Until these processes log ``step`` (records an earlier, killed process left in metrics.jsonl do not count)."""
     deadline = time.monotonic() + timeout
+    before = len(_losses(run))
     while time.monotonic() < deadline:
-        if any(s >= step for s, _ in _losses(run)):
+        if any(s >= step for s, _ in _losses(run)[before:]):
             return
         if any(p.poll() is not None for p in procs):
             raise AssertionError(f"run ended before step {step}: codes {[p.poll() for p in procs]}")
