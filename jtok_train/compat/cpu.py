@@ -5,7 +5,8 @@ Megatron-Core assumes CUDA in a few dozen places: `torch.cuda.*` calls, the CUDA
 GPU, `install_cpu_compat()` bridges exactly those, so the rest of jtok_train runs the same code paths on a
 laptop as on a cluster. Every patch lives here (nothing else in the project may special-case CPU), is small,
 says why in one line, and is guarded so that a megatron-core version without the patched symbol is left alone.
-Checked on megatron-core 0.16.1; written to tolerate 0.19.x (guards with hasattr / try). See README.md.
+Checked on megatron-core 0.16.1 and 0.19.2 (guards with hasattr / try). See README.md; version-dependent
+Megatron names outside the CPU bridge live in jtok_train/compat/megatron.py.
 
 On a machine with CUDA `install_cpu_compat()` does nothing.
 """

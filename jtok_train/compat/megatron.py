@@ -1,15 +1,35 @@
 """Megatron-Core behaviour this project corrects or depends on, in one place (version ranges per entry).
 
-Each entry names the megatron-core versions it was checked on and the upstream code it tracks. Unlike
-``compat/cpu.py`` nothing here is about the CPU: these apply on every device.
+jtok_train supports megatron-core 0.16.1 and 0.19.x (``megatron-core>=0.16.1,<0.20``). Every
+version-dependent or private Megatron-Core name the project uses outside the CPU bridge lives here, each entry
+with the megatron-core versions it was checked on and the upstream code or change it tracks; any choice
+between versions is made in this module only, the callers see one behaviour. Unlike ``compat/cpu.py``
+nothing here is about the CPU: these apply on every device.
+
+Nothing here imports Megatron at module import time (checkpoint checks run before the heavy imports): each
+entry imports what it needs when called.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable, Iterator
+
 import torch
 
-__all__ = ["apply_megatron_fixes"]
+__all__ = [
+    "apply_megatron_fixes",
+    "pop_common_state",
+    "torch_dist_save_strategy_class",
+    "sharded_keys_state_dict",
+    "to_pyt_state_dict",
+    "save_planner",
+    "replace_load_bytes",
+    "param_group_identifier_keys",
+    "replace_param_group_matching",
+]
 
+# -- fixes applied once, when Megatron's parallel state is set up (apply_megatron_fixes) ----------------
 _APPLIED = False
 
 
@@ -102,3 +122,121 @@ def apply_megatron_fixes() -> None:
     _fix_fully_reshardable_load_without_apex()
     _fix_shared_step_after_load_without_apex()
     _APPLIED = True
+
+
+# -- dist_checkpointing: where the common (non-tensor) state goes on save ---------------------------------
+# Checked on 0.16.1 and 0.19.2.
+# <= 0.18: dist_checkpointing.save() writes the common state itself, to <dir>/common.pt on rank 0, before it
+#   calls the sharded strategy (TorchCommonSaveStrategy.save_common).
+# >= 0.19.0 (upstream PR #5160 "deprecate common strategy"): save() writes no common.pt; it adds the common
+#   state to the sharded state dict as ShardedObject(key="common_state", replica_id=<rank>) and lets the
+#   sharded strategy store it inside the torch_dist files. load() still reads a legacy common.pt when one
+#   exists (serialization._legacy_common_state_exists), so a strategy that takes the entry back out and
+#   writes common.pt itself keeps the same on-disk format on both versions.
+_COMMON_STATE_KEY = "common_state"
+
+
+def pop_common_state(sharded_state_dict: dict) -> tuple[bool, Any]:
+    """Take the common state that ``dist_checkpointing.save`` handed to the sharded strategy out of
+    ``sharded_state_dict``: ``(True, state)`` on >= 0.19 (the strategy must write it), ``(False, None)`` on
+    <= 0.18 (Megatron already wrote common.pt)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    entry = sharded_state_dict.get(_COMMON_STATE_KEY)
+    if isinstance(entry, ShardedObject) and entry.key == _COMMON_STATE_KEY:
+        del sharded_state_dict[_COMMON_STATE_KEY]
+        return True, entry.data
+    return False, None
+
+
+# -- dist_checkpointing: the torch_dist save path, written synchronously ---------------------------------
+# Checked on 0.16.1 and 0.19.2: the same names and signatures on both.
+# TorchDistSaveShardedStrategy: 0.16 subclasses strategies.base.AsyncSaveShardedStrategy; 0.19 removed
+#   strategies/base.py (upstream PR #5134 "remove deprecated modules from core/dist_checkpointing") and the
+#   class stands alone; save() only accepts an instance of it (or FullyParallelSaveStrategyWrapper) as
+#   sharded_strategy. Constructor (backend, version, keep_only_main_replica=True, ...) on both.
+def torch_dist_save_strategy_class() -> type:
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy
+
+
+# strategies.torch._replace_state_dict_keys_with_sharded_keys (private): (sharded_state_dict,
+#   keep_only_main_replica) -> (flat dict of key -> [ShardedBase], flat_mapping, rename_mapping), on both.
+def sharded_keys_state_dict(sharded_state_dict: dict, keep_only_main_replica: bool) -> dict:
+    from megatron.core.dist_checkpointing.strategies.torch import _replace_state_dict_keys_with_sharded_keys
+
+    flat, _flat_mapping, _rename_mapping = _replace_state_dict_keys_with_sharded_keys(
+        sharded_state_dict, keep_only_main_replica)
+    return flat
+
+
+# strategies.torch.mcore_to_pyt_state_dict (not in __all__): (flat state dict, is_loading) -> the
+#   torch.distributed.checkpoint state dict (ShardedTensors, BytesIO for ShardedObjects), on both.
+def to_pyt_state_dict(flat_state_dict: dict) -> dict:
+    from megatron.core.dist_checkpointing.strategies.torch import mcore_to_pyt_state_dict
+
+    return mcore_to_pyt_state_dict(flat_state_dict, False)
+
+
+# strategies.torch.MCoreSavePlanner: dedup_replicated_tensors= / flatten_state_dict= on both (0.19 also passes
+#   flatten_sharded_tensors=False, a speed-up for nested ShardedTensors we do not have).
+def save_planner(keep_only_main_replica: bool) -> Any:
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    return MCoreSavePlanner(dedup_replicated_tensors=not keep_only_main_replica, flatten_state_dict=False)
+
+
+# -- dist_checkpointing: how byte objects (ShardedObjects) are read on load ------------------------------
+# Checked on 0.16.1 and 0.19.2: strategies.torch.MCoreLoadPlanner defines no load_bytes on either; it inherits
+#   torch.distributed.checkpoint's DefaultLoadPlanner.load_bytes(read_item, value), which unpickles with
+#   weights_only=False. Replacing it on MCoreLoadPlanner (the planner TorchDistLoadShardedStrategy.load
+#   builds) changes only Megatron's loads.
+@contextlib.contextmanager
+def replace_load_bytes(load_bytes: Callable[[Any, Any, Any], None]) -> Iterator[None]:
+    """Within the block, MCoreLoadPlanner.load_bytes(planner, read_item, value) is ``load_bytes``."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+
+    had = "load_bytes" in MCoreLoadPlanner.__dict__
+    old = MCoreLoadPlanner.__dict__.get("load_bytes")
+    MCoreLoadPlanner.load_bytes = load_bytes
+    try:
+        yield
+    finally:
+        if had:
+            MCoreLoadPlanner.load_bytes = old
+        else:
+            del MCoreLoadPlanner.load_bytes
+
+
+# -- optimizer: matching loaded parameter groups to the current ones -------------------------------------
+# optimizer.param_group_identifier_keys (module constant, not API):
+#   0.16.1: ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr");
+#   0.19.2: the ParamGroupOverride keys (max_lr, min_lr, start_wd, end_wd, wd_mult, optimizer, ...) + lr_mult,
+#   is_expert_parallel, is_decoupled_lr (upstream PR #4705, groups with different min/max LRs no longer
+#   collide). A key a group lacks counts as None on 0.19 (and its "pre_<key>" alias on both).
+_PARAM_GROUP_KEYS_0_16 = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def param_group_identifier_keys() -> tuple[str, ...]:
+    from megatron.core.optimizer import optimizer as mopt
+
+    return tuple(getattr(mopt, "param_group_identifier_keys", _PARAM_GROUP_KEYS_0_16))
+
+
+# MegatronOptimizer._filter_and_reorder_param_groups (private staticmethod (current_groups, state_dict_groups)
+#   -> groups): called by the optimizers' load_state_dict to pair saved groups with the current ones by
+#   param_group_identifier_keys; checked on 0.16.1 and 0.19.2 (same signature).
+@contextlib.contextmanager
+def replace_param_group_matching(
+        make: Callable[[Callable[[list, list], list]], Callable[[list, list], list]]) -> Iterator[None]:
+    """Within the block, the groups are matched by ``make(original)``, a function of
+    ``(current_groups, state_dict_groups)``; ``original`` is Megatron's."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    old = MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"]
+    MegatronOptimizer._filter_and_reorder_param_groups = staticmethod(make(old.__func__))
+    try:
+        yield
+    finally:
+        MegatronOptimizer._filter_and_reorder_param_groups = old

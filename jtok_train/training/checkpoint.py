@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from jtok_train.compat import megatron as megatron_compat
 from jtok_train.training.errors import CheckpointError
 
 __all__ = [
@@ -228,18 +229,12 @@ class _param_groups_in_order:
     them by position instead, checking each pair's keys."""
 
     def __enter__(self):
-        from megatron.core.optimizer import optimizer as mopt
-
-        self._cls = mopt.MegatronOptimizer
-        self._old = self._cls.__dict__["_filter_and_reorder_param_groups"]
-        original = self._old.__func__
-        keys = getattr(mopt, "param_group_identifier_keys", ("wd_mult", "lr_mult", "is_expert_parallel",
-                                                            "is_decoupled_lr"))
+        keys = megatron_compat.param_group_identifier_keys()
 
         def ident(g):
             return tuple(g.get(k, g.get(f"pre_{k}")) for k in keys)
 
-        def filter_groups(current_groups, state_dict_groups):
+        def filter_groups(original, current_groups, state_dict_groups):
             if len({ident(g) for g in current_groups}) == len(current_groups):
                 return original(current_groups, state_dict_groups)
             if [ident(g) for g in current_groups] != [ident(g) for g in state_dict_groups]:
@@ -248,11 +243,13 @@ class _param_groups_in_order:
                                       f"{[ident(g) for g in current_groups]})")
             return list(state_dict_groups)
 
-        self._cls._filter_and_reorder_param_groups = staticmethod(filter_groups)
+        self._cm = megatron_compat.replace_param_group_matching(
+            lambda original: lambda cur, saved: filter_groups(original, cur, saved))
+        self._cm.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._cls._filter_and_reorder_param_groups = self._old
+        return self._cm.__exit__(*exc)
 
 
 class _weights_only_objects:
@@ -260,8 +257,6 @@ class _weights_only_objects:
     ``torch.load(weights_only=True)`` instead of torch.distributed.checkpoint's ``weights_only=False``."""
 
     def __enter__(self):
-        from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
-
         def load_bytes(planner, read_item, value):
             try:
                 obj = torch.load(value, weights_only=True)
@@ -275,16 +270,12 @@ class _weights_only_objects:
             else:
                 planner.state_dict[read_item.dest_index.fqn] = obj
 
-        self._cls, self._had = MCoreLoadPlanner, "load_bytes" in MCoreLoadPlanner.__dict__
-        self._old = MCoreLoadPlanner.__dict__.get("load_bytes")
-        MCoreLoadPlanner.load_bytes = load_bytes
+        self._cm = megatron_compat.replace_load_bytes(load_bytes)
+        self._cm.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._had:
-            self._cls.load_bytes = self._old
-        else:
-            del self._cls.load_bytes
+        return self._cm.__exit__(*exc)
 
 
 def read_meta(path: Path | str) -> dict:
@@ -399,28 +390,24 @@ def _save_strategy(kill_after_bytes: int | None = None):
     Megatron's default torch_dist strategy goes through its async writer, which starts a multiprocessing
     "spawn" manager (~5 s on the first save, and it needs non-daemonic processes) and forks writer processes
     on every save; the plain writer runs in the calling thread and writes the same format (loaded by
-    Megatron's default torch_dist load strategy)."""
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
+    Megatron's default torch_dist load strategy).
+
+    The common (non-tensor) state is always in ``common.pt`` (rank 0), whichever megatron-core writes it:
+    on 0.19 this strategy does (see ``jtok_train.compat.megatron.pop_common_state``)."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
-    class SyncTorchDistSave(TorchDistSaveShardedStrategy):
+    class SyncTorchDistSave(megatron_compat.torch_dist_save_strategy_class()):
         def save(self, sharded_state_dict, checkpoint_dir):
-            sd, _flat_mapping, _rename = _replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica
-            )
-            pyt = mcore_to_pyt_state_dict(sd, False)
+            ours, common = megatron_compat.pop_common_state(sharded_state_dict)
+            if ours and dist.get_rank() == 0:
+                torch.save(common, Path(checkpoint_dir) / "common.pt")
+            sd = megatron_compat.sharded_keys_state_dict(sharded_state_dict, self.keep_only_main_replica)
+            pyt = megatron_compat.to_pyt_state_dict(sd)
             writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True)
             if kill_after_bytes is not None:
                 _kill_while_writing(writer, kill_after_bytes)
-            dcp_save(pyt, storage_writer=writer,
-                     planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                              flatten_state_dict=False))
+            dcp_save(pyt, storage_writer=writer, planner=megatron_compat.save_planner(self.keep_only_main_replica))
 
     return SyncTorchDistSave("torch_dist", 1)
 

@@ -15,7 +15,9 @@ import yaml
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+# the launchers run the interpreter these tests run under (not whichever .venv the checkout has)
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+           JTOK_PYTHON=os.environ.get("JTOK_PYTHON", sys.executable))
 
 
 def _app(*args: str, **kw) -> subprocess.CompletedProcess:

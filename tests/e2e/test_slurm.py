@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def slurm(tmp_path):
     if proc.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
         pytest.fail(f"local SLURM cluster did not start:\n{proc.stdout}\n{proc.stderr}")
-    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # the job runs the interpreter these tests run under (not whichever .venv the checkout has)
+    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               JTOK_PYTHON=os.environ.get("JTOK_PYTHON", sys.executable))
     try:
         yield env
     finally:

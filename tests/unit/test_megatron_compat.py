@@ -1,0 +1,66 @@
+"""jtok_train.compat.megatron on the installed megatron-core (0.16.x and 0.19.x): a checkpoint has the same
+layout on both (torch_dist files + common.pt, no common state pickled inside the torch_dist files), and the
+patches of private Megatron names are undone when their block ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jtok_train.testing import run_distributed
+
+
+def _save_and_load(root: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from jtok_train.training.checkpoint import _MetadataUnpickler, _save_strategy, load_sharded_state, read_meta
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = Path(root) / "ckpt"
+    if rank == 0:
+        path.mkdir(parents=True)
+    dist.barrier()
+    local = torch.arange(4, dtype=torch.float32) + 4 * rank
+    meta = {"format": 1, "step": 7}
+    state = {"w": ShardedTensor.from_rank_offsets("w", local.clone(), (0, rank, world), replica_id=0), "meta": meta}
+    dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy())
+    dist.barrier()
+    with open(path / ".metadata", "rb") as f:
+        keys = sorted(_MetadataUnpickler(f).load().state_dict_metadata)
+    target = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), (0, rank, world), replica_id=0)}
+    loaded, missing, unexpected = load_sharded_state(target, path, "the test state")
+    return {"files": sorted(p.name for p in path.iterdir()), "keys": keys, "meta": read_meta(path),
+            "w": loaded["w"].tolist(), "expected": local.tolist(), "missing": sorted(missing),
+            "unexpected": sorted(unexpected), "loaded_meta": loaded.get("meta")}
+
+
+def test_checkpoint_layout_is_the_same_on_every_supported_version(tmp_path):
+    for got in run_distributed(_save_and_load, 2, str(tmp_path), timeout=300):
+        assert "common.pt" in got["files"] and "metadata.json" in got["files"], got["files"]
+        assert got["keys"] == ["w"], got["keys"]        # the common state is not inside the torch_dist files
+        assert got["meta"] == {"format": 1, "step": 7}
+        assert got["loaded_meta"] == {"format": 1, "step": 7}
+        assert got["w"] == got["expected"]
+        assert got["missing"] == [] and got["unexpected"] == []
+
+
+def test_patches_are_undone():
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    from jtok_train.compat import megatron as mc
+
+    before_planner = dict(MCoreLoadPlanner.__dict__)
+    before_filter = MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"]
+    seen = []
+    with mc.replace_load_bytes(lambda planner, read_item, value: None):
+        assert "load_bytes" in MCoreLoadPlanner.__dict__
+    with mc.replace_param_group_matching(lambda original: seen.append(original) or original):
+        assert MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"] is not before_filter
+    assert dict(MCoreLoadPlanner.__dict__) == before_planner
+    assert MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"] is before_filter
+    assert seen == [before_filter.__func__]
+    keys = mc.param_group_identifier_keys()
+    assert {"wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr"} <= set(keys)
