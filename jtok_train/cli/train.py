@@ -198,6 +198,11 @@ def _pop_flag(argv: list[str], name: str, takes_value: bool) -> Any:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--version"]:
+        from jtok_train.compat.megatron import versions
+
+        print(" ".join(f"{k} {v}" for k, v in versions().items()))
+        return
     _env_from_slurm()
     _MODE["argv"] = list(sys.argv)
     argv = sys.argv[1:]

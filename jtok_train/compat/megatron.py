@@ -37,8 +37,8 @@ def _fix_checkpoint_without_output_fp8() -> None:
     """``tensor_parallel.CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not None`` (True), so its
     forward asks Transformer Engine's FP8GlobalStateManager whether FP8 is on; without Transformer Engine
     that name is undefined and the selective recompute of ``layernorm`` (and MoE's ``moe_act``) fails with a
-    NameError. Without TE there is no FP8: force the flag off. Checked on megatron-core 0.16.1
-    (tensor_parallel/random.py, CheckpointWithoutOutput.__init__); a no-op where TE is installed."""
+    NameError. Without TE there is no FP8: force the flag off. Checked on megatron-core 0.16.1 and 0.19.2
+    (tensor_parallel/random.py, CheckpointWithoutOutput.__init__: the same line in both); a no-op where TE is installed."""
     from megatron.core.tensor_parallel import random as mrandom
 
     cls = getattr(mrandom, "CheckpointWithoutOutput", None)
@@ -59,8 +59,8 @@ def _fix_fully_reshardable_load_without_apex() -> None:
     optimizer's per-parameter state from the checkpoint; without Apex/Transformer Engine (torch's AdamW) that
     state holds ``step``, which the fully_reshardable layout does not store (the step travels in the param
     groups and ``load_state_dict`` has already set it), so the load fails with KeyError 'step'. Keep the step
-    that was just set. Checked on megatron-core 0.16.1 (optimizer/distrib_optimizer.py,
-    _set_main_param_and_optimizer_states); a no-op with Apex/TE."""
+    that was just set. Checked on megatron-core 0.16.1 and 0.19.2 (optimizer/distrib_optimizer.py,
+    _set_main_param_and_optimizer_states, unchanged); a no-op with Apex/TE."""
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
@@ -90,8 +90,8 @@ def _fix_shared_step_after_load_without_apex() -> None:
     left the uninterrupted one. And with the dp_reshardable layout the per-bucket ``step`` entries are
     LocalNonpersistentObjects, so the parameter-state load then copies the *current* (fresh: 0) step over it.
     The checkpoint's step is in the loaded param groups: give each parameter its own tensor of it. Checked on
-    megatron-core 0.16.1 (optimizer/distrib_optimizer.py, load_state_dict and
-    load_parameter_state_from_dp_reshardable); a no-op with Apex/TE (the step lives in the groups)."""
+    megatron-core 0.16.1 and 0.19.2 (optimizer/distrib_optimizer.py, load_state_dict and
+    load_parameter_state_from_dp_reshardable, the same code); a no-op with Apex/TE (the step lives in the groups)."""
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
@@ -240,3 +240,67 @@ def replace_param_group_matching(
         yield
     finally:
         MegatronOptimizer._filter_and_reorder_param_groups = old
+
+
+def allocate_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh DistributedOptimizer's torch optimizer its states (zeros, step 0) before a load.
+
+    Without Apex/Transformer Engine (the CPU path), ``DistributedOptimizer.state_dict()`` reads the step from
+    the torch optimizer's per-parameter states, which exist only after a first step, and
+    ``sharded_state_dict(is_loading=True)`` calls it first (checked on megatron-core 0.16.1 and 0.19.2:
+    optimizer/distrib_optimizer.py, state_dict). The states are overwritten by the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+                inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+
+
+# -- versions ---------------------------------------------------------------------------------------------------
+# The megatron-core releases CI runs the whole suite on (.ci/run): 0.16.1 on Python 3.11, 0.19.2 on Python 3.12.
+TESTED_MEGATRON = ("0.16.1", "0.19.2")
+_WARNED: set[str] = set()
+
+
+def versions() -> dict[str, str]:
+    """Versions of what a run depends on (``jtok-train --version`` and the run's log)."""
+    from importlib import metadata
+
+    import jtok_train
+
+    out = {"jtok-train": jtok_train.__version__, "torch": torch.__version__}
+    for dist in ("megatron-core", "transformer-engine", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def warn_if_untested() -> str | None:
+    """One warning per process when the installed megatron-core is not a release CI tests; returns it."""
+    import warnings
+
+    from packaging.version import Version
+
+    have = versions()["megatron-core"]
+    if have == "not installed" or have in _WARNED:
+        return None
+    try:
+        tested = Version(have).release[:3] in {Version(v).release[:3] for v in TESTED_MEGATRON}
+    except Exception:  # noqa: BLE001 - an unparsable local version string is untested too
+        tested = False
+    if tested:
+        return None
+    _WARNED.add(have)
+    msg = (f"megatron-core {have} is not a version jtok-train is tested on (CI: {', '.join(TESTED_MEGATRON)}; "
+           f"range {TESTED_MEGATRON[0]}..{TESTED_MEGATRON[-1]}): private Megatron names in "
+           "jtok_train/compat/megatron.py may have moved")
+    warnings.warn(msg, stacklevel=2)
+    return msg

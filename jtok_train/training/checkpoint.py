@@ -511,30 +511,10 @@ def optimizer_layout(cfg: Any) -> dict:
     return {"distributed": True, "format": str(cfg.train.ckpt_optim_format)}
 
 
-def _allocate_distributed_optimizer_state(optimizer: Any) -> None:
-    """Give a fresh DistributedOptimizer's torch optimizer its states (zeros, step 0) before a load.
-
-    Without Apex/Transformer Engine (the CPU path), ``DistributedOptimizer.state_dict()`` reads the step from
-    the torch optimizer's per-parameter states, which exist only after a first step, and
-    ``sharded_state_dict(is_loading=True)`` calls it first (checked on megatron-core 0.16.1). The states
-    are overwritten by the load."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
-                inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
-                inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
-
-
 def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None = None) -> dict:
     model_sd = trainer.model.sharded_state_dict()
     if is_loading:
-        _allocate_distributed_optimizer_state(trainer.optimizer)
+        megatron_compat.allocate_distributed_optimizer_state(trainer.optimizer)
     layout = layout or optimizer_layout(trainer.cfg)
     # Megatron's default distributed-optimizer layout (fully_sharded_model_space) uses flattened ShardedTensors,
     # which its torch_dist strategy no longer writes: name a supported one.

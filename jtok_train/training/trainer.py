@@ -61,6 +61,11 @@ class Trainer:
         self.threads = _set_threads(cfg)
         init_distributed(p.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.rank == 0:
+            from jtok_train.compat.megatron import versions, warn_if_untested
+
+            print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+            warn_if_untested()
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         validate(cfg, world_size=self.world, tokenizer_vocab=self.tokenizer.vocab_size)
         init_model_parallel(

@@ -64,3 +64,24 @@ def test_patches_are_undone():
     assert seen == [before_filter.__func__]
     keys = mc.param_group_identifier_keys()
     assert {"wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr"} <= set(keys)
+
+
+def test_version_line_and_one_warning_for_an_untested_megatron(monkeypatch):
+    import subprocess
+    import sys
+    import warnings
+    from importlib import metadata
+
+    from jtok_train.compat import megatron as mc
+
+    out = subprocess.run([sys.executable, "-m", "jtok_train", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"megatron-core {metadata.version('megatron-core')}" in out.stdout and "torch " in out.stdout
+    assert metadata.version("megatron-core") in mc.TESTED_MEGATRON          # CI runs a tested release
+    assert mc.warn_if_untested() is None
+    monkeypatch.setattr(mc, "versions", lambda: {"megatron-core": "0.21.0"})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first, second = mc.warn_if_untested(), mc.warn_if_untested()
+    assert first and "0.21.0" in first and "0.16.1, 0.19.2" in first and second is None
+    assert len([w for w in seen if "0.21.0" in str(w.message)]) == 1
