@@ -115,7 +115,8 @@ def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_datas
     assert (ck / "step_0000003.partial").is_dir() and not (ck / "step_0000003").exists()
     # 2) resumes from step 2; SIGKILL at a random later step
     seed = os.environ.get("JTOK_TEST_SEED") or str(random.SystemRandom().randrange(1 << 30))
-    kill_at = random.Random(seed).randint(3, STEPS - 1)
+    # from step 4 on: the resumed run has then completed its step-3 save, which removes the killed save's .partial
+    kill_at = random.Random(seed).randint(4, STEPS - 1)
     print(f"JTOK_TEST_SEED={seed}: SIGKILL after step {kill_at}")
     procs = _launch(1, _args(small_dataset, run), run)
     _wait_for_step(run, kill_at, procs)
