@@ -37,6 +37,15 @@ CONFIGS = {
 }
 
 
+def interleaved_runs(configs: list[str], variants: dict[str, list[str]], repeats: int, steps: int,
+                     tag: str = "") -> list[tuple[str, str, list[str]]]:
+    """(config, variant, overrides) for every config x repeat x variant, variants interleaved (A B C A B C ...)."""
+    return [(config, variant, CONFIGS[config] + ov + [
+        "data=demo", "train=demo", f"train.train_iters={steps}", "train.save=false", "train.progress=false",
+        "logging.wandb=false", "train.eval_samples=8", f"train.run_dir=/tmp/jtok_bench/{tag}{config}_{variant}_{rep}"])
+        for config in configs for rep in range(repeats) for variant, ov in variants.items()]
+
+
 def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
@@ -72,15 +81,7 @@ def main() -> None:
 
     from jtok_train.testing import run_distributed
 
-    runs = []
-    for config in args.configs:
-        for rep in range(args.repeats):
-            for variant in args.variants:
-                ov = VARIANTS[variant]
-                runs.append((config, variant, CONFIGS[config] + ov + [
-                    "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
-                    "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
-                    f"train.run_dir=/tmp/jtok_bench/{config}_{variant}_{rep}"]))
+    runs = interleaved_runs(args.configs, {v: VARIANTS[v] for v in args.variants}, args.repeats, args.steps)
     per_rank = run_distributed(_measure, 2, runs, timeout=3600)
     results: dict[tuple[str, str], dict] = {}
     for rank_res in per_rank:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.exchange_bench import CONFIGS  # noqa: E402
+from benchmarks.exchange_bench import interleaved_runs  # noqa: E402
 
 VARIANTS = {
     "ddp": [],
@@ -61,14 +61,8 @@ def main() -> None:
 
     from jtok_train.testing import run_distributed
 
-    runs = []
-    for config in args.configs:
-        for rep in range(args.repeats):
-            for variant, ov in VARIANTS.items():
-                runs.append((config, variant, CONFIGS[config] + COMMON + ov + [
-                    "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
-                    "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
-                    f"train.run_dir=/tmp/jtok_bench/prod_{config}_{variant}_{rep}"]))
+    runs = interleaved_runs(args.configs, {v: COMMON + ov for v, ov in VARIANTS.items()}, args.repeats, args.steps,
+                            tag="prod_")
     per_rank = run_distributed(_run, 2, runs, timeout=3600)
     agg: dict[tuple[str, str], dict] = {}
     for rank_res in per_rank:
