@@ -410,6 +410,8 @@ class Trainer:
             loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
             # the loss and the grad norm are reduced over ranks: every rank takes the same branch
             ok, grad_norm = self._optimizer_step() if math.isfinite(loss) else (False, None)
+            if not math.isfinite(loss) and self.table_opt is not None:
+                self.table.finish_backward()   # collect this step's row gradients: the next zero_grad drops them
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
             if ok:
                 self.scheduler.step(increment=G)
