@@ -1,6 +1,6 @@
 """Megatron-Core behaviour this project corrects or depends on, in one place (version ranges per entry).
 
-jtok_train supports megatron-core 0.16.1 and 0.19.x (``megatron-core>=0.16.1,<0.20``). Every
+jtok_train supports megatron-core 0.16.1 to 0.19.2 (``megatron-core>=0.16.1,<=0.19.2``, what CI tests). Every
 version-dependent or private Megatron-Core name the project uses outside the CPU bridge lives here, each entry
 with the megatron-core versions it was checked on and the upstream code or change it tracks; any choice
 between versions is made in this module only, the callers see one behaviour. Unlike ``compat/cpu.py``
@@ -27,6 +27,10 @@ __all__ = [
     "replace_load_bytes",
     "param_group_identifier_keys",
     "replace_param_group_matching",
+    "allocate_distributed_optimizer_state",
+    "TESTED_MEGATRON",
+    "versions",
+    "warn_if_untested",
 ]
 
 # -- fixes applied once, when Megatron's parallel state is set up (apply_megatron_fixes) ----------------
