@@ -257,20 +257,14 @@ class _weights_only_objects:
     ``torch.load(weights_only=True)`` instead of torch.distributed.checkpoint's ``weights_only=False``."""
 
     def __enter__(self):
-        def load_bytes(planner, read_item, value):
+        def read_object(value, fqn):
             try:
-                obj = torch.load(value, weights_only=True)
+                return torch.load(value, weights_only=True)
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint object {read_item.dest_index.fqn} is not plain data "
+                raise CheckpointError(f"checkpoint object {fqn} is not plain data "
                                       f"({type(e).__name__}): refused, loading runs no pickled code") from None
-            if planner.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element
 
-                set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
-            else:
-                planner.state_dict[read_item.dest_index.fqn] = obj
-
-        self._cm = megatron_compat.replace_load_bytes(load_bytes)
+        self._cm = megatron_compat.replace_load_bytes(read_object)
         self._cm.__enter__()
         return self
 
