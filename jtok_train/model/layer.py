@@ -91,10 +91,9 @@ class JTokTransformerLayer(TransformerLayer):
         self.replays = 0   # forwards replayed by full recompute (tests, logging)
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_load: torch.Tensor | None = None   # JTok-M f_i of the last forward (logging)
+        # this layer's rows in the stage's token table (its place among the stage's layers; the model sets it)
+        self.table_index = self.layer_number - 1
 
-    @property
-    def table_index(self) -> int:
-        return self.layer_number - 1   # the provider holds the layers of this stage (PP = 1 for now)
 
     def _rows_for_this_forward(self) -> tuple[TokenRows, torch.Tensor]:
         """The micro-batch's rows and this layer's slice of them. Under Megatron's full recompute the layer

@@ -301,6 +301,8 @@ class Trainer:
         local = torch.stack([o["lm_loss"] for o in outs]).mean() if outs else torch.zeros(())
         from megatron.core import parallel_state as ps
 
+        if ps.get_pipeline_model_parallel_world_size() > 1:   # only the last stage has the loss: the others add 0
+            dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(local, group=ps.get_data_parallel_group())
         return float(local) / self.dp_size
 
