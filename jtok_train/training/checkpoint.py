@@ -502,7 +502,10 @@ def optimizer_layout(cfg: Any) -> dict:
     load uses the checkpoint's layout, not the current config's."""
     if not cfg.parallel.use_distributed_optimizer:
         return {"distributed": False, "format": None}
-    return {"distributed": True, "format": str(cfg.train.ckpt_optim_format)}
+    p = cfg.parallel
+    return {"distributed": True, "format": str(cfg.train.ckpt_optim_format),
+            "model_parallel": [int(p.tensor_model_parallel_size), int(p.pipeline_model_parallel_size),
+                               int(p.expert_model_parallel_size)]}
 
 
 def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None = None) -> dict:
@@ -644,6 +647,13 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
         raise CheckpointError(f"checkpoint {path} holds the states of the "
                               f"{'distributed' if saved_layout['distributed'] else 'plain'} optimizer: resume with "
                               f"parallel.use_distributed_optimizer={str(saved_layout['distributed']).lower()}")
+    now = optimizer_layout(trainer.cfg).get("model_parallel")
+    was = saved_layout.get("model_parallel")
+    if saved_layout.get("format") == "dp_reshardable" and was is not None and was != now:
+        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at TP/PP/EP = "
+                              f"{'/'.join(map(str, was))}, which reshards over data parallelism only: resume at "
+                              f"TP/PP/EP = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
+                              "train.ckpt_optim_format=fully_reshardable")
     state = _state(trainer, is_loading=True, rng=rng, layout=saved_layout)
     loaded, missing, unexpected = load_sharded_state(state, path, "this model")
     missing = sorted(k for k in missing if not k.startswith("rng."))
