@@ -133,7 +133,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     "Tensor parallel size."
     pipeline_model_parallel_size: int = 1
-    "Pipeline parallel size (JTok needs 1 for now)."
+    "Pipeline parallel size (Megatron's 1F1B schedule); must divide model.num_layers. Each stage holds its layers' JTok tables."
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    "Interleaved (virtual) pipeline stages per rank: not supported yet (None or 1)."
     expert_model_parallel_size: int = 1
     "Expert parallel size (MoE)."
     expert_tensor_parallel_size: Optional[int] = None
@@ -396,6 +398,10 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.num_experts is not None and m.num_experts % p.expert_model_parallel_size == 0,
               "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
               f"needs an MoE model whose num_experts ({m.num_experts}) it divides")
+    vpp = p.virtual_pipeline_model_parallel_size
+    _need(vpp in (None, 1), "parallel.virtual_pipeline_model_parallel_size", vpp,
+          "interleaved pipeline stages are not supported yet: use null (1F1B with "
+          "parallel.pipeline_model_parallel_size stages)")
     if p.pipeline_model_parallel_size > 1:
         pp = p.pipeline_model_parallel_size
         _need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp,
