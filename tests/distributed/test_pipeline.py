@@ -91,12 +91,15 @@ def test_pp2_on_two_ranks_equals_one_stage(small_dataset, tmp_path):
 
 
 def test_pp2_with_data_and_expert_parallelism_on_four_ranks(small_dataset, tmp_path):
-    """PP 2 x DP 2 (sharded JTok-M tables, distributed optimizer) and PP 2 x EP 2 on 4 ranks against the same
-    data-parallel layout without PP on 2 ranks (the same data-parallel sums, so the PP tolerance holds)."""
+    """PP 2 x DP 2 (sharded JTok-M tables, distributed optimizer), PP 2 x EP 2 and PP 2 x TP 2 + SP on 4 ranks
+    against the same layout without PP on 2 ranks (the same data- and tensor-parallel sums, so the PP tolerance
+    holds)."""
     cases = {
         "moe_jtokm_sharded_distopt_dp2": (dict(), {"parallel.embedding": "sharded",
                                                    "parallel.use_distributed_optimizer": "true"}),
         "moe_jtokm_ep2": (dict(), {"parallel.expert_model_parallel_size": 2}),
+        "moe_jtokm_sharded_tp2_sp": (dict(), {"parallel.embedding": "sharded", "parallel.tensor_model_parallel_size": 2,
+                                              "parallel.sequence_parallel": "true"}),
     }
     ref, pp = [], []
     for name, (kw, par) in cases.items():
