@@ -146,7 +146,8 @@ class JTokTransformerLayer(TransformerLayer):
                     residual, out.aux_loss, per_token_loss=bool(getattr(cfg, "calculate_per_token_loss", False)),
                     num_local_tokens=hidden_states.shape[0] * hidden_states.shape[1],
                     tp_cp_size=(getattr(self.pg_collection, "tp_cp", None) or self.pg_collection.tp).size())
-            if not checkpointed:   # a recomputed layer reports its aux loss once, from the replay (as Megatron's router)
+            if self.training and not checkpointed:
+                # as Megatron's router: logged in training only, and by a recomputed layer once (from the replay)
                 # logged like the router's load_balancing_loss: without the coefficient, summed over the shards
                 megatron_compat.record_aux_loss(JTOKM_AUX_LOSS_NAME, out.balance, self.layer_number,
                                                 cfg.num_layers, reduce_group=group)
