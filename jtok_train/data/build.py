@@ -211,12 +211,17 @@ def _chunks(docs: Iterator, chunk_docs: int) -> Iterator[Tuple[List[str], Tuple[
     """(texts, end position) of consecutive chunks; end position = where the stream resumes after the chunk."""
     buf: List[str] = []
     end = (0, 0)
-    for d in docs:
-        buf.append(d.text)
-        end = (d.file, d.record + 1)
-        if len(buf) == chunk_docs:
+    try:
+        for d in docs:
+            buf.append(d.text)
+            end = (d.file, d.record + 1)
+            if len(buf) == chunk_docs:
+                yield buf, end
+                buf = []
+    except CorpusError:
+        if buf:  # what was read before a bad input file: the caller may keep it
             yield buf, end
-            buf = []
+        raise
     if buf:
         yield buf, end
 

@@ -202,7 +202,7 @@ def _unreadable(f: InputFile, e: BaseException) -> CorpusError:
 
 
 def _missing_field(f: InputFile, field: str, have: Sequence[str]) -> CorpusError:
-    return CorpusError(f"input file {f.path} has no text field {field!r} (it has: {', '.join(map(str, have)) or 'none'})"
+    return CorpusError(f"input file {f.path} has no text field {field!r} (it has: {', '.join(map(repr, have)) or 'none'})"
                        f"; pass --text-field with one of those")
 
 
