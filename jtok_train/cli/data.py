@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,stats}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,stats,blend}")
 
     b = sub.add_parser(
         "build",
@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, action="append",
                    help="window size in tokens (repeatable; default 2048)")
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    bl = sub.add_parser(
+        "blend",
+        help="print data.prefixes / data.weights for a blend of built datasets (shards expanded)",
+        description="Read the manifest of each built dataset directory and print a data config blending them by "
+        "the given weights: a dataset built with --shard-tokens contributes one prefix per shard, its weight "
+        "shared among them by tokens. Paste the output into a configs/data/*.yaml (or pass --out FILE).",
+    )
+    bl.add_argument("members", nargs="+", metavar="DIR:WEIGHT", help="a dataset directory and its weight")
+    bl.add_argument("--out", default=None, help="write the YAML here instead of printing it")
     return p
 
 
@@ -176,6 +186,29 @@ def _cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_blend(a: argparse.Namespace) -> int:
+    import os
+
+    from jtok_train.data.build import blend_config
+
+    members = []
+    for m in a.members:
+        path, sep, w = m.rpartition(":")
+        if not sep or not path:
+            raise ValueError(f"blend member {m!r}: write DIR:WEIGHT, e.g. data/web:0.3")
+        members.append((path, float(w)))
+    text = blend_config(members)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, a.out)
+        print(f"wrote {a.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
@@ -188,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if a.command == "build":
             return _cmd_build(a)
+        if a.command == "blend":
+            return _cmd_blend(a)
         return _cmd_stats(a)
     except (CorpusError, DataFileError, FileNotFoundError, ValueError) as e:
         print(f"jtok-data: error: {e}", file=sys.stderr)

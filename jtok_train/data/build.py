@@ -47,7 +47,7 @@ from jtok_train.data.sources import InputFile, count_records, inputs_digest, ite
 from jtok_train.data.tokenizer import CONFIG_NAME, Tokenizer, load_tokenizer, padded_vocab_size, train_tokenizer
 
 __all__ = ["PREFIX_NAME", "MANIFEST_NAME", "BuildResult", "fingerprint_inputs", "build_dataset",
-           "dataset_stats", "unique_ratio_per_window", "DEFAULT_CHUNK_DOCS", "DEFAULT_PART_TOKENS"]
+           "dataset_stats", "unique_ratio_per_window", "blend_config", "DEFAULT_CHUNK_DOCS", "DEFAULT_PART_TOKENS"]
 
 PREFIX_NAME = "text_document"
 MANIFEST_NAME = "manifest.json"
@@ -617,6 +617,36 @@ def _result(m: Dict[str, Any], out: Path, skipped: bool) -> BuildResult:
     r["prefix_paths"] = [str(out / n) for n in names]
     r["prefix_path"] = r["prefix_paths"][0]
     return r
+
+
+def blend_config(members: Sequence[Tuple[PathLike, float]]) -> str:
+    """YAML for ``configs/data/``: the prefixes and weights of a blend of built dataset directories.
+
+    Each member is (directory with a manifest.json, weight); a sharded dataset's weight is shared among its shards
+    in proportion to their tokens, so the blend draws from each dataset as asked. All members must share one
+    tokenizer (checked by sha256)."""
+    prefixes: List[str] = []
+    weights: List[float] = []
+    sha = tok = None
+    for d, w in members:
+        mpath = Path(d) / MANIFEST_NAME
+        if not mpath.is_file():
+            raise DataFileError(f"{mpath} is missing: build the dataset first (`jtok-data build --out {d} ...`)")
+        m = json.loads(mpath.read_text())
+        if sha is None:
+            sha, tok = m["tokenizer_sha256"], str(Path(d) / m.get("tokenizer", TOKENIZER_NAME))
+        elif m["tokenizer_sha256"] != sha:
+            raise DataFileError(f"{d} was built with another tokenizer than {tok}; rebuild it with "
+                                f"`jtok-data build --tokenizer {tok} --out {d} --force ...`")
+        infos = [validate_indexed(Path(d) / n) for n in _output_prefixes(m)]
+        total = sum(i.num_tokens for i in infos)
+        for i in infos:
+            prefixes.append(i.prefix)
+            weights.append(float(w) * i.num_tokens / max(total, 1))
+    lines = ["# written by `jtok-data blend`: " + " ".join(f"{d}:{w}" for d, w in members), "prefixes:"]
+    lines += [f"  - {p}" for p in prefixes]
+    lines += ["weights: [" + ", ".join(f"{w:.6g}" for w in weights) + "]", f"tokenizer: {tok}", 'split: "98,2,0"']
+    return "\n".join(lines) + "\n"
 
 
 def unique_ratio_per_window(tokens: np.ndarray, window: int) -> np.ndarray:

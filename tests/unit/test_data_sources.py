@@ -349,3 +349,50 @@ def test_peak_memory_is_flat_in_corpus_size(corpus, tmp_path):
     # the extra text (a reader holding the corpus would add at least all of it, as str; the quarter leaves room for
     # allocator noise and the per-document index, 12 bytes a document).
     assert peaks["large"] - peaks["small"] <= 0.25 * (large_chars - small_chars), (peaks, large_chars)
+
+
+# ------------------------------------------------------------------------------------------------- blends
+
+
+def test_blend_example_config_trains(corpus, tmp_path):
+    """configs/data/blend_example.yaml as shipped (its root moved with JTOK_DATA) trains the tiny model."""
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path / "data"
+    kept = corpus["kept"]
+    demo = build_dataset(str(_write_text_dir(tmp_path / "txt", kept[:400])), root / "demo", vocab_size=512, **QUIET)
+    web = _build(str(_write_parquet(tmp_path / "web.parquet", kept[400:])), root / "web",
+                 root / "demo" / "tokenizer.json")
+    assert web["tokenizer_sha256"] == demo["tokenizer_sha256"]
+    run = tmp_path / "run"
+    args = [o for o in tiny_overrides({"prefix": "", "tokenizer": ""}, str(run), dense=True, jtok="jtok")
+            if not o.startswith("data.")] + ["data=blend_example"]
+    proc = subprocess.run([sys.executable, "-m", "jtok_train", *args], capture_output=True, text=True, timeout=600,
+                          env=dict(ENV, JTOK_DATA=str(root)), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = (run / ".hydra" / "config.yaml").read_text()
+    assert "blend_example" in (run / ".hydra" / "overrides.yaml").read_text() and "weights:" in cfg
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_blend_command_expands_shards_by_tokens(corpus, tmp_path, capsys):
+    from jtok_train.cli.data import main
+
+    tp = corpus["tok_path"]
+    src = str(_write_parquet(tmp_path / "c.parquet", corpus["kept"]))
+    sh = _build(src, tmp_path / "sh", tp, shard_tokens=20_000)
+    one = _build(src, tmp_path / "one", tp)
+    assert main(["blend", f"{tmp_path / 'sh'}:0.25", f"{tmp_path / 'one'}:0.75"]) == 0
+    import yaml  # omegaconf's dependency
+
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["prefixes"] == sh.prefixes + one.prefixes
+    tokens = [validate_indexed(p).num_tokens for p in sh.prefixes]
+    assert cfg["weights"][:-1] == pytest.approx([0.25 * t / sum(tokens) for t in tokens], rel=1e-5)  # %.6g
+    assert cfg["weights"][-1] == 0.75 and cfg["tokenizer"].endswith("tokenizer.json")
+    other = build_dataset(src, tmp_path / "other", vocab_size=300, **QUIET)
+    assert other["vocab_size"] != 512
+    assert main(["blend", f"{tmp_path / 'sh'}:1", f"{tmp_path / 'other'}:1"]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
