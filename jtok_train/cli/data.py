@@ -49,7 +49,7 @@ examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jtok-data",
-        description="Build and inspect jtok-train datasets (Megatron .bin/.idx with a byte-level BPE tokenizer).",
+        description="Build, inspect and blend jtok-train datasets (Megatron .bin/.idx).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -58,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="corpus -> tokenizer -> indexed dataset (skipped when already up to date)",
-        description="Read a corpus, train a byte-level BPE tokenizer (or reuse one), and write a Megatron indexed "
-        "dataset with one document per entry and <|endoftext|> appended. Idempotent: a manifest with a "
-        "fingerprint of the inputs and settings makes a repeated build a no-op.",
+        description="Stream one or more corpora, train a byte-level BPE tokenizer (or use a given Hugging Face "
+        "tokenizer), and write a Megatron indexed dataset with one document per entry and the end-of-document id "
+        "appended, tokenized in --workers processes (same bytes for any number). Idempotent: a manifest with a "
+        "fingerprint of the inputs and settings makes a repeated build a no-op; an interrupted build resumes.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

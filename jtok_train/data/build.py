@@ -43,7 +43,14 @@ import numpy as np
 
 from jtok_train.data.corpus import DEFAULT_MAX_DOC_CHARS, CorpusError
 from jtok_train.data.indexed import DataFileError, token_dtype, validate_indexed
-from jtok_train.data.sources import InputFile, count_records, inputs_digest, iter_stream, resolve_inputs
+from jtok_train.data.sources import (
+    InputFile,
+    count_records,
+    inputs_digest,
+    iter_stream,
+    prefix_digests,
+    resolve_inputs,
+)
 from jtok_train.data.tokenizer import CONFIG_NAME, Tokenizer, load_tokenizer, padded_vocab_size, train_tokenizer
 
 __all__ = ["PREFIX_NAME", "MANIFEST_NAME", "BuildResult", "fingerprint_inputs", "build_dataset",
@@ -239,7 +246,6 @@ class _Part:
     """One part being written: Megatron's IndexedDatasetBuilder on temporary names."""
 
     def __init__(self, prefix: Path, dtype):
-        import torch  # noqa: F401  (IndexedDatasetBuilder.add_item takes tensors)
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = prefix
@@ -285,16 +291,17 @@ def _record_path(out: Path, i: int) -> Path:
     return out / PARTS_DIR / f"part_{i:05d}.json"
 
 
-def _finished_parts(out: Path, sharded: bool, settings_fp: str, files: Sequence[InputFile], log) -> List[Dict]:
-    """The parts of an earlier, interrupted build that this build can keep (a prefix of them); removes the rest."""
+def _finished_parts(out: Path, sharded: bool, settings_fp: str, digests: Sequence[str]) -> List[Dict]:
+    """The parts of an earlier, interrupted build that this build can keep (a prefix of them); removes the rest.
+    ``digests[i]``: the digest of the first i+1 input files (a part keeps if the files it read are unchanged)."""
     kept: List[Dict[str, Any]] = []
     i = 0
     while _record_path(out, i).is_file():
         try:
             rec = json.loads(_record_path(out, i).read_text())
             ok = (rec.get("settings") == settings_fp and rec.get("index") == i
-                  and rec["end"][0] < len(files)
-                  and rec.get("inputs") == inputs_digest(files[: rec["end"][0] + 1]))
+                  and rec["end"][0] < len(digests)
+                  and rec.get("inputs") == digests[rec["end"][0]])
             if ok:
                 info = validate_indexed(_part_prefix(out, i, sharded))
                 ok = info.num_documents == rec["docs"] and info.num_tokens == rec["tokens"]
@@ -467,7 +474,8 @@ def build_dataset(
     settings_fp = _sha({k: v for k, v in settings.items() if k not in ("num_files", "total_bytes")}
                        | {"tokenizer": tok.sha256, "eod": tok.eod})
     (out / PARTS_DIR).mkdir(exist_ok=True)
-    parts = _finished_parts(out, sharded, settings_fp, files, log)
+    digests = prefix_digests(files)
+    parts = _finished_parts(out, sharded, settings_fp, digests)
     n_resumed = len(parts)
     start = tuple(parts[-1]["end"]) if parts else (0, 0)
     done_docs = sum(p["docs"] for p in parts)
@@ -498,7 +506,7 @@ def build_dataset(
         nonlocal part
         assert part is not None
         rec = {"index": len(parts), "settings": settings_fp, "end": list(end),
-               "inputs": inputs_digest(files[: end[0] + 1])}
+               "inputs": digests[end[0]]}
         parts.append(part.commit(_record_path(out, len(parts)), rec))
         part = None
 

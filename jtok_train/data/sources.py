@@ -44,8 +44,8 @@ from jtok_train.data.corpus import (
     split_on_headings,
 )
 
-__all__ = ["InputFile", "StreamDoc", "resolve_inputs", "inputs_digest", "iter_stream", "count_records",
-           "JSONL_SUFFIXES", "KINDS"]
+__all__ = ["InputFile", "StreamDoc", "resolve_inputs", "inputs_digest", "prefix_digests", "iter_stream",
+           "count_records", "JSONL_SUFFIXES", "KINDS"]
 
 JSONL_SUFFIXES: Tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 KINDS = ("parquet", "jsonl", "text", "hf")
@@ -124,8 +124,8 @@ def _one_source(spec: str, pattern: Optional[str]) -> List[InputFile]:
             kinds = {"parquet" if q.suffix.lower() == ".parquet" else "jsonl" if _jsonl_like(q) else "text"
                      for q in paths}
             if len(kinds) > 1:
-                raise CorpusError(f"--source {spec}: the glob matches files of several kinds ({', '.join(sorted(kinds))})"
-                                  "; narrow it, e.g. to *.parquet")
+                raise CorpusError(f"--source {spec}: the glob matches files of several kinds "
+                                  f"({', '.join(sorted(kinds))}); narrow it, e.g. to *.parquet")
             kind = kinds.pop()
         return [InputFile(_file_kind(kind), str(q), q.stat().st_size, str(q)) for q in paths]
     if p.is_file():
@@ -150,7 +150,8 @@ def _one_source(spec: str, pattern: Optional[str]) -> List[InputFile]:
             else:
                 kind = "text"
         if kind == "hf":
-            return [InputFile("arrow", str(q), q.stat().st_size, f"{root.name}/{q.name}") for q in _hf_files(root, spec)]
+            return [InputFile("arrow", str(q), q.stat().st_size, f"{root.name}/{q.name}")
+                    for q in _hf_files(root, spec)]
         if kind == "text":
             files = corpus_files(root, pattern)
             if not files:
@@ -185,10 +186,17 @@ def resolve_inputs(sources: Sequence[str], pattern: Optional[str] = None) -> Lis
 
 def inputs_digest(files: Sequence[InputFile]) -> str:
     """sha256 of the (kind, path, size) of ``files``, in order: what a resumed build checks its parts against."""
+    return prefix_digests(files)[-1] if files else hashlib.sha256().hexdigest()
+
+
+def prefix_digests(files: Sequence[InputFile]) -> List[str]:
+    """``[inputs_digest(files[:1]), inputs_digest(files[:2]), ...]`` in one pass."""
     h = hashlib.sha256()
+    out: List[str] = []
     for f in files:
         h.update(json.dumps([f.kind, f.path, f.size]).encode())
-    return h.hexdigest()
+        out.append(h.copy().hexdigest())
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -202,8 +210,9 @@ def _unreadable(f: InputFile, e: BaseException) -> CorpusError:
 
 
 def _missing_field(f: InputFile, field: str, have: Sequence[str]) -> CorpusError:
-    return CorpusError(f"input file {f.path} has no text field {field!r} (it has: {', '.join(map(repr, have)) or 'none'})"
-                       f"; pass --text-field with one of those")
+    fields = ", ".join(map(repr, have)) or "none"
+    return CorpusError(f"input file {f.path} has no text field {field!r} (it has: {fields}); pass --text-field with "
+                       "one of those")
 
 
 def _text_records(f: InputFile, max_doc_chars: Optional[int], start: int) -> Iterator[Tuple[int, str]]:

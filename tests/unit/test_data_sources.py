@@ -22,7 +22,7 @@ import pytest
 
 from jtok_train.data.build import build_dataset
 from jtok_train.data.corpus import CorpusError
-from jtok_train.data.indexed import read_documents, validate_indexed
+from jtok_train.data.indexed import read_documents, validate_indexed, write_indexed_dataset
 from jtok_train.data.sources import resolve_inputs
 from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size, train_tokenizer
 from tests.conftest import _real_text_files
@@ -103,6 +103,9 @@ def test_every_source_gives_the_text_path_token_stream(corpus, tmp_path):
     expected = [tok.encode(t) + [tok.eod] for t in corpus["kept"]]
     assert [a.tolist() for a in read_documents(text.prefix)] == expected
     ref = _files(text.prefix)
+    # the chunked writer gives the bytes of Megatron's per-document add_item + end_document path
+    write_indexed_dataset(tmp_path / "per_doc", [e[:-1] for e in expected], tok.vocab_size, tok.eod)
+    assert _files(tmp_path / "per_doc") == ref
 
     _write_parquet(tmp_path / "pq" / "shard_0.parquet", docs[:half])
     _write_parquet(tmp_path / "pq" / "shard_1.parquet", docs[half:], row_group=50)
@@ -309,10 +312,22 @@ def test_killed_build_resumes_to_the_same_output(corpus, tmp_path):
 
 
 _PEAK = """
-import resource, sys
+import resource, sys, threading, time
+import psutil
+import pyarrow.parquet, tokenizers  # noqa: F401  the imports first: their memory is the baseline
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
 from jtok_train.cli.data import main
+proc, peak, done = psutil.Process(), [0], threading.Event()
+base = proc.memory_info().rss
+def sample():  # the build's own peak: ru_maxrss alone can be set by an import-time transient
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.02)
+t = threading.Thread(target=sample, daemon=True)
+t.start()
 rc = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+done.set(); t.join()
+print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "BASE", base, "SAMPLED", peak[0])
 sys.exit(rc)
 """
 
@@ -333,22 +348,27 @@ def test_peak_memory_is_flat_in_corpus_size(corpus, tmp_path):
         return chars
 
     small_chars, large_chars = make(tmp_path / "small", 2), make(tmp_path / "large", 20)
-    peaks = {}
+    peaks, sampled_peaks = {}, {}
     for name in ("small", "large"):
         p = subprocess.run([sys.executable, "-c", _PEAK, "build", "--source", tmp_path / name, "--tokenizer", tp,
                             "--out", tmp_path / f"o_{name}", "--no-progress"], env=ENV, cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-2000:]
-        peaks[name] = int(p.stdout.split("PEAK_KB")[1].split()[0]) * 1024
-    print("peak RSS (bytes):", peaks, "text characters:", small_chars, large_chars)
+        maxrss_kb, _, base, _, sampled = p.stdout.split("PEAK_KB")[1].split()
+        peaks[name] = int(maxrss_kb) * 1024
+        sampled_peaks[name] = int(sampled)
+    print("peak RSS (bytes):", peaks, "sampled:", sampled_peaks, "text characters:", small_chars, large_chars)
     m = json.loads((tmp_path / "o_large" / "manifest.json").read_text())
     assert m["documents"] == 20_000 and m["characters"] == large_chars
-    # The issue's bound: 10x the corpus, at most 1.5x the peak.
+    # The issue's bound: 10x the corpus, at most 1.5x the peak; on ru_maxrss and on the RSS sampled every 20 ms
+    # during the build (Linux carries the high-water mark of the forking parent, here pytest, into the child's
+    # ru_maxrss, which can hide the build's own peak; the sampled one is the build's).
     assert peaks["large"] <= 1.5 * peaks["small"], peaks
+    assert sampled_peaks["large"] <= 1.5 * sampled_peaks["small"], sampled_peaks
     # Sharper, since most of the peak is the interpreter, torch and megatron: the extra peak is under a quarter of
     # the extra text (a reader holding the corpus would add at least all of it, as str; the quarter leaves room for
-    # allocator noise and the per-document index, 12 bytes a document).
-    assert peaks["large"] - peaks["small"] <= 0.25 * (large_chars - small_chars), (peaks, large_chars)
+    # allocator noise and the per-document index, 12 bytes a document; measured here: about an eighth).
+    assert sampled_peaks["large"] - sampled_peaks["small"] <= 0.25 * (large_chars - small_chars), sampled_peaks
 
 
 # ------------------------------------------------------------------------------------------------- blends
