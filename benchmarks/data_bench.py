@@ -7,7 +7,8 @@ per paragraph, written as parquet shards of 2,000 rows (row groups of 500); toke
 ids trained on it (`jtok-data build`). Every build is a fresh `jtok-data build` process (`--force`):
 
 - scaling: 1 and 2 workers, interleaved (1, 2, 1, 2, ...) so both see the same background load; tokens/s is the
-  manifest's encode+write time (reading, tokenizing, writing; not the interpreter start or the imports);
+  manifest's encode+write time (reading, tokenizing, writing; not the interpreter start or the imports); tokens per
+  CPU-second of the tokenizing processes (the manifest's CPU times) do not depend on the machine's load;
 - memory: the same build over a quarter of the corpus and over 10 copies of that quarter, 1 worker, also
   interleaved: peak RSS of the build process sampled every 20 ms, the RSS after its imports (torch, megatron,
   pyarrow, tokenizers: the baseline), and ``ru_maxrss`` (which Linux starts at the forking parent's high-water
@@ -84,15 +85,20 @@ def _build(src: Path, out: Path, tok: Path, workers: int) -> dict:
     body, _, peak = p.stdout.rpartition("PEAK_KB")
     m = json.loads(body)
     maxrss_kb, _, base, _, sampled = peak.split()
+    cpu = m["cpu_seconds"]
     return {"tokens": m["tokens"], "documents": m["documents"], "encode_s": m["seconds"]["encode_write"],
-            "tokens_per_s": m["tokens"] / m["seconds"]["encode_write"], "maxrss_mb": int(maxrss_kb) / 1024,
+            "tokens_per_s": m["tokens"] / m["seconds"]["encode_write"],
+            "cpu_main_s": cpu["main"], "cpu_workers_s": cpu["workers"],
+            # tokens per CPU-second of whoever tokenizes: the main process with 1 worker, the workers otherwise
+            "tokens_per_cpu_s": m["tokens"] / (cpu["workers"] if workers > 1 else cpu["main"]),
+            "maxrss_mb": int(maxrss_kb) / 1024,
             "base_rss_mb": int(base) / 2**20, "peak_rss_mb": int(sampled) / 2**20,
             "build_rss_mb": (int(sampled) - int(base)) / 2**20}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data.json"))
     a = ap.parse_args()
     docs = _paragraphs()
@@ -112,12 +118,15 @@ def main() -> None:
         for r in range(a.repeats):
             for w in (1, 2):
                 runs[f"w{w}"].append(_build(tmp / "full", tmp / f"o_w{w}", tok, w))
-                print(f"repeat {r}: {w} worker(s) {runs[f'w{w}'][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+                x = runs[f"w{w}"][-1]
+                print(f"repeat {r}: {w} worker(s) {x['tokens_per_s']:,.0f} tokens/s, "
+                      f"{x['tokens_per_cpu_s']:,.0f} tokens per tokenizing CPU-second (main {x['cpu_main_s']:.1f} s, workers {x['cpu_workers_s']:.1f} s "
+                      f"CPU; load {os.getloadavg()[0]:.1f})", flush=True)
             for name in ("x1", "x10"):
                 runs[f"mem_{name}"].append(_build(tmp / name, tmp / f"o_{name}", tok, 1))
                 x = runs[f"mem_{name}"][-1]
-                print(f"repeat {r}: corpus {name}: peak {x['peak_rss_mb']:.0f} MB ({x['build_rss_mb']:.0f} MB above the "
-                      f"imports; ru_maxrss {x['maxrss_mb']:.0f} MB)", flush=True)
+                print(f"repeat {r}: corpus {name}: peak {x['peak_rss_mb']:.0f} MB ({x['build_rss_mb']:.0f} MB above "
+                      f"the imports; ru_maxrss {x['maxrss_mb']:.0f} MB)", flush=True)
 
     def med(key: str, field: str) -> float:
         return statistics.median(x[field] for x in runs[key])
@@ -131,6 +140,10 @@ def main() -> None:
         "tokens_per_s": {"w1": med("w1", "tokens_per_s"), "w2": med("w2", "tokens_per_s")},
         "tokens_per_s_per_worker": {"w1": med("w1", "tokens_per_s"), "w2": med("w2", "tokens_per_s") / 2},
         "scaling_1_to_2": med("w2", "tokens_per_s") / med("w1", "tokens_per_s"),
+        "scaling_1_to_2_per_repeat": [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs["w1"], runs["w2"])],
+        "tokens_per_cpu_s": {"w1": med("w1", "tokens_per_cpu_s"), "w2_workers": med("w2", "tokens_per_cpu_s")},
+        "main_cpu_s_w2": med("w2", "cpu_main_s"),
+        "load_average_1min": os.getloadavg()[0],
         "peak_rss_mb": {"x1": med("mem_x1", "peak_rss_mb"), "x10": med("mem_x10", "peak_rss_mb")},
         "peak_ratio_x10_over_x1": med("mem_x10", "peak_rss_mb") / med("mem_x1", "peak_rss_mb"),
         "maxrss_mb": {"x1": med("mem_x1", "maxrss_mb"), "x10": med("mem_x10", "maxrss_mb")},
