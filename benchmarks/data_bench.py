@@ -120,7 +120,8 @@ def main() -> None:
                 runs[f"w{w}"].append(_build(tmp / "full", tmp / f"o_w{w}", tok, w))
                 x = runs[f"w{w}"][-1]
                 print(f"repeat {r}: {w} worker(s) {x['tokens_per_s']:,.0f} tokens/s, "
-                      f"{x['tokens_per_cpu_s']:,.0f} tokens per tokenizing CPU-second (main {x['cpu_main_s']:.1f} s, workers {x['cpu_workers_s']:.1f} s "
+                      f"{x['tokens_per_cpu_s']:,.0f} tokens per tokenizing CPU-second (main {x['cpu_main_s']:.1f} s, "
+                      f"workers {x['cpu_workers_s']:.1f} s "
                       f"CPU; load {os.getloadavg()[0]:.1f})", flush=True)
             for name in ("x1", "x10"):
                 runs[f"mem_{name}"].append(_build(tmp / name, tmp / f"o_{name}", tok, 1))

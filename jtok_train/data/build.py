@@ -195,6 +195,26 @@ def _encode_chunk(texts: Sequence[str], tok: Optional[Tokenizer] = None, dtype=N
     return flat, lengths, int(max_id), int(sum(len(t) for t in texts))
 
 
+def _warm(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _start_workers(tok: Tokenizer, tok_path: Path, workers: int) -> Any:
+    """The executor: in-process for 1 worker, else ``workers`` spawned processes, started and ready (a spawn
+    pool starts a process per submit that finds none idle: N overlapping warm-up tasks start all N)."""
+    if workers == 1:
+        return _InProcess(tok)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(str(tok_path), None))
+    for f in [pool.submit(_warm, 0.05) for _ in range(workers)]:
+        f.result()
+    return pool
+
+
 class _Done:
     """A finished future (module level: a class made per call would keep its result until a full gc)."""
 
@@ -467,9 +487,6 @@ def build_dataset(
             f"tokenizer {tokenizer_path or out / TOKENIZER_NAME} has {tok.vocab_size:,} ids, more than the model's "
             f"vocabulary ({model_vocab_size:,}); use model.vocab_size={padded_vocab_size(tok.vocab_size)} (or more) "
             "and the same --model-vocab-size, or a smaller tokenizer")
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (slow import: not
-    t_tok = time.perf_counter()                                               # counted as encoding time)
-    cpu0 = _cpu_seconds()
 
     dtype = token_dtype(tok.vocab_size)
     settings_fp = _sha({k: v for k, v in settings.items() if k not in ("num_files", "total_bytes")}
@@ -487,14 +504,10 @@ def build_dataset(
     log(f"tokenizing {len(files)} input file(s) with {workers} worker(s) into "
         + (f"shards of >= {shard_tokens:,} tokens" if sharded else f"{out / PREFIX_NAME}.bin/.idx"))
 
-    if workers == 1:
-        pool: Any = _InProcess(tok)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(str(out / TOKENIZER_NAME), None))
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (slow import: not
+    pool = _start_workers(tok, out / TOKENIZER_NAME, workers)                 # counted as encoding time, nor is
+    t_tok = time.perf_counter()                                               # the workers' start-up)
+    cpu0 = _cpu_seconds()
     bar = _Progress(progress, count_records(files), done_docs, 0)
     part: Optional[_Part] = None
     last_end: Tuple[int, int] = start

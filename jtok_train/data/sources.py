@@ -250,9 +250,7 @@ def _jsonl_records(f: InputFile, field: str, start: int) -> Iterator[Tuple[int, 
         while True:
             try:
                 line = fh.readline()
-            except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # zstd/gzip errors derive from these
-                raise _unreadable(f, e) from None
-            except Exception as e:  # zstandard.ZstdError
+            except Exception as e:  # gzip: OSError/EOFError, zstandard.ZstdError, a bad UTF-8 byte
                 raise _unreadable(f, e) from None
             if not line:
                 return
@@ -309,9 +307,7 @@ def _parquet_batches(f: InputFile, field: str, start: int):
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=[field]):
                 yield first, batch
                 first += batch.num_rows
-        except CorpusError:
-            raise
-        except Exception as e:
+        except Exception as e:  # a corrupt page or row group
             raise _unreadable(f, e) from None
 
 
