@@ -165,6 +165,12 @@ def _cmd_stats(a: argparse.Namespace) -> int:
 
     prefix = a.prefix
     if os.path.isdir(prefix):
+        manifest = os.path.join(prefix, "manifest.json")
+        with open(manifest) if os.path.isfile(manifest) else open(os.devnull) as f:
+            shards = (json.loads(f.read() or "{}").get("prefixes") or [])
+        if len(shards) > 1:
+            raise ValueError(f"{prefix} holds {len(shards)} shards: pass one of them, e.g. "
+                             f"jtok-data stats {os.path.join(prefix, shards[0])}")
         prefix = os.path.join(prefix, PREFIX_NAME)
     windows = a.window or [2048]
     all_stats = [dataset_stats(prefix, w) for w in windows]

@@ -249,6 +249,10 @@ def test_one_and_four_workers_write_identical_files(corpus, tmp_path):
     s1 = _build(src, tmp_path / "s1", tp, workers=1, chunk_docs=16, shard_tokens=20_000)
     s4 = _build(src, tmp_path / "s4", tp, workers=4, chunk_docs=16, shard_tokens=20_000)
     assert len(s1.prefixes) == len(s4.prefixes) >= 3
+    from jtok_train.cli.data import main
+
+    assert main(["stats", str(tmp_path / "s4")]) == 2  # a directory of shards: asks for one of them
+    assert main(["stats", s4.prefixes[1]]) == 0
     for a, b in zip(s1.prefixes, s4.prefixes):
         assert Path(a).name == Path(b).name and _files(a) == _files(b)
     # every shard but the last holds at least shard_tokens tokens; together they are the one-file stream
