@@ -288,6 +288,29 @@ def test_bad_shard_keeps_parts_and_resumes_to_the_same_output(corpus, tmp_path):
     assert again["resumed_parts"] == len(recs) and _files(again.prefix) == _files(ref.prefix)
 
 
+def test_sharded_build_resumes_after_a_bad_shard(corpus, tmp_path):
+    tp = corpus["tok_path"]
+    kept = corpus["kept"]
+    d = tmp_path / "shards"
+    for i in range(4):
+        _write_parquet(d / f"s{i}.parquet", kept[i * 150:(i + 1) * 150])
+    kw = dict(chunk_docs=16, shard_tokens=6000)
+    ref = _build(str(d), tmp_path / "ref", tp, **kw)
+    good = (d / "s3.parquet").read_bytes()
+    (d / "s3.parquet").write_bytes(good[:100])
+    with pytest.raises(CorpusError, match=r"s3\.parquet is unreadable"):
+        _build(str(d), tmp_path / "o", tp, **kw)
+    done = sorted((tmp_path / "o").glob("text_document_*.bin"))
+    assert 2 <= len(done) < len(ref.prefixes)  # the finished shards stay; the unfinished one is not written
+    (d / "s3.parquet").write_bytes(good)
+    again = _build(str(d), tmp_path / "o", tp, **kw)
+    assert again["resumed_parts"] == len(done) and [Path(p).name for p in again.prefixes] == \
+        [Path(p).name for p in ref.prefixes]
+    for a, b in zip(again.prefixes, ref.prefixes):
+        assert _files(a) == _files(b)
+    assert not (tmp_path / "o" / "parts").exists() and not (tmp_path / "o" / "text_document.bin").exists()
+
+
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "jtok_train.cli.data", "build", *map(str, args)]
 
