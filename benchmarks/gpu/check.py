@@ -137,9 +137,10 @@ def main() -> int:
     steps["sanitizer"] = {**s, "data_races": races, "ok": s["ok"] and races == 0}
 
     # 3. overlap on vs off, bitwise. Each run in its own process (two trainings in one process share Megatron's
-    #    process-global state), and overlap on twice: on this project's CPU machine two identical runs of this
-    #    config in two processes already differ in the last bits (under investigation), so the repeat tells a
-    #    difference that overlap makes from run-to-run noise. The dry run reports, it does not judge.
+    #    process-global state), and overlap on twice: the repeat is the noise floor (a GPU kernel that adds in
+    #    a varying order makes identical runs differ; on CPU they are bitwise, tests/e2e/test_determinism.py),
+    #    so a difference that overlap makes can be told from run-to-run noise. The dry run reports, it does not
+    #    judge.
     import numpy as np
 
     pair, waits, runs_ok, secs = out / "pair", {}, True, 0.0

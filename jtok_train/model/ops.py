@@ -67,7 +67,12 @@ def jtokm_blend_reference(
     """
     top_scores = torch.sigmoid(top_logits)
     weights = top_scores / top_scores.sum(dim=-1, keepdim=True)       # renormalised over the K
-    rows = unique_rows[inverse.unsqueeze(1), top_idx]                   # [T, K, d]
+    # gather the K chosen rows of every position from the flattened [U * n_e, d] rows: index_select's backward
+    # (index_add_) adds the positions' gradients in a fixed order on CPU, where advanced indexing's
+    # (index_put_ with accumulate) does not, which made two identical CPU runs differ in the last bits
+    U, n_e, d = unique_rows.shape
+    flat = (inverse.unsqueeze(1) * n_e + top_idx).reshape(-1)
+    rows = unique_rows.reshape(U * n_e, d).index_select(0, flat).view(*top_idx.shape, d)   # [T, K, d]
     e = torch.einsum("tk,tkd->td", weights.to(rows.dtype), rows)
     return (depth_factor * scale) * _l2n(e, eps)
 
