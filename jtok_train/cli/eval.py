@@ -15,7 +15,7 @@ Keys (key=value):
   device       auto (default: the GPU if there is one) or cpu
   tokenizer    tokenizer.json (default: the one the checkpoint was trained with)
   max_gen_toks tokens generate_until may add (default 256, or the task's own)
-  out          where the results JSON goes (default: <checkpoint>/eval/<tasks>.json)
+  out          where the results JSON goes (default: <run_dir>/eval/<step_N>/<tasks>.json)
   include_path more lm-eval task directories (YAML), comma-separated
   seed         seed of lm-eval's few-shot sampling and of sampled generation (default 0)
   verify       true (default): check the checkpoint's files against its checksums first
@@ -145,7 +145,9 @@ def default_out(checkpoint: Path, tasks: list[str], num_fewshot: Optional[int], 
         name += f"_{num_fewshot}shot"
     if limit is not None:
         name += f"_limit{limit}"
-    return checkpoint / "eval" / f"{name}.json"
+    # beside the checkpoint, not inside it (a checkpoint directory holds only its checksummed files)
+    base = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return base / "eval" / checkpoint.name / f"{name}.json"
 
 
 def run(args: EvalArgs) -> tuple[dict, Path]:

@@ -85,7 +85,8 @@ class TokenScoringLM(TemplateLM):
                               num_batches=self._num_batches(needed), pad_multiple=self.pad_multiple)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        scored = [ScoreRequest(tuple(ctx), tuple(cont)) for _, ctx, cont in requests]
+        # a context that is only whitespace encodes to nothing: condition on end-of-document, as for ""
+        scored = [ScoreRequest(tuple(ctx) or (self.eot_token_id,), tuple(cont)) for _, ctx, cont in requests]
         out = self._score(scored)
         for (key, _, _), res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, res)
@@ -190,7 +191,11 @@ class JTokLM(TokenScoringLM):
         if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise EvalInputError(f"device={device} is invalid: use cpu, cuda or leave it out")
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise EvalInputError(f"device={device} but no GPU is visible: use device=cpu")
+            # lm-eval's CLI passes --device cuda:0 unless told otherwise: run where the model can
+            import warnings
+
+            warnings.warn(f"device={device} but no GPU is visible: evaluating on the CPU")
+            device = "cpu"
         verify = str(verify).lower() not in ("false", "0", "no")
         from jtok_train.data.tokenizer import load_tokenizer
         from jtok_train.inference import SamplingParams, generate, load_for_inference
