@@ -1,5 +1,7 @@
-"""demo_cloze's data loader: the JSONL file beside this YAML (found from this file, whatever the cwd)."""
+"""demo_cloze's data loader: the JSONL file beside this YAML (found from this file, whatever the cwd), read
+into memory (no dataset cache is written)."""
 
+import json
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "demo_cloze.jsonl"
@@ -8,4 +10,5 @@ DATA = Path(__file__).resolve().parent / "demo_cloze.jsonl"
 def load_demo_cloze(**kwargs):
     import datasets
 
-    return datasets.DatasetDict({"test": datasets.Dataset.from_json(str(DATA))})
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
