@@ -215,3 +215,41 @@ def test_tokenizer_mismatch_one_line(jtokm_run, tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "differs from the checkpoint's own" in err[0], proc.stderr[-2000:]
+
+
+def _held_out_vs_megatron(prefix: str, tokenizer: str, cache: str) -> dict:
+    from jtok_train.data.datasets import build_datasets
+    from jtok_train.data.tokenizer import load_tokenizer
+    from jtok_train.evaluation.demo_cloze import held_out_documents
+
+    tok = load_tokenizer(tokenizer)
+    _, valid = build_datasets([prefix], tok, seq_length=64, seed=1, train_samples=8, valid_samples=8,
+                              split="80,20,0", cache_dir=cache)
+    ds = valid.datasets[0] if hasattr(valid, "datasets") else valid
+    megatron = [tok.decode([int(t) for t in ds.dataset[int(i)] if int(t) != tok.eod]) for i in ds.indices]
+    return {"ours": held_out_documents(prefix, tokenizer, "80,20,0"), "megatron": megatron,
+            "first_valid_doc": int(ds.indices[0]), "num_docs": len(ds.dataset)}
+
+
+def test_demo_cloze_is_built_from_the_validation_documents(small_dataset, tmp_path):
+    """The held-out documents are exactly those Megatron's GPTDataset gives the validation split (a 20% split:
+    the small test corpus has few documents); items are
+    passages of them whose right ending follows the context, wrong endings from other documents."""
+    from jtok_train.evaluation.demo_cloze import build_items
+
+    res = run_distributed(_held_out_vs_megatron, 1, small_dataset["prefix"], small_dataset["tokenizer"],
+                          str(tmp_path / "cache"), timeout=300)[0]
+    assert res["ours"] == res["megatron"] and res["ours"]
+    assert res["first_valid_doc"] == round(0.8 * res["num_docs"])
+    docs = res["ours"]
+    items = build_items(docs, num_items=5, context_words=10, answer_words=3, seed=1)
+    assert items == build_items(docs, num_items=5, context_words=10, answer_words=3, seed=1)   # deterministic
+    joined = [" ".join(d.split()) for d in docs]
+    for it in items:
+        assert len(it["choices"]) == 4 and 0 <= it["label"] < 4 and len(set(it["choices"])) == 4
+        right = it["context"] + " " + it["choices"][it["label"]]
+        owner = [i for i, d in enumerate(joined) if right in d]
+        assert owner, it
+        for j, wrong in enumerate(it["choices"]):
+            if j != it["label"]:
+                assert any(wrong in d for i, d in enumerate(joined) if i not in owner), (it, wrong)
