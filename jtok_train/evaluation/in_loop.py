@@ -27,14 +27,14 @@ __all__ = ["DataParallelLM", "DownstreamEvaluator"]
 class DataParallelLM(TokenScoringLM):
     """TokenScoringLM whose rank/world are the data-parallel ones, with lm-eval's collectives over that group."""
 
-    def __init__(self, *args: Any, dp_group: Any, dp_rank: int, dp_size: int, **kwargs: Any):
+    def __init__(self, *args: Any, dp_group: Any, dp_rank: int, dp_size: int, device: torch.device, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dp_group = dp_group
         self._rank, self._world_size = dp_rank, dp_size
-        self._device = torch.device("cpu")
+        self._device = device          # where lm-eval puts the tensors it gathers (NCCL needs the GPU)
 
     def _num_batches(self, needed: int) -> int:
-        n = torch.tensor([needed], dtype=torch.long)
+        n = torch.tensor([needed], dtype=torch.long, device=self._device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)      # every rank: EP dispatch and sharded tables are collective
         return int(n.item())
 
@@ -97,7 +97,8 @@ class DownstreamEvaluator:
 
         self.lm = DataParallelLM(tokenizer, logits_fn, int(cfg.model.seq_length), batch_size=int(ev.batch_size),
                                  pad_multiple=tp if sp else 1, dp_group=ps.get_data_parallel_group(),
-                                 dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+                                 dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                                 device=device)
 
     def due(self, step: int) -> bool:
         """An evaluation after ``step`` (besides the one after the last step)."""
@@ -122,6 +123,9 @@ class DownstreamEvaluator:
             for q, lv in zip(quiet, levels):
                 q.setLevel(lv)
             self.model.train()
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()      # the eval forwards' JTok-M aux losses must not reach the next step's log
         metrics: dict[str, float] = {}
         if res is not None:
             for task, values in res["results"].items():
