@@ -2,8 +2,9 @@
 
 The held-out part is the validation split's documents (the trainer's ``data.split``, "98,2,0" by default:
 Megatron's GPTDataset gives the last 2% of the documents to validation), so no item was trained on. Each
-item is a passage (windows every half passage) of ``context_words`` words from one such document; the right ending is the passage's next
-``answer_words`` words; the three wrong endings are spans of the same length from other held-out documents.
+item is a passage of ``context_words`` words from one such document (passages start every half passage); the
+right ending is the passage's next ``answer_words`` words; the three wrong endings are spans of the same
+length from other held-out documents.
 A model that has learnt the corpus's syntax and vocabulary picks the right one more often than 1 in 4.
 
     python -m jtok_train.evaluation.demo_cloze --data data/demo \\
