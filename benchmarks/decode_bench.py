@@ -89,9 +89,9 @@ def measure_decode(
     init_distributed()
     init_model_parallel(seed=seed)
     dev = torch.device(device) if device is not None else compute_device()
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from jtok_train.compat.megatron import clear_aux_losses
 
-    get_moe_layer_wise_logging_tracker().clear()   # process-global, sized by the first model's layer count
+    clear_aux_losses(reset=True)   # process-global, sized by the first model's layer count
     built = {name: _build([*overrides, *extra], "device" if name.endswith("_device") else "host", dev)
              for name, extra in variants.items()}
     # every variant gets the first one's backbone weights, so MoE routing (how many experts a step runs)

@@ -28,6 +28,13 @@ __all__ = [
     "param_group_identifier_keys",
     "replace_param_group_matching",
     "allocate_distributed_optimizer_state",
+    "attach_aux_loss",
+    "per_token_aux_loss_factor",
+    "set_aux_loss_scale",
+    "record_aux_loss",
+    "report_aux_losses",
+    "clear_aux_losses",
+    "recorded_aux_losses",
     "TESTED_MEGATRON",
     "versions",
     "warn_if_untested",
@@ -197,9 +204,23 @@ def save_planner(keep_only_main_replica: bool) -> Any:
 #   weights_only=False. Replacing it on MCoreLoadPlanner (the planner TorchDistLoadShardedStrategy.load
 #   builds) changes only Megatron's loads.
 @contextlib.contextmanager
-def replace_load_bytes(load_bytes: Callable[[Any, Any, Any], None]) -> Iterator[None]:
-    """Within the block, MCoreLoadPlanner.load_bytes(planner, read_item, value) is ``load_bytes``."""
+def replace_load_bytes(read_object: Callable[[Any, Any], Any]) -> Iterator[None]:
+    """Within the block, byte objects of Megatron's loads are read by ``read_object(value, fqn)`` (a byte stream
+    and the object's name; it returns the object) and stored where DefaultLoadPlanner.load_bytes stores them
+    (torch 2.13: into ``original_state_dict`` through ``planner.mappings`` with the private
+    ``torch.distributed.checkpoint._traverse.set_element`` when the planner flattened the state dict, else
+    into ``planner.state_dict``)."""
     from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+
+    def load_bytes(planner, read_item, value):
+        fqn = read_item.dest_index.fqn
+        obj = read_object(value, fqn)
+        if planner.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(planner.original_state_dict, planner.mappings[fqn], obj)
+        else:
+            planner.state_dict[fqn] = obj
 
     had = "load_bytes" in MCoreLoadPlanner.__dict__
     old = MCoreLoadPlanner.__dict__.get("load_bytes")
@@ -264,6 +285,124 @@ def allocate_distributed_optimizer_state(optimizer: Any) -> None:
                 inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
                 inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
                 inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+
+
+# -- MoE auxiliary losses: how they are attached, recorded and reported ------------------------------------
+# JTok-M's load-balancing loss joins Megatron's MoE aux-loss mechanism, so it is scaled, logged and averaged the
+# way the installed Megatron treats its router's aux losses (router.py, TopKRouter.attach_and_log_load_balancing_loss
+# and the tracker it records into).
+
+
+def _moe_metrics_tracker() -> Any | None:
+    """0.19 (moe_logging.get_moe_metrics_tracker; save_to_aux_losses_tracker and friends are deprecated wrappers
+    of it since 0.16 and slated for removal) or None on 0.16.1, whose tracker is moe_utils' legacy dict."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        return None
+    return get_moe_metrics_tracker()
+
+
+_PER_TOKEN_TP_CP: bool | None = None
+
+
+def per_token_aux_loss_factor(num_local_tokens: int, tp_cp_size: int) -> int:
+    """What the router multiplies an aux loss by under ``calculate_per_token_loss`` (finalize_model_grads then
+    divides every gradient by the global token count). 0.16.1: the local token count. 0.19.2: local tokens x
+    the TP*CP group size (sequence-parallel shards sum their router gradients over TP, which 0.16.1's factor
+    left out). Decided from the installed router's source, falling back to the version (>= 0.19)."""
+    global _PER_TOKEN_TP_CP
+    if _PER_TOKEN_TP_CP is None:
+        import inspect
+
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        try:
+            src = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+            _PER_TOKEN_TP_CP = "tp_cp_group.size()" in src
+        except (OSError, TypeError, AttributeError):
+            from packaging.version import Version
+
+            _PER_TOKEN_TP_CP = Version(versions()["megatron-core"]).release[:2] >= (0, 19)
+    return num_local_tokens * (tp_cp_size if _PER_TOKEN_TP_CP else 1)
+
+
+def attach_aux_loss(activation: torch.Tensor, aux_loss: torch.Tensor, *, per_token_loss: bool,
+                    num_local_tokens: int, tp_cp_size: int) -> torch.Tensor:
+    """``activation`` carrying ``aux_loss``'s gradient (MoEAuxLossAutoScaler: its backward adds d aux_loss x the
+    scale the schedule sets, 1/num_microbatches), scaled like the installed router's aux loss."""
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    if per_token_loss:
+        aux_loss = aux_loss * per_token_aux_loss_factor(num_local_tokens, tp_cp_size)
+    return MoEAuxLossAutoScaler.apply(activation, aux_loss)
+
+
+def set_aux_loss_scale(scale: torch.Tensor) -> None:
+    """The aux-loss gradient scale (Megatron's schedule sets it for MoE backbones only)."""
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+
+
+def record_aux_loss(name: str, value: torch.Tensor, layer_number: int, num_layers: int,
+                    reduce_group: Any = None) -> None:
+    """Record a layer's aux-loss value for logging, as the router does (value = loss / coeff; summed over
+    ``reduce_group``, then averaged over data parallel when reported)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        tracker.record(name, value.detach(), layer_number, num_layers, reduce_group=reduce_group)
+    else:
+        from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+        save_to_aux_losses_tracker(name, value.detach(), layer_number, num_layers, reduce_group=reduce_group)
+
+
+def report_aux_losses(loss_scale: float, iteration: int, num_layers: int) -> dict[str, float]:
+    """Reduce the recorded aux losses over the ranks, aggregate them as Megatron's training log does (each
+    name: the sum over layers and micro-batches x loss_scale / num_layers), clear them; {name: value}. A
+    collective: every rank calls it. 0.19: MoEMetricsTracker.report; 0.16.1: moe_utils.track_moe_metrics."""
+    out: dict[str, Any] = {}
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        if tracker.metrics:
+            tracker.report(loss_scale=loss_scale, iteration=iteration, total_loss_dict=out, num_layers=num_layers)
+    else:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
+
+        if get_moe_layer_wise_logging_tracker():
+            track_moe_metrics(loss_scale=loss_scale, iteration=iteration, total_loss_dict=out, num_layers=num_layers)
+    return {k: float(v) for k, v in out.items()}
+
+
+def clear_aux_losses(reset: bool = False) -> None:
+    """Zero the recorded aux losses (after an evaluation). ``reset``: forget their names and per-layer sizes
+    too, for a new model in the same process (the tracker is process-global and sized by the first model)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        if reset:
+            from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+            destroy_moe_metrics_tracker()
+        else:
+            tracker.clear()
+        return
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    if reset:
+        get_moe_layer_wise_logging_tracker().clear()   # 0.16.1 returns the global dict itself
+    else:
+        clear_aux_losses_tracker()
+
+
+def recorded_aux_losses() -> dict[str, torch.Tensor]:
+    """{name: per-layer values recorded since the last report/clear} (local, unreduced; tests and logging)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        return {k: e.values.clone() for k, e in tracker.metrics.items()}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return {k: e["values"].clone() for k, e in get_moe_layer_wise_logging_tracker().items()}
 
 
 # -- versions ---------------------------------------------------------------------------------------------------

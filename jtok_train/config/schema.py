@@ -134,7 +134,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     "Tensor parallel size."
     pipeline_model_parallel_size: int = 1
-    "Pipeline parallel size (JTok needs 1 for now)."
+    "Pipeline parallel size (Megatron's 1F1B schedule); must divide model.num_layers. Each stage holds its layers' JTok tables."
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    "Interleaved (virtual) pipeline stages per rank: not supported yet (None or 1)."
     expert_model_parallel_size: int = 1
     "Expert parallel size (MoE)."
     expert_tensor_parallel_size: Optional[int] = None
@@ -397,8 +399,6 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(j.aux_loss_coeff >= 0, "jtok.aux_loss_coeff", j.aux_loss_coeff, "must be >= 0")
         _need(j.aux_prob in ("sigmoid", "softmax"), "jtok.aux_prob", j.aux_prob, "sigmoid or softmax")
         _need(j.lr_mult > 0, "jtok.lr_mult", j.lr_mult, "must be > 0")
-        _need(p.pipeline_model_parallel_size == 1, "parallel.pipeline_model_parallel_size",
-              p.pipeline_model_parallel_size, "JTok does not support pipeline parallelism yet; use 1")
 
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
@@ -419,6 +419,18 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.num_experts is not None and m.num_experts % p.expert_model_parallel_size == 0,
               "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
               f"needs an MoE model whose num_experts ({m.num_experts}) it divides")
+    vpp = p.virtual_pipeline_model_parallel_size
+    _need(vpp in (None, 1), "parallel.virtual_pipeline_model_parallel_size", vpp,
+          "interleaved pipeline stages are not supported yet: use null (1F1B with "
+          "parallel.pipeline_model_parallel_size stages)")
+    if p.pipeline_model_parallel_size > 1:
+        pp = p.pipeline_model_parallel_size
+        _need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp,
+              f"must divide model.num_layers={m.num_layers} (every stage holds the same number of layers)")
+        if j.variant != "none":
+            _need(m.recompute_granularity != "full", "model.recompute_granularity", m.recompute_granularity,
+                  "full recompute of JTok layers is not supported with pipeline parallelism yet: use selective "
+                  "or parallel.pipeline_model_parallel_size=1")
     if p.tensor_model_parallel_size > 1:
         _need(m.num_attention_heads % p.tensor_model_parallel_size == 0, "parallel.tensor_model_parallel_size",
               p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")

@@ -179,7 +179,7 @@ def generate(
         prefetch(tokens)
     logits = _forward_last(model, tokens, positions, context)
     if context is not None:
-        context.sequence_len_offset += s
+        context.increment_sequence_len_offset(s)
     nxt = pick(logits, 0)
     tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     num_new, decode_steps = 1, 0
@@ -202,7 +202,7 @@ def generate(
             prefetch(step_ids)
         logits = _forward_last(model, step_ids, step_pos, context)
         if context is not None:
-            context.sequence_len_offset += 1
+            context.increment_sequence_len_offset(1)
         nxt = pick(logits, num_new)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         num_new += 1

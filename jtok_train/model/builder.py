@@ -18,9 +18,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from jtok_train.model.layer import jtok_module_spec, with_jtok
-from jtok_train.model.token_table import ReplicatedTokenTable, TokenRowProvider, TokenRowsContext
+from jtok_train.model.token_table import LayerSlice, ReplicatedTokenTable, TokenRowProvider, TokenRowsContext
 
-__all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_token_table"]
+__all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_token_table",
+           "pipeline_stage_layers"]
 
 
 class JTokGPTModel(GPTModel):
@@ -30,6 +31,12 @@ class JTokGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.token_table = token_table
         self.token_context = token_context
+        # A layer's rows are its position among this stage's layers (Megatron numbers layers globally).
+        layers = list(self.decoder.layers)
+        if len(layers) != token_table.num_layers:
+            raise ValueError(f"this stage builds {len(layers)} layers but its token table holds {token_table.num_layers}")
+        for i, layer in enumerate(layers):
+            layer.table_index = i
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, **kwargs: Any):
         rows = self.token_table.lookup(input_ids)
@@ -115,9 +122,25 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
+def pipeline_stage_layers(cfg: Any, device: Any = None) -> LayerSlice:
+    """The layers of the whole model this rank's pipeline stage builds (all of them without PP, or for an
+    accounting build on the meta device). Stages hold equal counts (the config refuses other splits), in
+    Megatron's order: stage r holds layers [r L/PP, (r+1) L/PP)."""
+    L = cfg.model.num_layers
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp == 1 or device == "meta":
+        return LayerSlice(0, L, L)
+    from megatron.core import parallel_state as ps
+
+    stage = ps.get_pipeline_model_parallel_rank()
+    return LayerSlice(stage * (L // pp), L // pp, L)
+
+
 def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None):
-    """The table provider: replicated (a model parameter) or row-sharded over the ranks."""
+    """The table provider of this pipeline stage's layers: replicated (a model parameter) or row-sharded over
+    the stage's ranks."""
     j, m, p = cfg.jtok, cfg.model, cfg.parallel
+    layers = pipeline_stage_layers(cfg, device)
     if p.embedding == "sharded" and device != "meta":
         from megatron.core import parallel_state as ps
 
@@ -127,7 +150,9 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
         tp = ps.get_tensor_model_parallel_world_size()
         return ShardedTokenTable(
             vocab_size=m.vocab_size,
-            num_layers=m.num_layers,
+            num_layers=layers.count,
+            layers=layers,
+            pipeline_group=ps.get_pipeline_model_parallel_group() if layers.num_stages > 1 else None,
             num_sets=j.num_sets,
             hidden_size=m.hidden_size,
             group=embedding_parallel_group(),
@@ -142,7 +167,8 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
         )
     return ReplicatedTokenTable(
         vocab_size=m.vocab_size,
-        num_layers=m.num_layers,
+        num_layers=layers.count,
+        layers=layers,
         num_sets=j.num_sets,
         hidden_size=m.hidden_size,
         seed=j.table_seed,
@@ -192,12 +218,17 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
     m = cfg.model
     if config is None:
         config = build_transformer_config(cfg)
+    first = last = True
+    if device != "meta" and cfg.parallel.pipeline_model_parallel_size > 1:
+        from megatron.core import parallel_state as ps
+
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     common = dict(
         config=config,
         vocab_size=m.vocab_size,
         max_sequence_length=m.seq_length,
-        pre_process=True,
-        post_process=True,
+        pre_process=first,
+        post_process=last,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,

@@ -57,20 +57,29 @@ class JTok(nn.Module):
 class JTokMOutput:
     residual: Tensor      # dr, [T, d]: what the layer adds next to the FFN output
     aux_loss: Tensor      # scalar, already multiplied by lambda
+    balance: Tensor       # n_e * sum_i P_i f_i, the aux loss without lambda (what Megatron logs for its routers)
     load: Tensor          # f_i, [n_e]: fraction of the T*K assignments per row set (for logging)
 
 
-def load_balancing_loss(probs: Tensor, top_idx: Tensor, num_sets: int, coeff: float) -> tuple[Tensor, Tensor]:
-    """Switch-style L_aux = coeff * n_e * sum_i P_i f_i.
+def load_balancing_loss(probs: Tensor, top_idx: Tensor, num_sets: int, coeff: float,
+                        group: "torch.distributed.ProcessGroup | None" = None) -> tuple[Tensor, Tensor]:
+    """Switch-style L_aux = coeff * n_e * sum_i P_i f_i (Megatron's switch_load_balancing_loss_func).
 
     probs: [T, n_e] routing probabilities (normalised over the n_e sets); top_idx: [T, K].
     P_i is the mean probability, f_i the fraction of the T*K assignments that chose set i (no gradient).
+    group: the ranks that hold shards of one sequence (sequence parallelism): f_i and T are then counted
+    over the whole sequence and this rank's share of the sum uses its own probabilities, so the shards'
+    losses (and their router gradients, summed over the group) add up to the loss of the whole sequence,
+    as Megatron's router does with its tp_cp group. Returns (L_aux, f) with f of the whole sequence.
     """
-    p_mean = probs.mean(dim=0)
     counts = torch.zeros(num_sets, dtype=probs.dtype, device=probs.device)
     counts.scatter_add_(0, top_idx.reshape(-1), torch.ones(top_idx.numel(), dtype=probs.dtype, device=probs.device))
-    frac = counts / top_idx.numel()
-    return coeff * num_sets * torch.sum(p_mean * frac), frac
+    num_tokens = probs.shape[0]
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(counts, group=group)
+        num_tokens *= torch.distributed.get_world_size(group)
+    frac = counts / (num_tokens * top_idx.shape[-1])
+    return coeff * num_sets * torch.sum(probs.sum(dim=0) / num_tokens * frac), frac
 
 
 class JTokM(nn.Module):
@@ -115,8 +124,10 @@ class JTokM(nn.Module):
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)           # G = TopK(g, K)
         return top_logits, top_idx, logits
 
-    def forward(self, layer_input: Tensor, unique_rows: Tensor, inverse: Tensor) -> JTokMOutput:
-        """layer_input: [T, d] (or [s, b, d]); unique_rows: [U, n_e, d]; inverse: [T]."""
+    def forward(self, layer_input: Tensor, unique_rows: Tensor, inverse: Tensor,
+                sequence_group: "torch.distributed.ProcessGroup | None" = None) -> JTokMOutput:
+        """layer_input: [T, d] (or [s, b, d]); unique_rows: [U, n_e, d]; inverse: [T]. sequence_group: the
+        ranks holding the other shards of these sequences (sequence parallelism), for the aux loss."""
         h = layer_input.reshape(-1, self.hidden_size)
         top_logits, top_idx, logits = self.route(h)
         residual = jtokm_blend(unique_rows, inverse, top_logits, top_idx, self.scale, self.depth_factor, self.eps)
@@ -125,5 +136,7 @@ class JTokM(nn.Module):
             probs = scores / scores.sum(dim=-1, keepdim=True)
         else:
             probs = torch.softmax(logits, dim=-1)
-        aux, load = load_balancing_loss(probs.to(torch.promote_types(probs.dtype, torch.float32)), top_idx, self.num_sets, self.aux_loss_coeff)
-        return JTokMOutput(residual=residual.view(layer_input.shape), aux_loss=aux, load=load.detach())
+        balance, load = load_balancing_loss(probs.to(torch.promote_types(probs.dtype, torch.float32)), top_idx,
+                                            self.num_sets, 1.0, group=sequence_group)
+        return JTokMOutput(residual=residual.view(layer_input.shape), aux_loss=self.aux_loss_coeff * balance,
+                           balance=balance, load=load.detach())

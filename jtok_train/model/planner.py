@@ -4,9 +4,13 @@ Everything here is arithmetic on the config (no model is built), written against
 allocates and sends, so the figures can be checked against live runs (tests/distributed/test_planner_measured.py
 does, on 2 gloo ranks):
 
-Parallel layout: W GPUs = TP x PP x DP (PP = 1 with JTok), EP divides DP; the JTok tables are either replicated
-(a Megatron parameter on every rank) or row-sharded over all W ranks (``parallel.embedding=sharded``: every rank
-stores ceil(V/W) rows of [L, n_e, d]).
+Parallel layout: W GPUs = TP x PP x DP, EP divides DP; every pipeline stage holds L/PP layers and the JTok
+tables of those layers, either replicated (a Megatron parameter on every rank of the stage) or row-sharded over
+the stage's W/PP ranks (``parallel.embedding=sharded``: every rank stores ceil(V PP/W) rows of [L/PP, n_e, d]).
+With PP the figures are per stage (the first holds the embedding, the last the final norm, the output layer (a
+copy of the tied embedding) and the logits) and memory reports the stage that needs the most; activations are
+those of the micro-batches a stage holds at its peak under 1F1B (stage r: min(PP - r, n_micro)), and the step
+time adds the pipeline bubble (PP - 1 micro-batch slots, a share (PP - 1)/(n_micro + PP - 1)).
 
 Memory per GPU (bytes):
 - backbone parameters per rank: embedding and output layer / TP (vocabulary-parallel), attention and dense MLP
@@ -72,7 +76,7 @@ last gradient exchange stay exposed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -194,8 +198,29 @@ class Layout:
     expert_dp: int
     num_micro: int
     sequence_parallel: bool
-    emb_world: int          # ranks the sharded tables are split over (all ranks of the single stage)
+    emb_world: int          # ranks the sharded tables are split over (the ranks of one pipeline stage)
     sharded: bool
+    stage: Optional[int] = None   # the pipeline stage figured (memory_per_rank figures each; None: no PP)
+
+    @property
+    def stage_layers(self) -> int:
+        return self.num_layers // self.pp
+
+    num_layers: int = 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.stage is None or self.stage == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stage is None or self.stage == self.pp - 1
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches whose activations a stage holds at its peak under 1F1B (Megatron: stage r runs pp - r
+        forwards before its first backward), at most the step's micro-batches."""
+        return min(self.pp - (self.stage or 0), self.num_micro)
 
 
 def layout(cfg: Any, world: int) -> Layout:
@@ -210,7 +235,8 @@ def layout(cfg: Any, world: int) -> Layout:
     dp = world // (tp * pp)
     return Layout(world=world, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, expert_dp=max(1, world // (ep * etp * pp)),
                   num_micro=t.global_batch_size // (t.micro_batch_size * dp), sequence_parallel=bool(p.sequence_parallel),
-                  emb_world=world // pp, sharded=p.embedding == "sharded" and cfg.jtok.variant != "none")
+                  emb_world=world // pp, sharded=p.embedding == "sharded" and cfg.jtok.variant != "none",
+                  num_layers=cfg.model.num_layers)
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -219,7 +245,9 @@ def layout(cfg: Any, world: int) -> Layout:
 def params_per_rank(cfg: Any, lay: Layout) -> dict[str, float]:
     """Parameters one rank holds, by role (the same shapes as accounting.formula_params)."""
     m, j = cfg.model, cfg.jtok
-    d, L, V = m.hidden_size, m.num_layers, m.vocab_size
+    d, V = m.hidden_size, m.vocab_size
+    L = m.num_layers // lay.pp          # the layers of one pipeline stage (all of them without PP)
+    first, last = lay.first_stage, lay.last_stage
     heads = m.num_attention_heads
     hd = d // heads
     groups = m.num_query_groups or heads
@@ -229,11 +257,15 @@ def params_per_rank(cfg: Any, lay: Layout) -> dict[str, float]:
     def mlp(width: int) -> int:
         return glu * d * width + width * d
 
+    # the first stage holds the embedding, the last the final norm and the output layer (with tied embeddings
+    # and PP a copy of the embedding, kept equal by Megatron's embedding group)
+    untied_or_copy = m.untie_embeddings_and_output_weights or not first
     out = {
-        "embedding": V * d / lay.tp + (m.seq_length * d if m.position_embedding_type == "learned_absolute" else 0),
-        "output_layer": V * d / lay.tp if m.untie_embeddings_and_output_weights else 0.0,
+        "embedding": (V * d / lay.tp + (m.seq_length * d if m.position_embedding_type == "learned_absolute" else 0))
+        if first else 0.0,
+        "output_layer": V * d / lay.tp if last and untied_or_copy else 0.0,
         "attention": L * (d * (heads + 2 * groups) * hd + heads * hd * d) / lay.tp,
-        "norms": L * 2 * norm + norm,
+        "norms": L * 2 * norm + (norm if last else 0),
         "dense_mlp": 0.0, "moe_router": 0.0, "shared_expert": 0.0, "routed_experts": 0.0,
     }
     if m.num_experts:
@@ -261,7 +293,8 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
     B = 2 if bf16 else 4     # activations in the training precision
     Bn = 4                   # torch's RMSNorm keeps fp32 copies of its input and output (bf16 input upcast)
     Bt = 4 if lay.sharded else B   # gathered table rows: the sharded shard is fp32, a replicated table is a param
-    d, L, V, s, b = m.hidden_size, m.num_layers, m.vocab_size, m.seq_length, cfg.train.micro_batch_size
+    d, V, s, b = m.hidden_size, m.vocab_size, m.seq_length, cfg.train.micro_batch_size
+    L = m.num_layers // lay.pp          # one pipeline stage's layers
     a = m.num_attention_heads
     g = m.num_query_groups or a
     T = s * b
@@ -309,7 +342,9 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
             fs = m.moe_shared_expert_intermediate_size
             moe -= T * d * B / sp + T * (5 if glu else 2) * fs * B / tp - chunk_in
     per_layer = attn + ffn_norm + mlp + moe + jt
-    once = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + 17 * T + (T if tp > 1 else 0)
+    once = 17 * T
+    if lay.last_stage:
+        once += 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + (T if tp > 1 else 0)
     if j.variant != "none":
         once += 8 * U + (8 * T if j.variant == "jtok" else 0)
     layers_saved, working = L * per_layer, 0.0
@@ -323,15 +358,27 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
         working = (n if m.recompute_method == "uniform" else 1) * per_layer
     return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),
             "jtok": L * jt, "logits_and_head": once, "saved_by_layers": layers_saved,
-            "recompute_working": working, "total": layers_saved + once}
+            "recompute_working": working, "per_microbatch": layers_saved + once,
+            "in_flight": lay.in_flight, "total": lay.in_flight * (layers_saved + once)}
 
 
 def _row_bytes(cfg: Any) -> int:
-    return 4 * cfg.model.num_layers * cfg.jtok.num_sets * cfg.model.hidden_size   # fp32 rows (ShardedTokenTable)
+    """Bytes of one token's row on one pipeline stage: its layers' n_e vectors, fp32 (ShardedTokenTable)."""
+    L = cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
+    return 4 * L * cfg.jtok.num_sets * cfg.model.hidden_size
 
 
 def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
-    """Bytes per GPU by component (see the module doc)."""
+    """Bytes per GPU by component (see the module doc). With pipeline parallelism: the stage that needs the most
+    (its figures, with ``stage`` and every stage's total in ``per_stage``)."""
+    if lay.pp > 1 and lay.stage is None:
+        stages = [_memory_of_stage(cfg, replace(lay, stage=r), unique_ratio, flash) for r in range(lay.pp)]
+        worst = max(stages, key=lambda x: x["total"])
+        return {**worst, "per_stage": [x["total"] for x in stages], "stages": stages}
+    return _memory_of_stage(cfg, lay, unique_ratio, flash)
+
+
+def _memory_of_stage(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
     p = params_per_rank(cfg, lay)
     bf16 = cfg.train.precision == "bf16"
     pbytes, opt_bytes = (2, 12) if bf16 else (4, 8)
@@ -358,11 +405,14 @@ def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[
         T_local = cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
         U = unique_ratio * T_local
         overlap = 1 if cfg.parallel.overlap else 0
-        out["exchange_buffers"] = (3 + 2 * overlap + 2 * min(lay.num_micro, 2)) * U * _row_bytes(cfg)
+        # row gradients of up to (in-flight + 1) micro-batches: a stage adds one's to its shard once the next
+        # has run its backward; with 1F1B up to pp - stage forwards run before the first backward
+        out["exchange_buffers"] = (3 + 2 * overlap + 2 * min(lay.num_micro, lay.in_flight + 1)) * U * _row_bytes(cfg)
     act = activation_bytes(cfg, lay, unique_ratio, flash)
     out["activations"] = act["total"]
     out["recompute_working"] = act["recompute_working"]   # one chunk re-materialised in the backward
     out["total"] = sum(v for v in out.values())
+    out["stage"] = lay.stage
     out["activation_breakdown"] = act
     out["params_by_role"] = p
     out["backbone_params_per_rank"] = backbone
@@ -434,16 +484,21 @@ def _a2a_seconds(nbytes: float, cl: Cluster, W: int) -> float:
 
 def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch: dict) -> dict:
     tokens_mb = cfg.model.seq_length * cfg.train.micro_batch_size
-    t_c = flops_per_token * tokens_mb / lay.tp / (cl.peak_tflops * 1e12 * cl.mfu)
-    out = {"compute_s_per_microbatch": t_c, "num_microbatches": lay.num_micro}
+    # one stage's share of a micro-batch's compute (its layers; the embedding and head are counted evenly)
+    t_c = flops_per_token * tokens_mb / lay.tp / lay.pp / (cl.peak_tflops * 1e12 * cl.mfu)
+    # 1F1B: the pipeline fills and drains, each stage idles (pp - 1) micro-batch slots per step
+    bubble = (lay.pp - 1) / (lay.num_micro + lay.pp - 1)
+    out = {"compute_s_per_microbatch": t_c, "num_microbatches": lay.num_micro, "pipeline_bubble_share": bubble,
+           "pipeline_bubble_s": (lay.pp - 1) * t_c}
     for key in ("dedup", "no_dedup"):
         e = exch[key]
         t_f = _a2a_seconds(e["forward_bytes_per_microbatch"], cl, lay.emb_world)
         t_b = _a2a_seconds(e["backward_bytes_per_microbatch"], cl, lay.emb_world)
         t_x = t_f + t_b
         n = lay.num_micro
-        overlapped = n * t_c + t_f + t_b + (n - 1) * max(0.0, t_x - t_c)
-        serial = n * (t_c + t_f) + t_b
+        fill = (lay.pp - 1) * t_c      # the pipeline bubble (0 without PP)
+        overlapped = n * t_c + t_f + t_b + (n - 1) * max(0.0, t_x - t_c) + fill
+        serial = n * (t_c + t_f) + t_b + fill
         out[key] = {"exchange_s_per_microbatch": t_x, "forward_s": t_f, "backward_s": t_b,
                     "share_of_compute": t_x / t_c if t_c else math.inf, "hides_behind_compute": t_x <= t_c,
                     "step_s_overlap": overlapped, "step_s_no_overlap": serial,
@@ -453,13 +508,13 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
     if pm:
         # the weights depend on each layer's input: 2 all-to-alls per layer in the forward and 2 in the backward,
         # inside the computation (nothing prefetched); counted as fully exposed
-        L = cfg.model.num_layers
+        L = lay.stage_layers
         t_f = L * (_a2a_seconds(pm["forward_bytes_per_microbatch"] / L, cl, lay.emb_world) + cl.latency_us * 1e-6)
         t_b = L * (_a2a_seconds(pm["backward_bytes_per_microbatch"] / L, cl, lay.emb_world) + cl.latency_us * 1e-6)
         step = lay.num_micro * (t_c + t_f + t_b)
         out["premix"] = {"exchange_s_per_microbatch": t_f + t_b, "share_of_compute": (t_f + t_b) / t_c,
                          "step_s": step, "exposed_share": (step - lay.num_micro * t_c) / step}
-    out["backbone_step_s"] = lay.num_micro * t_c
+    out["backbone_step_s"] = (lay.num_micro + lay.pp - 1) * t_c
     return out
 
 

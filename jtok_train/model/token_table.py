@@ -29,6 +29,7 @@ __all__ = [
     "RowGradJoin",
     "row_permutation",
     "init_rows_for_permuted_range",
+    "LayerSlice",
     "check_token_ids",
     "INIT_CHUNK",
 ]
@@ -143,12 +144,15 @@ def row_permutation(vocab_size: int, seed: int) -> Tensor:
 
 def init_rows_for_permuted_range(
     start: int, stop: int, row_shape: tuple[int, ...], seed: int, std: float = 1.0, dtype=torch.float32,
-    out: Tensor | None = None,
+    out: Tensor | None = None, layers: tuple[int, int] | None = None,
 ) -> Tensor:
     """N(0, std^2) rows for permuted positions [start, stop), the same whatever range is asked.
-    ``out`` (shape [stop - start, *row_shape]) is filled in place: no second copy of a shard."""
+    ``row_shape`` is the whole model's (L, n_e, d); ``layers=(offset, count)`` keeps layers [offset,
+    offset + count) of each row (a pipeline stage's), with the values those layers have in the whole table.
+    ``out`` (shape [stop - start, count or L, ...]) is filled in place: no second copy of a shard."""
+    lo_l, n_l = layers if layers is not None else (0, row_shape[0])
     if out is None:
-        out = torch.empty((stop - start, *row_shape), dtype=dtype)
+        out = torch.empty((stop - start, n_l, *row_shape[1:]), dtype=dtype)
     chunk_lo = start // INIT_CHUNK
     chunk_hi = (stop - 1) // INIT_CHUNK if stop > start else chunk_lo - 1
     for c in range(chunk_lo, chunk_hi + 1):
@@ -156,16 +160,35 @@ def init_rows_for_permuted_range(
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
         chunk = torch.randn((INIT_CHUNK, *row_shape), generator=g) * std
         lo, hi = max(start, c0), min(stop, c0 + INIT_CHUNK)
-        out[lo - start : hi - start] = chunk[lo - c0 : hi - c0].to(out.dtype)
+        out[lo - start : hi - start] = chunk[lo - c0 : hi - c0, lo_l : lo_l + n_l].to(out.dtype)
     return out
 
 
+@dataclass(frozen=True)
+class LayerSlice:
+    """The layers of the whole model a pipeline stage's table holds: [offset, offset + count) of ``total``.
+    Stages hold equal counts (the config refuses uneven splits), so stage = offset / count."""
+
+    offset: int
+    count: int
+    total: int
+
+    @property
+    def stage(self) -> int:
+        return self.offset // self.count
+
+    @property
+    def num_stages(self) -> int:
+        return self.total // self.count
+
+
 class ReplicatedTokenTable(nn.Module):
-    """All layers' JTok tables as one local parameter ``weight`` of shape [V, L, n_e, d].
+    """The JTok tables of this stage's layers as one local parameter ``weight`` of shape [V, L, n_e, d].
 
     One row per token holds every layer's candidates, so a lookup is one gather of the unique ids.
     Gradients are dense over the table (as an unsharded model computes them) and reduced across
-    data-parallel ranks like any other parameter.
+    data-parallel ranks like any other parameter. Under pipeline parallelism L is the stage's layer count
+    (``layers``) and the checkpoint stores the stage's slice of the whole [V, L_total, n_e, d] table.
     """
 
     def __init__(
@@ -178,8 +201,12 @@ class ReplicatedTokenTable(nn.Module):
         init_std: float = 1.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        layers: LayerSlice | None = None,
     ):
         super().__init__()
+        self.layers = layers if layers is not None else LayerSlice(0, num_layers, num_layers)
+        if self.layers.count != num_layers:
+            raise ValueError(f"num_layers={num_layers} differs from the stage's layer count {self.layers.count}")
         self.vocab_size, self.num_layers, self.num_sets, self.hidden_size = vocab_size, num_layers, num_sets, hidden_size
         self.seed, self.init_std = seed, init_std
         self.weight = nn.Parameter(
@@ -192,10 +219,23 @@ class ReplicatedTokenTable(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         perm = row_permutation(self.vocab_size, self.seed)
+        sl = self.layers
         rows = init_rows_for_permuted_range(
-            0, self.vocab_size, tuple(self.weight.shape[1:]), self.seed, self.init_std, self.weight.dtype
+            0, self.vocab_size, (sl.total, *self.weight.shape[2:]), self.seed, self.init_std, self.weight.dtype,
+            layers=(sl.offset, sl.count),
         )
         self.weight[perm.to(self.weight.device)] = rows.to(self.weight.device)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """``weight`` as this stage's layers [offset, offset + L) of the global [V, L_total, n_e, d] tensor,
+        replicated over tensor and data parallel ranks (the replica ids Megatron gives a plain parameter)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        sl = self.layers
+        replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
+        return {f"{prefix}weight": ShardedTensor.from_rank_offsets(
+            f"{prefix}weight", self.weight, (1, sl.stage, sl.num_stages), replica_id=replica)}
 
     def lookup(self, token_ids: Tensor) -> TokenRows:
         check_token_ids(token_ids, self.vocab_size)

@@ -7,17 +7,31 @@ import torch.distributed as dist
 __all__ = ["embedding_parallel_group"]
 
 _GROUP = None
+_KEY = None
 
 
 def embedding_parallel_group():
-    """All ranks of the (single) pipeline stage, as a group of its own: the exchange's asynchronous
-    collectives then never interleave with Megatron's gradient all-reduces on the same communicator."""
-    global _GROUP
-    if _GROUP is None:
-        _GROUP = dist.new_group(list(range(dist.get_world_size())))
+    """The ranks of this rank's pipeline stage (all ranks without pipeline parallelism), as a group of its
+    own: the exchange's asynchronous collectives then never interleave with Megatron's gradient all-reduces
+    on the same communicator. Every stage serves the tables of its own layers to its own ranks. Collective:
+    every rank creates every stage's group (torch's rule for new_group); made again for another stage layout
+    in the same process."""
+    global _GROUP, _KEY
+    from megatron.core import parallel_state as ps
+
+    stage = ps.get_pipeline_model_parallel_rank()
+    stages: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(stages, stage)
+    key = tuple(stages)
+    if _GROUP is None or _KEY != key:
+        for s in sorted(set(stages)):
+            group = dist.new_group([r for r, st in enumerate(stages) if st == s])
+            if s == stage:
+                _GROUP = group
+        _KEY = key
     return _GROUP
 
 
 def reset() -> None:
-    global _GROUP
-    _GROUP = None
+    global _GROUP, _KEY
+    _GROUP, _KEY = None, None

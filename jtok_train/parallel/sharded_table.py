@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from jtok_train.model.token_table import TokenRows, init_rows_for_permuted_range
+from jtok_train.model.token_table import LayerSlice, TokenRows, init_rows_for_permuted_range
 from jtok_train.parallel.exchange import ExchangeStats, RowLookup, SideStream, make_plan, rows_with_grad_exchange
 from jtok_train.parallel.placement import RowPlacement
 
@@ -47,11 +47,19 @@ class ShardedTokenTable(nn.Module):
         sequence_shard: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        layers: LayerSlice | None = None,
+        pipeline_group: Any = None,
     ):
-        """group: the EmbP process group. grad_scale: factor on every row gradient sent (1/DP size, as
-        Megatron's DDP averages the backbone's gradients). sequence_shard: (tp_rank, tp_size) under
-        sequence parallelism, where each TP rank serves its own slice of the sequence."""
+        """group: the EmbP process group (the ranks of this pipeline stage). grad_scale: factor on every row
+        gradient sent (1/DP size, as Megatron's DDP averages the backbone's gradients). sequence_shard:
+        (tp_rank, tp_size) under sequence parallelism, where each TP rank serves its own slice of the
+        sequence. layers: the pipeline stage's layers of the whole model (their rows only are stored);
+        pipeline_group: the ranks holding the same rows of the other stages' layers (for the global norm)."""
         super().__init__()
+        self.layers = layers if layers is not None else LayerSlice(0, num_layers, num_layers)
+        if self.layers.count != num_layers:
+            raise ValueError(f"num_layers={num_layers} differs from the stage's layer count {self.layers.count}")
+        self.pipeline_group = pipeline_group
         self.vocab_size, self.num_layers, self.num_sets, self.hidden_size = vocab_size, num_layers, num_sets, hidden_size
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
@@ -62,8 +70,9 @@ class ShardedTokenTable(nn.Module):
         device = torch.device(device)
         row_shape = (num_layers, num_sets, hidden_size)
         self.shard = torch.zeros((self.placement.block, *row_shape), dtype=dtype, device=device)
-        init_rows_for_permuted_range(self.start_row, self.stop_row, row_shape, seed, init_std,
-                                     out=self.shard[: self.stop_row - self.start_row])
+        init_rows_for_permuted_range(self.start_row, self.stop_row, (self.layers.total, *row_shape[1:]), seed,
+                                     init_std, out=self.shard[: self.stop_row - self.start_row],
+                                     layers=(self.layers.offset, self.layers.count))
         self.shard_grad = torch.zeros_like(self.shard)
         self.touched = torch.zeros(self.placement.block, dtype=torch.bool, device=device)  # rows with a gradient this step
         # A zero-size leaf that makes the fetched rows part of the autograd graph.
@@ -152,9 +161,11 @@ class ShardedTokenTable(nn.Module):
         self.touched.zero_()
 
     def grad_norm_sq(self) -> float:
-        """Squared L2 norm of the whole table's gradient (summed over the EmbP group)."""
+        """Squared L2 norm of the whole table's gradient (summed over the EmbP group and the stages)."""
         local = torch.sum(self.shard_grad.float() ** 2).reshape(1)
         dist.all_reduce(local, group=self.group)
+        if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
+            dist.all_reduce(local, group=self.pipeline_group)
         return float(local)
 
     def pop_stats(self) -> dict[str, float]:
@@ -163,7 +174,7 @@ class ShardedTokenTable(nn.Module):
         return out
 
     def full_table(self) -> Tensor:
-        """Gather the whole table in token order (tests and small models only)."""
+        """Gather this stage's table in token order (tests and small models only)."""
         parts = [torch.empty_like(self.shard) for _ in range(self.world)]
         dist.all_gather(parts, self.shard.contiguous(), group=self.group)
         permuted = torch.cat(parts)[: self.vocab_size]
@@ -175,21 +186,28 @@ class ShardedTokenTable(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------------
     def sharded_tensor(self, key: str, local: Tensor):
         """``local`` ([block, ...], rows of this rank's permuted range) as a piece of a global [V, ...]
-        tensor in permuted row order: any world size cuts the same global tensor into its own blocks."""
+        tensor in permuted row order: any world size cuts the same global tensor into its own blocks. A
+        [block, L, ...] tensor is this stage's layers of the global [V, L_total, ...] one; a per-row tensor
+        ([block]: the same on every stage, which all see the same token ids) is a replica on stages > 0."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         rows = self.stop_row - self.start_row
         data = local[:rows]
-        zeros = (0,) * (local.dim() - 1)
+        sl = self.layers
+        shape, offset, frag = [self.vocab_size, *data.shape[1:]], [self.start_row] + [0] * (local.dim() - 1), \
+            [self.world] + [1] * (local.dim() - 1)
+        per_layer = local.dim() >= 2 and local.shape[1] == sl.count
+        if per_layer:
+            shape[1], offset[1], frag[1] = sl.total, sl.offset, sl.num_stages
         return ShardedTensor(
             key=key,
             data=data,
             dtype=data.dtype,
             local_shape=tuple(data.shape),
-            global_shape=(self.vocab_size, *data.shape[1:]),
-            global_offset=(self.start_row, *zeros),
-            axis_fragmentations=(self.world, *(1,) * (local.dim() - 1)),
-            replica_id=0,
+            global_shape=tuple(shape),
+            global_offset=tuple(offset),
+            axis_fragmentations=tuple(frag),
+            replica_id=0 if per_layer else sl.stage,
             prepend_axis_num=0,
         )
 

@@ -257,20 +257,14 @@ class _weights_only_objects:
     ``torch.load(weights_only=True)`` instead of torch.distributed.checkpoint's ``weights_only=False``."""
 
     def __enter__(self):
-        def load_bytes(planner, read_item, value):
+        def read_object(value, fqn):
             try:
-                obj = torch.load(value, weights_only=True)
+                return torch.load(value, weights_only=True)
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint object {read_item.dest_index.fqn} is not plain data "
+                raise CheckpointError(f"checkpoint object {fqn} is not plain data "
                                       f"({type(e).__name__}): refused, loading runs no pickled code") from None
-            if planner.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element
 
-                set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
-            else:
-                planner.state_dict[read_item.dest_index.fqn] = obj
-
-        self._cm = megatron_compat.replace_load_bytes(load_bytes)
+        self._cm = megatron_compat.replace_load_bytes(read_object)
         self._cm.__enter__()
         return self
 
@@ -508,7 +502,10 @@ def optimizer_layout(cfg: Any) -> dict:
     load uses the checkpoint's layout, not the current config's."""
     if not cfg.parallel.use_distributed_optimizer:
         return {"distributed": False, "format": None}
-    return {"distributed": True, "format": str(cfg.train.ckpt_optim_format)}
+    p = cfg.parallel
+    return {"distributed": True, "format": str(cfg.train.ckpt_optim_format),
+            "model_parallel": [int(p.tensor_model_parallel_size), int(p.pipeline_model_parallel_size),
+                               int(p.expert_model_parallel_size)]}
 
 
 def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None = None) -> dict:
@@ -650,6 +647,13 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
         raise CheckpointError(f"checkpoint {path} holds the states of the "
                               f"{'distributed' if saved_layout['distributed'] else 'plain'} optimizer: resume with "
                               f"parallel.use_distributed_optimizer={str(saved_layout['distributed']).lower()}")
+    now = optimizer_layout(trainer.cfg).get("model_parallel")
+    was = saved_layout.get("model_parallel")
+    if saved_layout.get("format") == "dp_reshardable" and was is not None and was != now:
+        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at TP/PP/EP = "
+                              f"{'/'.join(map(str, was))}, which reshards over data parallelism only: resume at "
+                              f"TP/PP/EP = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
+                              "train.ckpt_optim_format=fully_reshardable")
     state = _state(trainer, is_loading=True, rng=rng, layout=saved_layout)
     loaded, missing, unexpected = load_sharded_state(state, path, "this model")
     missing = sorted(k for k in missing if not k.startswith("rng."))

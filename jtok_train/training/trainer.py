@@ -82,10 +82,10 @@ class Trainer:
         self.num_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
         self.num_valid_micro = num_microbatches(t.eval_samples, t.micro_batch_size, self.dp_size)
         self.device = compute_device()
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+        from jtok_train.compat.megatron import clear_aux_losses
 
         # Megatron's aux-loss tracker is process-global and sized by the first model's layer count.
-        get_moe_layer_wise_logging_tracker().clear()
+        clear_aux_losses(reset=True)
         self.run_dir = Path(t.run_dir)
         self._prepare_resume()
         self._build_data()
@@ -265,7 +265,7 @@ class Trainer:
             yield get_microbatch(self.valid_ds, idx)
 
     def _forward_step(self, data_iterator, model):
-        from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+        from jtok_train.compat.megatron import set_aux_loss_scale
 
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device)
@@ -274,7 +274,7 @@ class Trainer:
         position_ids = batch["position_ids"].to(self.device)
         if self.tconfig.num_moe_experts is None and self.cfg.jtok.variant == "jtokm":
             # Megatron sets this scale only for MoE backbones; JTok-M's aux loss uses the same mechanism.
-            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=self.device) / self.num_micro)
+            set_aux_loss_scale(torch.ones(1, device=self.device) / self.num_micro)
         output = model(tokens, position_ids, None, labels=labels)
 
         def loss_func(output_tensor):
@@ -301,6 +301,8 @@ class Trainer:
         local = torch.stack([o["lm_loss"] for o in outs]).mean() if outs else torch.zeros(())
         from megatron.core import parallel_state as ps
 
+        if ps.get_pipeline_model_parallel_world_size() > 1:   # only the last stage has the loss: the others add 0
+            dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(local, group=ps.get_data_parallel_group())
         return float(local) / self.dp_size
 
@@ -339,21 +341,13 @@ class Trainer:
         return ok, total
 
     # -- metrics -------------------------------------------------------------------------------------
-    def _aux_metrics(self) -> dict[str, float]:
-        from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker,
-            get_moe_layer_wise_logging_tracker,
-            reduce_aux_losses_tracker_across_ranks,
-        )
+    def _aux_metrics(self, step: int = 0) -> dict[str, float]:
+        from jtok_train.compat.megatron import report_aux_losses
 
-        out: dict[str, float] = {}
-        tracker = get_moe_layer_wise_logging_tracker()
-        if tracker:
-            reduce_aux_losses_tracker_across_ranks()
-            for name, entry in tracker.items():
-                values = entry["values"].float() / self.num_micro
-                out[f"aux/{name}"] = float(values.sum())
-            clear_aux_losses_tracker()
+        # As Megatron's training log: each aux loss without its coefficient, averaged over micro-batches, data
+        # parallel ranks and layers (the router's load_balancing_loss, JTok-M's jtokm_load_balancing_loss).
+        out = {f"aux/{name}": v for name, v in
+               report_aux_losses(1.0 / self.num_micro, step, self.cfg.model.num_layers).items()}
         loads = [l.last_load for l in self.unwrapped.decoder.layers if getattr(l, "last_load", None) is not None]
         if loads:
             # router balance of JTok-M: max/mean of the share of assignments per row set (1 = even)
@@ -372,9 +366,9 @@ class Trainer:
             loss = self._run_schedule(self._with_prefetch(list(self._valid_batches())), self.num_valid_micro,
                                       forward_only=True)
         self.model.train()
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+        from jtok_train.compat.megatron import clear_aux_losses
 
-        clear_aux_losses_tracker()
+        clear_aux_losses()
         return loss
 
     def fit(self) -> TrainResult:
@@ -444,7 +438,7 @@ class Trainer:
                 "consumed_samples": self.data_offset + done * G,
                 "skipped_steps": self.skipped_steps,
             }
-            metrics.update(self._aux_metrics())
+            metrics.update(self._aux_metrics(done))
             if self.table_opt is not None:
                 metrics.update(self.table.pop_stats())
             if done % t.log_interval == 0 or done == t.train_iters:

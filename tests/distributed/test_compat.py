@@ -32,11 +32,6 @@ def _train(kind: str, tp: int = 1, ep: int = 1, sp: bool = False) -> dict[str, l
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
 
     from jtok_train.compat import device, init_model_parallel, install_cpu_compat
     from jtok_train.testing import fill_params_by_global_position
@@ -136,10 +131,10 @@ def _train(kind: str, tp: int = 1, ep: int = 1, sp: bool = False) -> dict[str, l
         out["grad_norm"].append(float(grad_norm))
         if moe:
             # Megatron's own reduction (sum over TP/CP, AVG over DP: AVG is emulated on gloo by compat)
-            reduce_aux_losses_tracker_across_ranks()
-            aux = get_moe_layer_wise_logging_tracker()["seq_load_balancing_loss"]["values"]
-            out["aux"].append(aux.sum().item())
-            clear_aux_losses_tracker()
+            from jtok_train.compat.megatron import report_aux_losses
+
+            aux = report_aux_losses(1.0, len(out["aux"]), 2)["seq_load_balancing_loss"]
+            out["aux"].append(aux)
     return out
 
 

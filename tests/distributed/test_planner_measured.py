@@ -53,7 +53,10 @@ def _measure(runs: list[list[str]]) -> list[dict]:
                 for group in getattr(o, name, None) or []:
                     opt_tensors += list(group)
         t, topt = tr.table, tr.table_opt
+        from megatron.core import parallel_state as ps
+
         rec = {
+            "stage": ps.get_pipeline_model_parallel_rank(),
             "exchange": history,
             "params": _nbytes(params),
             "grads": _nbytes(b.grad_data for b in tr.model.buffers + tr.model.expert_parallel_buffers),
@@ -78,6 +81,12 @@ def _measure(runs: list[list[str]]) -> list[dict]:
             return x
 
         tr.model.train()
+        if not tr.unwrapped.pre_process:   # a later pipeline stage: its input arrives from the previous stage
+            m = cfg.model
+            sp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+            tr.unwrapped.set_input_tensor(torch.randn(m.seq_length // sp, cfg.train.micro_batch_size,
+                                                      m.hidden_size, dtype=dtype, requires_grad=True))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             out_ = tr.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         # sizes after the forward: storages Megatron frees after use (selective recompute's discarded outputs)
@@ -187,3 +196,28 @@ def test_planner_memory_with_distributed_optimizer_and_recompute(small_dataset, 
             _close(plan["memory"]["optimizer"], rank[i]["optimizer"], f"{names[i]} optimizer per rank")
             if "distopt" not in names[i]:
                 _close(plan["memory"]["activations"], rank[i]["activations"], f"{names[i]} activations per rank")
+
+
+@pytest.mark.slow
+def test_planner_per_stage_memory_matches_a_pp2_run(small_dataset, tmp_path):
+    """PP 2 on 2 ranks (MoE + JTok-M, sharded tables over each stage's one rank, fp32): each stage's parameters,
+    gradients, optimizer states, tables, table optimizer and one micro-batch's activations against the planner's
+    figures for that stage (the first holds the embedding, the last the output layer's copy and the logits); the
+    planner reports the larger stage and the 1F1B in-flight count and bubble."""
+    runs = [tiny_overrides(small_dataset, str(tmp_path / "pp2"), **{"parallel.embedding": "sharded",
+                                                                    "train.train_iters": 2,
+                                                                    "parallel.pipeline_model_parallel_size": 2})]
+    got = run_distributed(_measure, 2, runs, timeout=900)
+    plan = run_distributed(_plans, 1, runs, small_dataset["prefix"], 2, timeout=300)[0][0]
+    mem = plan["memory"]
+    assert len(mem["stages"]) == 2 and mem["total"] == max(mem["per_stage"])
+    n = plan["layout"]["num_micro"]
+    assert [st["activation_breakdown"]["in_flight"] for st in mem["stages"]] == [min(2, n), 1]
+    assert plan["timing"]["pipeline_bubble_share"] == pytest.approx(1 / (n + 1))
+    for rank in got:
+        m = rank[0]
+        st = mem["stages"][m["stage"]]
+        for key in ("params", "grads", "optimizer", "table", "table_grad", "table_optimizer"):
+            _close(st[key], m[key], f"pp2 stage {m['stage']} {key}")
+        _close(st["activation_breakdown"]["per_microbatch"], m["activations"], f"pp2 stage {m['stage']} activations")
+    assert {rank[0]["stage"] for rank in got} == {0, 1}

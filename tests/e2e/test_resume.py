@@ -169,3 +169,25 @@ def test_sigkill_at_20_random_points(small_dataset, tmp_path):
         _wait(procs)
         assert _wait(_launch(1, _args(small_dataset, run), run)) == [0]
         _assert_same(ref, run)
+
+
+@pytest.mark.slow
+def test_pp2_sigkill_resumes_exactly(small_dataset, tmp_path):
+    """Pipeline parallelism (2 stages, sharded JTok-M tables of each stage's layers): both ranks SIGKILLed at a
+    random step, resumed: bitwise the uninterrupted PP 2 run (weights, tables, moments, RNG, every loss)."""
+    extra = {"parallel.pipeline_model_parallel_size": 2, "parallel.embedding": "sharded"}
+    ref = tmp_path / "ref"
+    assert _wait(_launch(2, _args(small_dataset, ref, **extra), ref)) == [0, 0]
+    run = tmp_path / "run"
+    seed = os.environ.get("JTOK_TEST_SEED") or str(random.SystemRandom().randrange(1 << 30))
+    kill_at = random.Random(seed).randint(2, STEPS - 1)
+    print(f"JTOK_TEST_SEED={seed}: SIGKILL after step {kill_at}")
+    procs = _launch(2, _args(small_dataset, run, **extra), run)
+    _wait_for_step(run, kill_at, procs)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    assert _wait(procs) == [-9, -9]          # the kill landed on both stages before they finished
+    assert not (run / "checkpoints" / f"step_{STEPS:07d}").exists()
+    assert _wait(_launch(2, _args(small_dataset, run, **extra), run)) == [0, 0]
+    assert "resumed from" in (run.parent / "run.rank0.log").read_text()
+    _assert_same(ref, run)

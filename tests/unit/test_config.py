@@ -51,7 +51,8 @@ def test_wrong_type_is_rejected():
         ("train.micro_batch_size=0", "train.micro_batch_size"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
         ("parallel.expert_model_parallel_size=3", "parallel.expert_model_parallel_size"),
-        ("parallel.pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size"),
+        ("parallel.pipeline_model_parallel_size=3", "parallel.pipeline_model_parallel_size"),   # 3 stages, 2 layers
+        ("parallel.virtual_pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size"),
         ("model.num_attention_heads=3", "model.num_attention_heads"),
         ("model.transformer_impl=apex", "model.transformer_impl"),
     ],
@@ -113,3 +114,16 @@ def test_recompute_settings_reach_megatron():
         got = (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers,
                tc.recompute_modules if want[3] else None)
         assert got == want
+
+
+def test_pipeline_layouts_that_cannot_work_are_refused():
+    """Full recompute of JTok layers under PP (the replayed rows' gradients have no join on later stages) is
+    refused at config time, naming the key and the fix; a PP layout that divides the layers is accepted."""
+    base = ["model=tiny", "jtok=jtokm", "parallel.pipeline_model_parallel_size=2"]
+    validate(compose(base))
+    with pytest.raises(ConfigError, match=r"model\.recompute_granularity='full'.*use selective"):
+        validate(compose(base + ["model.recompute_granularity=full", "model.recompute_method=uniform",
+                                 "model.recompute_num_layers=1"]))
+    validate(compose(["model=tiny", "jtok=none", "parallel.pipeline_model_parallel_size=2",
+                      "model.recompute_granularity=full", "model.recompute_method=uniform",
+                      "model.recompute_num_layers=1"]))

@@ -55,7 +55,7 @@ def test_patches_are_undone():
     before_planner = dict(MCoreLoadPlanner.__dict__)
     before_filter = MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"]
     seen = []
-    with mc.replace_load_bytes(lambda planner, read_item, value: None):
+    with mc.replace_load_bytes(lambda value, fqn: None):
         assert "load_bytes" in MCoreLoadPlanner.__dict__
     with mc.replace_param_group_matching(lambda original: seen.append(original) or original):
         assert MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"] is not before_filter
