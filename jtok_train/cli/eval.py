@@ -27,6 +27,7 @@ code 2.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import os
@@ -118,17 +119,23 @@ def parse_args(argv: list[str]) -> EvalArgs:
     return args
 
 
-def resolve_tasks(names: list[str], include_path: str = "") -> Any:
-    """lm-eval's TaskManager with jtok-train's tasks; an unknown name raises UsageError (with a suggestion)."""
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...]) -> Any:
+    """lm-eval's TaskManager (it indexes every task YAML it ships, seconds: built once per process and paths)."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=list(paths))
+
+
+def resolve_tasks(names: list[str], include_path: str = "") -> Any:
+    """lm-eval's TaskManager with jtok-train's tasks; an unknown name raises UsageError (with a suggestion)."""
     from jtok_train.evaluation import TASKS_DIR
 
     paths = [str(TASKS_DIR)] + [p for p in include_path.split(",") if p]
     for p in paths[1:]:
         if not os.path.isdir(p):
             raise UsageError(f"include_path={p} is not a directory of lm-eval task YAML files")
-    tm = TaskManager(include_path=paths)
+    tm = _task_manager(tuple(paths))
     known = set(tm.all_tasks)
     for n in names:
         if n not in known:
