@@ -53,8 +53,9 @@ def held_out_documents(prefix: str, tokenizer_path: str, split: str = "98,2,0") 
 
 
 def _ok_span(words: list[str]) -> bool:
-    """A span a reader could judge: at least half its words contain a letter."""
-    return sum(bool(_WORD.search(w)) for w in words) * 2 >= len(words)
+    """A span a reader could judge: at least half its words contain a letter, and no URL (addresses are
+    not language, and the corpus's links would be shipped as task text)."""
+    return sum(bool(_WORD.search(w)) for w in words) * 2 >= len(words) and not any("://" in w for w in words)
 
 
 def build_items(docs: list[str], num_items: int = 250, context_words: int = 30, answer_words: int = 6,
