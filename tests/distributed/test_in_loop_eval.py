@@ -93,3 +93,18 @@ def test_bad_eval_settings_are_config_errors(small_dataset, tmp_path):
     cfg = compose(_eval_overrides(small_dataset, str(tmp_path / "x"), **{"eval.limit": "0"}))
     with pytest.raises(ConfigError, match=r"eval.limit=0"):
         validate(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"parallel.expert_model_parallel_size": "2"},
+                                    {"parallel.tensor_model_parallel_size": "2", "parallel.sequence_parallel": "true"}],
+                         ids=["ep2", "tp2_sp"])
+def test_expert_and_tensor_parallel_runs_score_like_jtok_eval(small_dataset, tmp_path, layout):
+    """Trained and evaluated on 2 ranks with expert parallelism (the dispatch is collective) or tensor + sequence
+    parallelism (ranks share requests, logits gathered, sequences padded to a multiple of 2): the accuracy after
+    the last step equals jtok-eval's on the saved checkpoint, at one rank."""
+    run = tmp_path / "run"
+    got = run_distributed(_fit, 2, _eval_overrides(small_dataset, str(run), **{"train.save": "true", **layout}),
+                          timeout=400)
+    ref = run_distributed(_jtok_eval, 1, str(run / "checkpoints" / "step_0000003"), timeout=400)[0]
+    assert got[0] == ref and got[1] == ref, (got, ref)
