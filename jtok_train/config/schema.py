@@ -486,5 +486,10 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(t.eval_samples % per_step == 0, "train.eval_samples", t.eval_samples,
               f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
     if tokenizer_vocab is not None:
+        from jtok_train.data.tokenizer import padded_vocab_size
+
+        tok = getattr(d, "tokenizer", None) if d is not None else None
         _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,
-              f"smaller than the tokenizer's vocabulary ({tokenizer_vocab}); set model.vocab_size>={tokenizer_vocab}")
+              f"smaller than the tokenizer's vocabulary ({tokenizer_vocab}){f' of data.tokenizer={tok}' if tok else ''}; set "
+              f"model.vocab_size={padded_vocab_size(tokenizer_vocab, 128, p.tensor_model_parallel_size)} (the "
+              "tokenizer's, padded to a multiple of 128 x TP like Megatron's make_vocab_size_divisible_by) or more")

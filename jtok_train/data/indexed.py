@@ -171,7 +171,8 @@ def check_token_range(prefix: PathLike, vocab_size: int, scan_limit_bytes: int =
     if manifest.is_file():
         try:
             m = json.loads(manifest.read_text())
-            if m.get("prefix") == Path(info.prefix).name and "max_token_id" in m:
+            names = m.get("prefixes") or [m.get("prefix")]  # one prefix, or the shards of a --shard-tokens build
+            if Path(info.prefix).name in names and "max_token_id" in m:
                 max_id = int(m["max_token_id"])
         except (ValueError, OSError):
             max_id = None

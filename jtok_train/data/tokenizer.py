@@ -15,14 +15,61 @@ no isinstance check):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
-__all__ = ["EOD_TOKEN", "Tokenizer", "train_tokenizer", "load_tokenizer"]
+__all__ = ["EOD_TOKEN", "EOD_CANDIDATES", "Tokenizer", "train_tokenizer", "load_tokenizer", "padded_vocab_size",
+           "find_eod_token"]
 
 EOD_TOKEN = "<|endoftext|>"
+# End-of-document tokens of common pretrained tokenizers, tried in this order when neither an explicit token nor
+# a tokenizer_config.json ``eos_token`` names one: GPT-2/Qwen2/our BPE, Llama-3, Llama-2/T5/Mistral, Gemma.
+EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
+CONFIG_NAME = "tokenizer_config.json"
+
+
+def padded_vocab_size(tokenizer_vocab: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
+    """The model vocabulary Megatron would use: ``tokenizer_vocab`` rounded up to a multiple of
+    ``divisible_by * tensor_parallel`` (Megatron-LM's ``--make-vocab-size-divisible-by``, default 128)."""
+    multiple = max(1, divisible_by) * max(1, tensor_parallel)
+    return -(-int(tokenizer_vocab) // multiple) * multiple
+
+
+def _config_eos(tokenizer_file: Path) -> Optional[str]:
+    """``eos_token`` of the tokenizer_config.json next to ``tokenizer_file`` (HF layout), if any."""
+    cfg = tokenizer_file.parent / CONFIG_NAME
+    if not cfg.is_file():
+        return None
+    try:
+        eos = json.loads(cfg.read_text()).get("eos_token")
+    except (ValueError, OSError, AttributeError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def find_eod_token(hf_tokenizer, path: Optional[Path] = None, eod_token: Optional[str] = None) -> str:
+    """The end-of-document token: ``eod_token`` if given, else tokenizer_config.json's ``eos_token``, else the
+    first of :data:`EOD_CANDIDATES` the vocabulary holds. Raises ValueError naming the file and the fix."""
+    where = str(path) if path is not None else "<in memory>"
+    if eod_token is not None:
+        if hf_tokenizer.token_to_id(eod_token) is None:
+            raise ValueError(f"tokenizer {where} has no token {eod_token!r}; pass --eod-token naming one of its "
+                             "special tokens")
+        return eod_token
+    if path is not None:
+        eos = _config_eos(Path(path))
+        if eos is not None and hf_tokenizer.token_to_id(eos) is not None:
+            return eos
+    for cand in EOD_CANDIDATES:
+        if hf_tokenizer.token_to_id(cand) is not None:
+            return cand
+    raise ValueError(f"tokenizer {where} has no end-of-document token (looked for {', '.join(EOD_CANDIDATES)} and a "
+                     f"{CONFIG_NAME} eos_token next to it); pass --eod-token naming it")
 
 
 class Tokenizer:
@@ -33,18 +80,17 @@ class Tokenizer:
     aliases ``tokenize`` / ``detokenize``.
     """
 
-    def __init__(self, hf_tokenizer, path: Optional[Union[str, os.PathLike]] = None, sha256: str = ""):
+    def __init__(self, hf_tokenizer, path: Optional[Union[str, os.PathLike]] = None, sha256: str = "",
+                 eod_token: Optional[str] = None):
         self._tok = hf_tokenizer
         self.path = str(path) if path is not None else None
         self.sha256 = sha256 or hashlib.sha256(hf_tokenizer.to_str().encode("utf-8")).hexdigest()
-        eod = hf_tokenizer.token_to_id(EOD_TOKEN)
-        if eod is None:
-            raise ValueError(
-                f"tokenizer {self.path or '<in memory>'} has no {EOD_TOKEN} token; "
-                "rebuild it with `jtok-data build ...`"
-            )
-        self.eod: int = int(eod)
-        self.vocab_size: int = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))
+        self.eod_token: str = find_eod_token(hf_tokenizer, Path(path) if path is not None else None, eod_token)
+        self.eod: int = int(hf_tokenizer.token_to_id(self.eod_token))
+        # ids are 0..n-1 in every tokenizer we know; max id + 1 also covers one with a gap among its added tokens
+        vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(int(hf_tokenizer.get_vocab_size(with_added_tokens=True)),
+                                   (max(vocab.values()) + 1) if vocab else 0)
         self.unique_identifiers = OrderedDict(
             [("class", "jtok_train.data.tokenizer.Tokenizer"), ("sha256", self.sha256),
              ("vocab_size", self.vocab_size), ("eod", self.eod)]
@@ -130,8 +176,10 @@ def _as_strings(texts: Iterable) -> Iterator[str]:
         yield t.text if hasattr(t, "text") else t
 
 
-def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
-    """Load a tokenizer.json written by :func:`train_tokenizer` (a directory holding one is accepted)."""
+def load_tokenizer(path: Union[str, os.PathLike], eod_token: Optional[str] = None) -> Tokenizer:
+    """Load a tokenizer.json: one :func:`train_tokenizer` wrote, or any Hugging Face ``tokenizers`` file (a
+    directory holding one is accepted). The end-of-document token is ``eod_token``, else the ``eos_token`` of a
+    tokenizer_config.json next to the file, else the first of :data:`EOD_CANDIDATES` it holds."""
     from tokenizers import Tokenizer as HFTokenizer
 
     path = Path(path)
@@ -148,4 +196,4 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
             f"tokenizer file {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             f"rebuild it with `jtok-data build --out {path.parent} --force ...`"
         ) from None
-    return Tokenizer(hf, path, _file_sha256(path))
+    return Tokenizer(hf, path, _file_sha256(path), eod_token)

@@ -26,7 +26,7 @@ from torch import Tensor
 from jtok_train.model.ops import segment_sum
 from jtok_train.parallel.placement import RowPlacement
 
-__all__ = ["DedupPlan", "make_plan", "ExchangeStats", "SideStream", "RowLookup", "exchange_ids"]
+__all__ = ["DedupPlan", "make_plan", "ExchangeStats", "SideStream", "CudaStreams", "RowLookup", "exchange_ids"]
 
 
 @dataclass
@@ -71,31 +71,74 @@ class ExchangeStats:
         return {prefix + k: v for k, v in d.items()}
 
 
+class CudaStreams:
+    """The CUDA stream calls the exchange makes, in one place (tests substitute a recording stand-in on CPU:
+    jtok_train/testing/streams.py, which checks every cross-stream use for its hand-off)."""
+
+    def new_stream(self, device: torch.device):
+        return torch.cuda.Stream(device=device)
+
+    def current(self):
+        return torch.cuda.current_stream()
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def wait(self, waiter, other) -> None:
+        waiter.wait_stream(other)
+
+    def record(self, tensor: Tensor, stream) -> None:
+        tensor.record_stream(stream)
+
+
+# Tests set this to a stand-in with CudaStreams' methods before building a table (then every SideStream uses it,
+# on any device); None: CudaStreams on a CUDA device, no streams on CPU.
+STREAMS_OVERRIDE = None
+
+
 class SideStream:
     """Where the exchange runs: a CUDA side stream on GPU; on CPU the asynchrony comes from gloo's async
-    work handles and this is a no-op. Tensors produced on the side stream and used on the compute
-    stream are handed over with an event wait and ``record_stream``."""
+    work handles and this is a no-op.
+
+    The stream discipline, every tensor that crosses between the streams goes through one of two calls:
+    - ``run(*inputs)``: the block runs on the side stream after everything the compute stream enqueued so far
+      (a wait), and ``inputs``, the compute stream's tensors the block reads, are recorded on the side stream
+      (``record_stream``: the caching allocator must not hand their memory to a compute kernel while the side
+      stream may still read it, even once the compute side has dropped them);
+    - ``handoff(*tensors)``: the compute stream waits for the side stream, and ``tensors``, made on the side
+      stream, are recorded on the compute stream before it reads them.
+    Long-lived tensors (the shard) are passed too: recording costs nothing and keeps the rule uniform.
+    """
 
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda = device.type == "cuda" and enabled
-        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        api = STREAMS_OVERRIDE if STREAMS_OVERRIDE is not None else (CudaStreams() if device.type == "cuda" else None)
+        self.api = api if enabled else None
+        self.stream = self.api.new_stream(device) if self.api is not None else None
+
+    @property
+    def active(self) -> bool:
+        return self.api is not None
 
     @contextmanager
-    def run(self) -> Iterator[None]:
-        if not self.cuda:
+    def run(self, *inputs: Tensor) -> Iterator[None]:
+        if self.api is None:
             yield
             return
-        self.stream.wait_stream(torch.cuda.current_stream())   # inputs were produced on the compute stream
-        with torch.cuda.stream(self.stream):
+        api = self.api
+        api.wait(self.stream, api.current())   # inputs were produced on the compute stream
+        for t in inputs:
+            api.record(t, self.stream)
+        with api.use(self.stream):
             yield
 
     def handoff(self, *tensors: Tensor) -> None:
-        if not self.cuda:
+        if self.api is None:
             return
-        current = torch.cuda.current_stream()
-        current.wait_stream(self.stream)
+        api = self.api
+        current = api.current()
+        api.wait(current, self.stream)
         for t in tensors:
-            t.record_stream(current)   # the caching allocator must not reuse it while compute reads it
+            api.record(t, current)   # the caching allocator must not reuse it while compute reads it
 
 
 def _a2a(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool):
@@ -141,7 +184,8 @@ class RowLookup:
         self.state = "new"
         row_shape = tuple(shard.shape[1:])
         self.row_bytes = shard.element_size() * int(torch.tensor(row_shape).prod())
-        with stream.run():
+        # compute -> side: the plan (made on the compute stream) and the shard (the optimizer writes it there)
+        with stream.run(plan.unique_ids, plan.order, shard):
             self.recv_counts, self.recv_ids = exchange_ids(plan, placement, group, bad_ids)
             served = shard.index_select(0, placement.local_row(self.recv_ids.cpu()).to(shard.device))
             self.rows = torch.empty((len(plan.unique_ids), *row_shape), dtype=shard.dtype, device=shard.device)
@@ -170,7 +214,8 @@ class RowLookup:
         t0 = time.perf_counter()
         self.work.wait()
         self.stats.wait_s += time.perf_counter() - t0
-        self.stream.handoff(self.rows)
+        # side -> compute: the received rows, and the requesters' ids (read again when gradients are added)
+        self.stream.handoff(self.rows, self.recv_ids)
         rows = torch.empty_like(self.rows)
         rows[self.plan.order] = self.rows          # owner-grouped order -> unique-id order
         self.work, self._served, self.rows = None, None, None
@@ -180,7 +225,8 @@ class RowLookup:
     def send_grads(self, grad_rows: Tensor, scale: float) -> None:
         """Start sending d(unique rows) [U, ...] back to their owners (asynchronous)."""
         self._expect("rows_ready", "send gradients")
-        with self.stream.run():
+        # compute -> side: autograd's row gradients (freed by autograd once this returns) and the send order
+        with self.stream.run(grad_rows, self.plan.order):
             send = (grad_rows.index_select(0, self.plan.order) * scale).contiguous()
             self.grad_recv = torch.empty((len(self.recv_ids), *send.shape[1:]), dtype=send.dtype, device=send.device)
             self.work = _a2a(self.grad_recv, send, self.recv_counts, self.plan.send_counts, self.group, async_op=True)
@@ -197,7 +243,7 @@ class RowLookup:
         t0 = time.perf_counter()
         self.work.wait()
         self.stats.wait_s += time.perf_counter() - t0
-        self.stream.handoff(self.grad_recv)
+        self.stream.handoff(self.grad_recv)   # side -> compute: the gradients received for owned rows
         rows = self.placement.local_row(self.recv_ids.cpu()).to(shard_grad.device)
         # An owned row is asked for by up to W requesters: sum its gradients per row first, in a fixed order
         # (segment_sum: a deterministic kernel on GPU, where index_add_ with repeated rows uses atomics), then
