@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from jtok_train.config.schema import (
     ConfigError,
     DataConfig,
+    EvalConfig,
     JTokConfig,
     LoggingConfig,
     ModelConfig,
@@ -22,7 +23,8 @@ from jtok_train.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RunConfig",
+    "ConfigError", "DataConfig", "EvalConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
+    "RunConfig",
     "TrainConfig", "validate", "config_dir", "register_configs", "compose",
 ]
 

@@ -19,6 +19,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "LoggingConfig",
+    "EvalConfig",
     "RunConfig",
     "ConfigError",
     "validate",
@@ -262,6 +263,25 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    ("lm-eval tasks evaluated during training (downstream accuracy, logged as eval/<task>/<metric> next to "
+     "valid_loss), e.g. [demo_cloze]; empty: none. Log-likelihood tasks only (multiple choice, perplexity).")
+    interval: int = 0
+    "Steps between downstream evaluations (0: only after the last step); each run also follows the last step."
+    limit: Optional[float] = None
+    "Documents per task (an integer, or a fraction < 1 of each task); null: all."
+    num_fewshot: Optional[int] = None
+    "Few-shot examples per prompt (null: each task's own default)."
+    batch_size: int = 8
+    "Sequences per forward on each data-parallel rank."
+    include_path: Optional[str] = None
+    "A directory of more lm-eval task YAML files (jtok-train's own, with demo_cloze, is always included)."
+    seed: int = 1234
+    "Seed of lm-eval's few-shot sampling."
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     jtok: JTokConfig = field(default_factory=JTokConfig)
@@ -269,6 +289,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _need(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -439,6 +460,17 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
           t.ckpt_optim_format, "dp_reshardable or fully_reshardable")
     _need(t.keep_last >= 0, "train.keep_last", t.keep_last, "must be >= 0 (0 keeps all)")
     _need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0 (0: only at the end)")
+
+    ev = getattr(cfg, "eval", None)
+    if ev is not None:
+        _need(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0: only after the last step)")
+        _need(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "must be a positive integer")
+        _need(ev.limit is None or ev.limit > 0, "eval.limit", ev.limit, "must be a positive count or fraction, or null")
+        _need(ev.num_fewshot is None or ev.num_fewshot >= 0, "eval.num_fewshot", ev.num_fewshot, "must be >= 0 or null")
+        if list(ev.tasks):
+            _need(p.pipeline_model_parallel_size == 1, "eval.tasks", list(ev.tasks),
+                  "in-loop evaluation needs parallel.pipeline_model_parallel_size=1; evaluate the checkpoints "
+                  "with jtok-eval instead")
 
     if world_size is not None:
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size

@@ -390,6 +390,11 @@ class Trainer:
         dist.all_gather_object(ids, getattr(logger, "run_id", None) or self.wandb_run_id)
         self.wandb_run_id = ids[0]
         peak = peak_flops_per_rank(t.peak_flops, self.threads)
+        downstream = None
+        if cfg.get("eval") and cfg.eval.tasks:   # lm-eval tasks (jtok_train/evaluation/in_loop.py)
+            from jtok_train.evaluation.in_loop import DownstreamEvaluator
+
+            downstream = DownstreamEvaluator(cfg, self.model, self.tokenizer, self.device)
         tokens_per_step = G * cfg.model.seq_length
         self.model.train()
         timer = StepTimer()
@@ -442,6 +447,8 @@ class Trainer:
                 vl = self.evaluate()
                 logger.message(f"step {done}: validation loss {vl:.4f}")
                 logger.log(done, {"valid_loss": vl}, advance=False)
+            if downstream is not None and downstream.due(done) and done < t.train_iters:
+                logger.log(done, downstream(), advance=False)
             if t.save_interval and done % t.save_interval == 0 and done < t.train_iters:
                 self.save(done)
                 last_saved = done
@@ -461,6 +468,10 @@ class Trainer:
         result.valid_loss = self.evaluate()
         if result.valid_loss is not None:
             logger.log(t.train_iters, {"valid_loss": result.valid_loss}, advance=False)
+        if downstream is not None:
+            scores = downstream()
+            result.final_metrics = {**result.final_metrics, **scores}
+            logger.log(t.train_iters, scores, advance=False)
         logger.close()
         if t.save and last_saved != t.train_iters:
             result.checkpoint = self.save(t.train_iters)
