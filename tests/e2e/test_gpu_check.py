@@ -4,7 +4,9 @@ toy size and reports, so the script a GPU session runs first does not rot betwee
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(small_dataset, tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--dry-run", "--out", str(tmp_path), "--data",
                            small_dataset["prefix"], small_dataset["tokenizer"]], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable},   # this interpreter (either CI venv)
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
