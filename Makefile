@@ -7,10 +7,12 @@ setup:            ## create .venv and install jtok-train (CPU build of torch)
 demo: setup       ## build the demo data and train tiny MoE + JTok-M on 2 CPU ranks
 	bash launch/demo.sh
 
-test: setup       ## the whole test suite (what CI runs)
+test:             ## the whole test suite (what CI runs); nothing may be skipped (JTOK_ALLOW_SKIPS=1 allows it)
+	bash scripts/setup.sh --test
 	.venv/bin/python -m pytest -p no:cacheprovider
 
-test-fast: setup  ## skip the slow end-to-end tests
+test-fast:        ## skip the slow end-to-end tests
+	bash scripts/setup.sh --test
 	.venv/bin/python -m pytest -p no:cacheprovider -m "not slow"
 
 # megatron-core 0.19.2 on Python 3.12 (scripts/setup312.sh): every test that runs Megatron-Core, slow ones included:

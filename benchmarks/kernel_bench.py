@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
     # The kernels run on CPU tensors only under the interpreter, which must be on before they are decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from jtok_train.model import ops  # noqa: E402
+from jtok_kernels import ops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "kernels_gpu.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

@@ -10,19 +10,8 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
-DOCS=/usr/share/doc/python3.11/html/_sources
-if [ ! -d "$DOCS" ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing the demo corpus (Debian package python3.11-doc) ..."
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null
-  else
-    echo "The demo corpus is missing: run 'sudo apt-get install python3.11-doc', or build your own with" >&2
-    echo "  .venv/bin/jtok-data build --source DIR_OF_TEXT --out data/demo --vocab-size 4096" >&2
-    exit 1
-  fi
-fi
-
-.venv/bin/jtok-data build --source python-docs --out data/demo --vocab-size 4096
+# the demo corpus and its dataset in data/demo (the recipe: data/build_demo.sh)
+bash data/build_demo.sh
 
 NPROC=${NPROC:-2}
 # launch/torchrun.sh composes the config once (run_dir/config.yaml), then starts the ranks from it

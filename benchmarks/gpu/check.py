@@ -5,7 +5,7 @@ GPU time is scarce). From the repository root, with the demo data present (data/
     bash benchmarks/gpu/check.sh --dry-run       # any machine, CPU: every step at toy size (CI runs this)
 
 Steps (each a subprocess; its log in OUT/<step>.log; pass/fail, seconds and figures in the JSON):
-1. ``kernels``: the Triton kernel tests compiled for the GPU (tests/unit/test_kernels.py), then
+1. ``kernels``: the Triton kernel tests compiled for the GPU (kernels/tests, tests/unit/test_kernel_dispatch.py), then
    benchmarks/kernel_bench.py (kernel vs eager and vs the byte floor);
 2. ``sanitizer``: a training run (MoE + JTok-M, sharded tables, overlap on, bf16) under PyTorch's CUDA sanitizer
    (TORCH_CUDA_SANITIZER=1: data races between the compute and the exchange's side stream);
@@ -124,7 +124,8 @@ def main() -> int:
          "--out", str(out / "kernels.json")]
     # (the dry run leaves the kernel tests to `make test`, which runs them under Triton's interpreter)
     s = {"ok": True, "seconds": 0.0} if dry else \
-        _run("kernels", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/unit/test_kernels.py"], out)
+        _run("kernels", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "kernels/tests/test_kernels.py",
+                          "tests/unit/test_kernel_dispatch.py"], out)
     s2 = _run("kernels", kb, out)
     steps["kernels"] = {**s, "ok": s["ok"] and s2["ok"], "seconds": s["seconds"] + s2["seconds"],
                         "bench": json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").is_file() else None}

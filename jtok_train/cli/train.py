@@ -164,6 +164,9 @@ def run(cfg: DictConfig) -> None:
     """The Hydra task function (composition happened in this process)."""
 
     def body() -> None:
+        from jtok_train.config import resolve_vocab_size
+
+        resolve_vocab_size(cfg)      # model.vocab_size=null: the tokenizer's, padded (recorded in config.yaml)
         _precheck(cfg)
         if _rank() == 0 or _MODE["prepare"]:
             env_file = write_run_files(cfg)

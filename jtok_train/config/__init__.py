@@ -25,7 +25,7 @@ from jtok_train.config.schema import (
 __all__ = [
     "ConfigError", "DataConfig", "EvalConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
     "RunConfig",
-    "TrainConfig", "validate", "config_dir", "register_configs", "compose",
+    "TrainConfig", "validate", "config_dir", "register_configs", "compose", "resolve_vocab_size",
 ]
 
 
@@ -56,7 +56,24 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    resolve_vocab_size(cfg)
     return cfg
+
+
+def resolve_vocab_size(cfg: Any) -> None:
+    """``model.vocab_size=null``: set it to the tokenizer's vocabulary padded like Megatron's
+    ``make_vocab_size_divisible_by`` (128 x TP), in place. A set value is left as it is (validate checks it
+    covers the tokenizer). Part of composing a config (``compose``, ``jtok-train``)."""
+    if OmegaConf.select(cfg, "model.vocab_size", default=0) is not None:
+        return
+    tok = Path(str(OmegaConf.select(cfg, "data.tokenizer", default="")))
+    if not tok.is_file():
+        raise ConfigError(f"model.vocab_size=null takes the tokenizer's vocabulary, but data.tokenizer={tok} is not a "
+                          "file: build the data first (jtok-data build) or set model.vocab_size")
+    from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size
+
+    tp = int(OmegaConf.select(cfg, "parallel.tensor_model_parallel_size", default=1) or 1)
+    cfg.model.vocab_size = padded_vocab_size(load_tokenizer(str(tok)).vocab_size, 128, tp)
 
 
 def resolved(cfg: Any) -> DictConfig:

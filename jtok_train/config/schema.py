@@ -44,8 +44,9 @@ class ModelConfig:
     "Key/value heads for grouped-query attention (None = multi-head)."
     ffn_hidden_size: int = MISSING
     "Dense MLP width (ignored by MoE layers, which use moe_ffn_hidden_size)."
-    vocab_size: int = MISSING
-    "Vocabulary size of the model and of the JTok tables (must cover the tokenizer's)."
+    vocab_size: Optional[int] = MISSING
+    ("Vocabulary size of the model and of the JTok tables (must cover the tokenizer's). null: the tokenizer's "
+     "(data.tokenizer), padded to a multiple of 128 x TP like Megatron's make_vocab_size_divisible_by.")
     seq_length: int = 2048
     "Training sequence length."
     gated_linear_unit: bool = True
@@ -356,6 +357,9 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     (dataclass or OmegaConf node)."""
     _check_known_keys(cfg)
     m, j, p, t = cfg.model, cfg.jtok, cfg.parallel, cfg.train
+    if m.vocab_size is None:
+        raise ConfigError("model.vocab_size=null has not been resolved from data.tokenizer: compose the config with "
+                          "jtok_train.config.compose (or call jtok_train.config.resolve_vocab_size) before validating")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
         _need(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")
     _need(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads", m.num_attention_heads,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from jtok_train.model.ops import jtok_gate, jtokm_blend
+from jtok_kernels.ops import jtok_gate, jtokm_blend
 
 __all__ = ["JTok", "JTokM", "JTokMOutput", "l2_normalize", "load_balancing_loss"]
 

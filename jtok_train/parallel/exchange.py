@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from jtok_train.model.ops import segment_sum
+from jtok_kernels.ops import segment_sum
 from jtok_train.parallel.placement import RowPlacement
 
 __all__ = ["DedupPlan", "make_plan", "ExchangeStats", "SideStream", "CudaStreams", "RowLookup", "exchange_ids"]

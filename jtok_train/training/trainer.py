@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +38,18 @@ class TrainResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2,5'."""
+    parts, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
+
+
 def _set_threads(cfg: Any) -> int:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local))
@@ -61,10 +74,14 @@ class Trainer:
         self.threads = _set_threads(cfg)
         init_distributed(p.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        hosts = [None] * self.world
+        dist.all_gather_object(hosts, socket.gethostname())    # which node each rank runs on, for the log
         if self.rank == 0:
             from jtok_train.compat.megatron import versions, warn_if_untested
 
             print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+            print(f"ranks: {self.world} on {len(set(hosts))} host(s): " + "; ".join(
+                f"{h} {_ranges([r for r, x in enumerate(hosts) if x == h])}" for h in dict.fromkeys(hosts)), flush=True)
             warn_if_untested()
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         validate(cfg, world_size=self.world, tokenizer_vocab=self.tokenizer.vocab_size)

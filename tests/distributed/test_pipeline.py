@@ -22,6 +22,10 @@ PP2 = {"parallel.pipeline_model_parallel_size": 2}
 # gradient (a stage's table rows of the wrong layers, a missing micro-batch, a half-applied clip) moves whole
 # tensors by >= 1e-3 at this learning rate.
 REL_WORST = 1e-6
+# Second moments hold squared gradients, so their relative rounding is about twice the gradients': measured
+# 1.3e-6 for the JTok table's exp_avg_sq with its exp_avg at 4.8e-7 (MoE + JTok, AMD EPYC; the machine's vector
+# width changes how CPU kernels round sums). Still 300x below what a wrong gradient does.
+REL_SQUARED = 3e-6
 # The tied word embedding is the exception: with PP its input half (stage 0) and output half (the last stage's
 # output layer) are two copies whose gradients Megatron adds over the embedding group, in another order than
 # one stage's autograd adds them. Measured 3.1e-6 (MoE + JTok-M) after 6 steps.
@@ -35,7 +39,9 @@ def _compare(want: dict, have: dict, name: str) -> None:
     diffs = compare_states(want["state"], have["state"], rel=float("inf"))
     tied = {k: v for k, v in diffs.items() if "word_embeddings" in k}
     assert tied and max(tied.values()) <= REL_TIED_EMBEDDING, (name, tied)
-    worst = sorted(((k, v) for k, v in diffs.items() if k not in tied), key=lambda kv: -kv[1])[:3]
+    squared = {k: v for k, v in diffs.items() if k.startswith("optim/exp_avg_sq/") and k not in tied}
+    assert squared and max(squared.values()) <= REL_SQUARED, (name, sorted(squared.items(), key=lambda kv: -kv[1])[:3])
+    worst = sorted(((k, v) for k, v in diffs.items() if k not in tied and k not in squared), key=lambda kv: -kv[1])[:3]
     assert worst[0][1] <= REL_WORST, (name, worst, want["losses"], have["losses"])
     assert statistics.median(diffs.values()) <= REL_WORST
     # the comparison covered both stages' layers, the optimizer states, and the tables when there are any
@@ -46,11 +52,17 @@ def _compare(want: dict, have: dict, name: str) -> None:
     assert have["losses"] == pytest.approx(want["losses"], rel=1e-6), name
 
 
+# bf16 without gradient clipping: bitwise. The clipping coefficient is PP's only rounding difference (above);
+# with bf16 weights it flips the rounding of some entries and the difference grows to bf16 ulps (measured 1e-2
+# in second moments after 6 steps with clipping on, on an AMD EPYC with native bf16), so the bf16 case turns
+# clipping off and is held to equality instead; the fp32 cases cover the global norm over stages.
+BITWISE = {"dense_jtokm_replicated_bf16_distopt"}
+
 CASES = {
     "dense_backbone": (dict(dense=True, jtok="none"), {}),
     "moe_jtok": (dict(jtok="jtok", **{"jtok.scale_init": 0.5}), {}),
     "moe_jtokm_sharded": (dict(), {"parallel.embedding": "sharded"}),
-    "dense_jtokm_replicated_bf16_distopt": (dict(dense=True), {"train.precision": "bf16",
+    "dense_jtokm_replicated_bf16_distopt": (dict(dense=True), {"train.precision": "bf16", "train.clip_grad": 0.0,
                                                                 "parallel.use_distributed_optimizer": "true"}),
 }
 
@@ -86,6 +98,11 @@ def test_pp2_on_two_ranks_equals_one_stage(small_dataset, tmp_path):
         if kw.get("jtok") != "none":   # ... and holds the table rows of that layer only
             assert (h0["table_layers"], h1["table_layers"]) == ((0, 1), (1, 1)), name
         _compare(w, h0, name)
+        if name in BITWISE:
+            from jtok_train.testing.state import compare_states
+
+            compare_states(w["state"], h0["state"], rel=0.0)      # raises on the first tensor that differs
+            assert h0["losses"] == w["losses"], name
         if "sharded" in name:
             assert any("token_table" in k for k in w["state"]) and any(k.startswith("extra/") for k in w["state"])
 

@@ -63,11 +63,15 @@ def test_recompute_gives_bitwise_the_same_training(variant, extra, small_dataset
     # selective recompute replays submodules through Megatron's CheckpointWithoutOutput, whose backward hands the
     # input gradient back through its own autograd node: the residual stream's gradient terms are summed in
     # another order, so the result equals the plain run to fp32 rounding, not bitwise (measured after 6 steps:
-    # up to 5.4e-5 relative per tensor, in Adam's second moments, which square the gradient; weights less; a
-    # row gradient lost in a replay would move tensors by 1e-2 or more)
+    # up to 5.4e-5 relative per tensor, in Adam's second moments, which square the gradient; weights less; on
+    # another CPU type, AMD EPYC, 4.3e-4 in the word embedding's second moment and 2.8e-4 in the sharded JTok-M
+    # table's rows: Adam divides by sqrt(v), so the rounding of entries whose moments are near zero grows step
+    # by step; a row gradient lost in a replay would move tensors by 1e-2 or more)
     diffs = compare_states(got["none"]["state"], got["selective"]["state"], rel=float("inf"))
     worst = max(diffs.items(), key=lambda kv: kv[1])
-    assert worst[1] <= 1e-4, worst
+    assert worst[1] <= 2e-3, worst
+    weights = max((v, k) for k, v in diffs.items() if k.startswith("model/"))
+    assert weights[0] <= 1e-3, (weights, sorted(diffs.items(), key=lambda kv: -kv[1])[:4])
     assert got["selective"]["losses"] == pytest.approx(got["none"]["losses"], rel=1e-6)
 
 

@@ -21,9 +21,10 @@ LEARNING = {"train.train_iters": STEPS, "train.lr": 1e-2, "train.min_lr": 1e-3, 
 # micro-batches in turn, 2 ranks add 2 each and then each other; EP adds expert outputs per rank), so the
 # results agree to rounding, not bitwise. Measured after 6 steps: the median tensor within 1e-6 relative
 # (norm of the difference / norm), the worst (the input embedding, whose rows sum many positions) 3e-6 at DP 2
-# and 2e-5 at EP 2. A wrong gradient (a missing 1/DP, a dropped micro-batch, a wrong expert) moves whole
+# and 2e-5 at EP 2; on another CPU type (AMD EPYC: CPU kernels round sums by their vector width) the median at
+# EP 2 was 1.1e-6. A wrong gradient (a missing 1/DP, a dropped micro-batch, a wrong expert) moves whole
 # tensors by 1e-2 or more after 6 steps at this learning rate.
-REL_WORST, REL_MEDIAN = 5e-5, 1e-6
+REL_WORST, REL_MEDIAN = 5e-5, 5e-6
 
 
 def _train_many(runs: list[list[str]]) -> list[dict]:

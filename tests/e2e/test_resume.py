@@ -5,7 +5,6 @@ uninterrupted run, and logs the same loss at every step."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from jtok_train.training.signals import REQUEUE_EXIT_CODE
+from jtok_train.testing.runs import assert_same_run, logged_losses
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,19 +49,12 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
 
 
-def _losses(run: Path) -> list[tuple[int, float]]:
-    f = run / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    return [(r["step"], r["loss"]) for r in map(json.loads, f.read_text().splitlines()) if "loss" in r]
-
-
 def _wait_for_step(run: Path, step: int, procs: list[subprocess.Popen], timeout: float = 600) -> None:
     """Until these processes log ``step`` (records an earlier, killed process left in metrics.jsonl do not count)."""
     deadline = time.monotonic() + timeout
-    before = len(_losses(run))
+    before = len(logged_losses(run))
     while time.monotonic() < deadline:
-        if any(s >= step for s, _ in _losses(run)[before:]):
+        if any(s >= step for s, _ in logged_losses(run)[before:]):
             return
         if any(p.poll() is not None for p in procs):
             raise AssertionError(f"run ended before step {step}: codes {[p.poll() for p in procs]}")
@@ -69,34 +62,8 @@ def _wait_for_step(run: Path, step: int, procs: list[subprocess.Popen], timeout:
     raise AssertionError(f"step {step} not reached")
 
 
-def _final_state(run: Path) -> dict:
-    """Every tensor of the final checkpoint (model, optimizer, RNG) plus its meta, read without a process group."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    ckpt = run / "checkpoints" / f"step_{STEPS:07d}"
-    out = run.parent / f"{run.name}.final.pt"
-    dcp_to_torch_save(str(ckpt), str(out))
-    state = torch.load(out, weights_only=False)
-    meta = torch.load(ckpt / "common.pt", weights_only=True)["meta"]
-    return {"tensors": {k: v for k, v in state.items() if torch.is_tensor(v)},
-            "step": meta["step"], "consumed": meta["consumed_samples"]}
-
-
 def _assert_same(ref_run: Path, run: Path) -> None:
-    import torch
-
-    a, b = _final_state(ref_run), _final_state(run)
-    assert (a["step"], a["consumed"]) == (b["step"], b["consumed"])
-    assert a["tensors"].keys() == b["tensors"].keys()
-    assert any("token_table" in k for k in a["tensors"]) and any("exp_avg" in k for k in a["tensors"])
-    for k in a["tensors"]:
-        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
-    ref = dict(_losses(ref_run))
-    got = _losses(run)
-    assert {s for s, _ in got} == set(range(1, STEPS + 1))
-    for s, loss in got:        # steps logged twice (before the kill and after the resume) agree too
-        assert loss == ref[s], (s, loss, ref[s])
+    assert_same_run(ref_run, run, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +112,8 @@ def test_sigterm_on_one_rank_all_save_exit_with_requeue_code_and_resume(small_da
     assert not (ck / "REQUEUE").exists()
     assert f"at step {stopped}" in (run.parent / "run.rank0.log").read_text()
     # 2 ranks vs the 1-rank reference: the same samples per step, equal up to the reduction order
-    ref = dict(_losses(reference))
-    got = _losses(run)
+    ref = dict(logged_losses(reference))
+    got = logged_losses(run)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))
     for s, loss in got:
         assert loss == pytest.approx(ref[s], rel=1e-5), s

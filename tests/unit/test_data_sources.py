@@ -228,6 +228,23 @@ def test_model_vocab_smaller_than_tokenizer_is_a_config_error():
     assert "data.tokenizer=" in msg
 
 
+def test_model_vocab_null_is_the_tokenizers_padded_like_megatron(tmp_path):
+    from jtok_train.config import ConfigError, compose, validate
+
+    tp = tmp_path / "hf_tok" / "tokenizer.json"
+    _big_wordlevel(tp)                                                    # 70,003 ids
+    cfg = compose(["model=tiny", "model.vocab_size=null", f"data.tokenizer={tp}"])
+    assert cfg.model.vocab_size == 70_016                                 # 547 x 128
+    validate(cfg, tokenizer_vocab=70_003)
+    cfg2 = compose(["model=tiny", "model.vocab_size=null", f"data.tokenizer={tp}",
+                    "parallel.tensor_model_parallel_size=2"])
+    assert cfg2.model.vocab_size == 70_144                                # 274 x 256: divisible by 128 x TP
+    assert compose(["model=tiny", f"data.tokenizer={tp}"]).model.vocab_size == 4096     # a set value stays
+    with pytest.raises(ConfigError, match=r"model.vocab_size=null .* data.tokenizer=\S*nope.json is not a file: "
+                                          r"build the data first"):
+        compose(["model=tiny", "model.vocab_size=null", f"data.tokenizer={tmp_path / 'nope.json'}"])
+
+
 # ------------------------------------------------------------------------------- workers and resumption
 
 

@@ -1,7 +1,7 @@
 """Fused JTok-M blend: router top-K logits -> sigmoid, renormalised weights -> blend of K of the position's
 n_e rows -> L2-normalise -> scale, with its backward to the rows, the top-K logits and s.
 
-Reference: ``jtok_train.model.ops.jtokm_blend_reference`` (the specification these kernels must match).
+Reference: ``jtok_kernels.ops.jtokm_blend_reference`` (the specification these kernels must match).
 For position t with unique row u, top-K logits l_k and set ids i_k (k < K):
 
     w_k = sigmoid(l_k) / sum_j sigmoid(l_j);   e = sum_k w_k E_{u, i_k};   N = ||e||;   c = 1 / (N + eps)
@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jtok_train.kernels import _common
-from jtok_train.kernels._common import check_dtypes, block_d, block_small, check_inverse, csr_by_segment
+from jtok_kernels import _common
+from jtok_kernels._common import check_dtypes, block_d, block_small, check_inverse, csr_by_segment
 
 __all__ = ["jtokm_blend_triton", "JTokMBlend"]
 

@@ -1,6 +1,6 @@
 """Deterministic segment sums: ``out[u] = sum of values[t] over the positions t with inverse[t] == u``.
 
-Reference (``jtok_train.model.ops.segment_sum_reference``): ``torch.zeros(U, ...).index_add_(0, inverse,
+Reference (``jtok_kernels.ops.segment_sum_reference``): ``torch.zeros(U, ...).index_add_(0, inverse,
 values)``. On CUDA ``index_add_`` uses atomics, so its result depends on the order in which threads land;
 here positions are sorted by segment once and one program per (segment, column block) adds its
 positions in ascending order, in fp32.
@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jtok_train.kernels import _common
-from jtok_train.kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
+from jtok_kernels import _common
+from jtok_kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
 
 __all__ = ["segment_sum_triton", "SegmentSum"]
 

@@ -1,6 +1,6 @@
 """Fused JTok gate: ``out[t] = dm[t] * (1 + s * normalize(E[u(t)]))`` with its backward.
 
-Reference: ``jtok_train.model.ops.jtok_gate_reference`` (the specification these kernels must match).
+Reference: ``jtok_kernels.ops.jtok_gate_reference`` (the specification these kernels must match).
 
 Forward, two kernels:
   1. one program per unique row: c_u = 1 / (||E_u|| + eps)                     (dedup: U norms, not T)
@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jtok_train.kernels import _common
-from jtok_train.kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
+from jtok_kernels import _common
+from jtok_kernels._common import check_dtypes, block_d, check_inverse, csr_by_segment
 
 __all__ = ["jtok_gate_triton", "JTokGate"]
 

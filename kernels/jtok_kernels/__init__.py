@@ -1,8 +1,9 @@
-"""Triton kernels for the JTok hot path (fused JTok gate, fused JTok-M blend, deterministic segment sums).
+"""jtok_kernels: the JTok / JTok-M hot-path ops (fused JTok gate, fused JTok-M blend, deterministic segment
+sums) as Triton kernels with their PyTorch references. Depends on torch (and triton for the kernels) only.
 
-Nothing here is called directly by the model: ``jtok_train.model.ops`` dispatches to these kernels or to
-its PyTorch references (the specification) and is the only entry point the modules use. This package
-itself imports without Triton; its submodules (``segment``, ``jtok``, ``jtokm``) need it.
+Call the ops through ``jtok_kernels.ops`` (``jtok_gate``, ``jtokm_blend``, ``segment_sum``): it holds the
+references (the specification) and picks kernel or reference per call (``JTOK_KERNELS=auto|triton|reference``).
+This package and ``ops`` import without Triton; the kernel modules (``segment``, ``jtok``, ``jtokm``) need it.
 
 Each kernel has an autograd Function whose backward is also a kernel, accumulates in fp32 and is
 deterministic: gradients of rows that many positions share are summed per unique row in a fixed order
@@ -26,7 +27,7 @@ INTERPRET_HINT = "TRITON_INTERPRET must be unset (it is read when the kernels ar
 def triton_import_error() -> str | None:
     """None when Triton and the kernels import, else the reason (one line)."""
     try:
-        import jtok_train.kernels.segment  # noqa: F401  (imports triton)
+        import jtok_kernels.segment  # noqa: F401  (imports triton)
     except ImportError as exc:   # no triton, or a triton without the language module
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -34,6 +35,6 @@ def triton_import_error() -> str | None:
 
 def interpreted() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    from jtok_train.kernels._common import INTERPRETED
+    from jtok_kernels._common import INTERPRETED
 
     return INTERPRETED

@@ -1,7 +1,7 @@
 """The JTok hot path as functions: one entry point per operation, so a fused kernel can replace the
 PyTorch reference without the modules knowing (the modules never branch on the device).
 
-The references below are the specification; the Triton kernels (``jtok_train.kernels``) must match them
+The references below are the specification; the Triton kernels (``jtok_kernels``) must match them
 on random inputs, forward and every gradient.
 
 Backend (which implementation ``jtok_gate`` / ``jtokm_blend`` / ``segment_sum`` run):
@@ -130,10 +130,10 @@ def resolve_backend(*tensors: Tensor) -> str:
     if name == "auto":
         if not on_cuda or any(t.dtype not in _TRITON_DTYPES for t in tensors):
             return "reference"
-        from jtok_train.kernels import interpreted, triton_import_error
+        from jtok_kernels import interpreted, triton_import_error
 
         return "triton" if triton_import_error() is None and not interpreted() else "reference"
-    from jtok_train.kernels import interpreted, triton_import_error
+    from jtok_kernels import interpreted, triton_import_error
 
     err = triton_import_error()
     if err is not None:
@@ -148,12 +148,12 @@ def resolve_backend(*tensors: Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dispatch: the modules call these and nothing else.
+# Dispatch: callers use these and nothing else.
 
 
 def jtok_gate(ffn_increment: Tensor, unique_rows: Tensor, inverse: Tensor, scale: Tensor, eps: float) -> Tensor:
     if resolve_backend(ffn_increment, unique_rows, scale) == "triton":
-        from jtok_train.kernels.jtok import jtok_gate_triton
+        from jtok_kernels.jtok import jtok_gate_triton
 
         return jtok_gate_triton(ffn_increment, unique_rows, inverse, scale, eps)
     return jtok_gate_reference(ffn_increment, unique_rows, inverse, scale, eps)
@@ -164,7 +164,7 @@ def jtokm_blend(
     depth_factor: float, eps: float,
 ) -> Tensor:
     if resolve_backend(unique_rows, top_logits, scale) == "triton":
-        from jtok_train.kernels.jtokm import jtokm_blend_triton
+        from jtok_kernels.jtokm import jtokm_blend_triton
 
         return jtokm_blend_triton(unique_rows, inverse, top_logits, top_idx, scale, depth_factor, eps)
     return jtokm_blend_reference(unique_rows, inverse, top_logits, top_idx, scale, depth_factor, eps)
@@ -172,7 +172,7 @@ def jtokm_blend(
 
 def segment_sum(values: Tensor, inverse: Tensor, num_segments: int) -> Tensor:
     if resolve_backend(values) == "triton":
-        from jtok_train.kernels.segment import segment_sum_triton
+        from jtok_kernels.segment import segment_sum_triton
 
         return segment_sum_triton(values, inverse, num_segments)
     return segment_sum_reference(values, inverse, num_segments)

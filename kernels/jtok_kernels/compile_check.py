@@ -1,7 +1,7 @@
 """Compile every JTok kernel for a CUDA architecture without a GPU, and report registers and spills.
 
-    python -m jtok_train.kernels.compile_check                      # sm_90, bf16 and fp32
-    python -m jtok_train.kernels.compile_check --arch 80 --dtype bf16
+    python -m jtok_kernels.compile_check                      # sm_90, bf16 and fp32
+    python -m jtok_kernels.compile_check --arch 80 --dtype bf16
 
 Triton's compiler and its bundled ptxas run on any machine, so this checks what the interpreter cannot:
 that the kernels lower to a cubin (types, layouts, loops) at the block sizes the autograd Functions launch
@@ -20,11 +20,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from jtok_train.kernels import INTERPRET_HINT, interpreted
-from jtok_train.kernels import jtok as jtok_kernels
-from jtok_train.kernels import jtokm as jtokm_kernels
-from jtok_train.kernels import segment as segment_kernels
-from jtok_train.kernels._common import BLOCK_P, MAX_BLOCK_D, SEGMENT_BLOCK_D
+from jtok_kernels import INTERPRET_HINT, interpreted
+from jtok_kernels import jtok as jtok_kernels
+from jtok_kernels import jtokm as jtokm_kernels
+from jtok_kernels import segment as segment_kernels
+from jtok_kernels._common import BLOCK_P, MAX_BLOCK_D, SEGMENT_BLOCK_D
 
 __all__ = ["KERNELS", "compile_kernel", "compile_all", "main"]
 

@@ -1,0 +1,54 @@
+"""What a finished run directory holds, for tests that compare runs launched as separate processes (torchrun,
+SLURM jobs, killed and resumed runs): the losses it logged and every tensor of one of its checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["logged_losses", "checkpoint_state", "assert_same_run"]
+
+
+def logged_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training record in run/metrics.jsonl, in the order written (a step logged before a
+    kill and again after the resume appears twice)."""
+    f = Path(run) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [(r["step"], r["loss"]) for r in map(json.loads, f.read_text().splitlines()) if "loss" in r]
+
+
+def checkpoint_state(run: Path, step: int) -> dict:
+    """Every tensor of checkpoint ``step`` (model, optimizer, RNG: torch's DCP format read without a process
+    group) plus its step and consumed samples."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run = Path(run)
+    ckpt = run / "checkpoints" / f"step_{step:07d}"
+    out = run.parent / f"{run.name}.step{step}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    meta = torch.load(ckpt / "common.pt", weights_only=True)["meta"]
+    return {"tensors": {k: v for k, v in state.items() if torch.is_tensor(v)},
+            "step": meta["step"], "consumed": meta["consumed_samples"]}
+
+
+def assert_same_run(ref_run: Path, run: Path, steps: int) -> None:
+    """``run`` ended bitwise where ``ref_run`` did: every tensor of the final checkpoints equal (table rows,
+    backbone, optimizer moments), the same samples consumed, and every step's logged loss equal (also the
+    steps a killed run logged before its resume)."""
+    import torch
+
+    a, b = checkpoint_state(ref_run, steps), checkpoint_state(run, steps)
+    assert (a["step"], a["consumed"]) == (b["step"], b["consumed"])
+    assert a["tensors"].keys() == b["tensors"].keys()
+    assert any("token_table" in k for k in a["tensors"]) and any("exp_avg" in k for k in a["tensors"])
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    ref = dict(logged_losses(ref_run))
+    got = logged_losses(run)
+    assert {s for s, _ in got} == set(range(1, steps + 1)), sorted({s for s, _ in got})
+    for s, loss in got:
+        assert loss == ref[s], (s, loss, ref[s])
