@@ -125,6 +125,7 @@ def _job_field(env, job: str, field: str) -> str:
 
 def _wait(cond, timeout: float, what: str, log: Path, env=None, failure_ok: bool = False) -> None:
     t0 = time.time()
+    failed_before = log.read_text().count("training FAILED") if log.exists() else 0
     while not cond():
         if time.time() - t0 > timeout:
             diag = ""
@@ -134,7 +135,7 @@ def _wait(cond, timeout: float, what: str, log: Path, env=None, failure_ok: bool
                 diag += "\n" + (ctl.read_text()[-2000:] if ctl.exists() else "")
             raise AssertionError(f"timed out waiting for {what}; job log:\n"
                                  + (log.read_text()[-4000:] if log.exists() else "(none)") + "\n" + diag)
-        if not failure_ok and log.exists() and "training FAILED" in log.read_text():
+        if not failure_ok and log.exists() and log.read_text().count("training FAILED") > failed_before:
             raise AssertionError(f"training failed while waiting for {what}:\n{log.read_text()[-4000:]}")
         time.sleep(0.5)
 
