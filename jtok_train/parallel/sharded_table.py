@@ -156,13 +156,26 @@ class ShardedTokenTable(nn.Module):
             pending.accumulate_grads(self.shard_grad)
             self.touched[self.placement.local_row(pending.recv_ids.cpu()).to(self.touched.device)] = True
 
+    def touched_rows(self) -> Tensor:
+        """Indices of the shard rows that received a gradient this step (every other row's is zero)."""
+        return torch.nonzero(self.touched, as_tuple=False).flatten()
+
     def zero_grad(self) -> None:
-        self.shard_grad.zero_()
+        """Clear the step's gradient: only the touched rows hold any (the rest of the shard is not read)."""
+        rows = self.touched_rows()
+        self.shard_grad.index_fill_(0, rows, 0.0)
         self.touched.zero_()
 
+    def scale_grad(self, coeff: float) -> None:
+        """Multiply the step's gradient by ``coeff`` (the joint clipping coefficient), touched rows only."""
+        rows = self.touched_rows()
+        self.shard_grad.index_copy_(0, rows, self.shard_grad.index_select(0, rows).mul_(coeff))
+
     def grad_norm_sq(self) -> float:
-        """Squared L2 norm of the whole table's gradient (summed over the EmbP group and the stages)."""
-        local = torch.sum(self.shard_grad.float() ** 2).reshape(1)
+        """Squared L2 norm of the whole table's gradient (summed over the EmbP group and the stages); computed
+        over the touched rows, which hold every nonzero entry."""
+        g = self.shard_grad.index_select(0, self.touched_rows())
+        local = torch.linalg.vector_norm(g, dtype=torch.float32).square().reshape(1)
         dist.all_reduce(local, group=self.group)
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
             dist.all_reduce(local, group=self.pipeline_group)

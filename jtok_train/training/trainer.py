@@ -350,7 +350,7 @@ class Trainer:
                     clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=total)
             coeff = t.clip_grad / (total + 1.0e-6)
             if coeff < 1.0 and self.table_opt is not None:
-                self.table.shard_grad.mul_(coeff)
+                self.table.scale_grad(coeff)
         ok = self.optimizer.step_with_ready_grads()
         if self.table_opt is not None:
             self.table_opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult,

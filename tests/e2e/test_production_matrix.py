@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.e2e.test_resume import STEPS, _args, _assert_same, _launch, _losses, _wait, _wait_for_step
+from jtok_train.testing.runs import logged_losses as _losses
+from tests.e2e.test_resume import STEPS, _args, _assert_same, _launch, _wait, _wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
