@@ -11,7 +11,10 @@
 3. exposed exchange time (the time the compute waited on rows) with and without overlap;
 4. peak memory per rank (resident set, sampled every 5 ms while each variant trains; growth over the
    process's resident set before the variant was built);
-5. decode tokens/s with the JTok-M tables in host memory vs the backbone alone (benchmarks/decode_bench.py).
+5. decode tokens/s with the JTok-M tables in host memory vs the backbone alone (benchmarks/decode_bench.py);
+6. what JTok-M adds, op by op: the backbone and JTok-M sharded + overlap trained once more each under torch's
+   profiler (after the timed runs, so profiling does not touch the step times); self CPU time per step of
+   every op, JTok-M minus backbone, largest first (rank 0; ``--profile-top N`` rows, 0 = off).
 
 Needs the demo data (`make demo`, or `jtok-data build --source python-docs --out data/demo --vocab-size 4096`).
 Writes benchmarks/results/system.json and prints a markdown table.
@@ -86,8 +89,21 @@ def _row_bytes(trainer) -> int:
     return cfg.model.num_layers * cfg.jtok.num_sets * cfg.model.hidden_size * weight.element_size()
 
 
+PROFILED = ("backbone", "jtokm_sharded_overlap")
+
+
+def _profiled_fit(tr) -> dict[str, float]:
+    """tr.fit() under torch's profiler: self CPU seconds per op name, summed over the run."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tr.fit()
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
 def _measure(runs: list[tuple[str, list[str]]]) -> list[dict]:
-    """Runs on every rank: trains each variant in turn, returns per-variant figures of this rank."""
+    """Runs on every rank: trains each variant in turn, returns per-variant figures of this rank. A variant
+    named "profile:<variant>" is trained under the profiler and returns its per-op self times only."""
     import torch.distributed as dist
 
     from jtok_train.config import compose
@@ -97,6 +113,12 @@ def _measure(runs: list[tuple[str, list[str]]]) -> list[dict]:
     for variant, overrides in runs:
         gc.collect()
         dist.barrier()
+        if variant.startswith("profile:"):
+            tr = Trainer(compose(overrides))
+            out.append({"variant": variant, "ops": _profiled_fit(tr), "steps": tr.cfg.train.train_iters})
+            del tr
+            dist.barrier()
+            continue
         with PeakRSS() as mem:
             tr = Trainer(compose(overrides))
             tr.fit()
@@ -125,8 +147,22 @@ def _training_section(args) -> dict:
                 "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
                 "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
                 f"train.run_dir={args.work}/{args.config}_{variant}_{rep}"]))
+    if args.profile_top:
+        for variant in PROFILED:
+            runs.append((f"profile:{variant}", CONFIGS[args.config] + VARIANTS[variant] + [
+                "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
+                "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
+                f"train.run_dir={args.work}/{args.config}_{variant}_profile"]))
     per_rank = run_distributed(_measure, args.ranks, runs, timeout=3600)
     report: dict = {}
+    prof = {r["variant"].split(":", 1)[1]: r for r in per_rank[0] if r["variant"].startswith("profile:")}
+    if prof:
+        base, jm = prof["backbone"], prof["jtokm_sharded_overlap"]
+        added = {op: (jm["ops"].get(op, 0.0) - base["ops"].get(op, 0.0)) / jm["steps"]
+                 for op in set(base["ops"]) | set(jm["ops"])}
+        report["profile_added_s_per_step"] = dict(sorted(added.items(), key=lambda kv: -kv[1])[: args.profile_top])
+        report["profile_total_s_per_step"] = {"backbone": sum(base["ops"].values()) / base["steps"],
+                                              "jtokm_sharded_overlap": sum(jm["ops"].values()) / jm["steps"]}
     for variant in VARIANTS:
         recs = [r for rank_res in per_rank for r in rank_res if r["variant"] == variant]
         entry = {
@@ -148,8 +184,8 @@ def _training_section(args) -> dict:
             entry["floor_bytes_sent"] = floor_rows * (8 + 2 * recs[0]["row_bytes"])
         report[variant] = entry
     base = report["backbone"]["median_step_s"]
-    for entry in report.values():
-        entry["ratio_vs_backbone"] = entry["median_step_s"] / base
+    for variant in VARIANTS:
+        report[variant]["ratio_vs_backbone"] = report[variant]["median_step_s"] / base
     return report
 
 
@@ -171,6 +207,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=5)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--profile-top", type=int, default=12, help="ops in the per-op profile of what JTok-M adds (0: off)")
     ap.add_argument("--work", default="/tmp/jtok_system_bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "system.json"))
     args = ap.parse_args()
@@ -201,12 +238,20 @@ def main() -> None:
     print("| variant | step (s) | vs backbone | exchange MB sent/rank/step | compute waited (ms) | peak RSS/rank (MB) "
           "| RSS growth/rank (MB) |")
     print("|---|---|---|---|---|---|---|")
-    for variant, e in train.items():
+    for variant in VARIANTS:
+        e = train[variant]
         sent = e.get("bytes_sent")
         wait = e.get("wait_s")
         print(f"| {variant} | {e['median_step_s']:.3f} | {e['ratio_vs_backbone']:.3f} | "
               f"{'-' if sent is None else f'{sent / 1e6:.2f}'} | {'-' if wait is None else f'{wait * 1e3:.2f}'} | "
               f"{e['peak_rss_mb_per_rank']:.0f} | {e['rss_growth_mb_per_rank']:.0f} |")
+    if "profile_added_s_per_step" in train:
+        tot = train["profile_total_s_per_step"]
+        print(f"\nwhat JTok-M sharded + overlap adds per step, by op (self CPU time, rank 0, torch profiler; total "
+              f"{tot['backbone'] * 1e3:.1f} ms backbone -> {tot['jtokm_sharded_overlap'] * 1e3:.1f} ms):\n")
+        print("| op | added ms/step |\n|---|---|")
+        for op, sec in train["profile_added_s_per_step"].items():
+            print(f"| `{op}` | {sec * 1e3:+.2f} |")
     s = report["summary"]
     print(f"\nexchange bytes / unique-row floor: {s['bytes_over_floor']:.3f}; with dedup / without: "
           f"{s['bytes_dedup_over_no_dedup']:.3f} (unique/total ids {s['unique_over_positions']:.3f}); "

@@ -61,28 +61,33 @@ def _touched_rows_ops() -> dict:
 
     from jtok_train.parallel.sharded_table import ShardedTokenTable
 
-    table = ShardedTokenTable(97, 2, 3, 8, group=dist.group.WORLD, seed=3)
-    g = torch.Generator().manual_seed(4)
-    rows = torch.tensor([0, 5, 6, 40])
-    table.shard_grad[rows] = torch.randn(len(rows), 2, 3, 8, generator=g)
-    table.touched[rows] = True
-    full = table.shard_grad.clone()
-    out = {"norm_sq": table.grad_norm_sq(), "want_norm_sq": float(full.double().square().sum())}
-    table.scale_grad(0.25)
-    out["scaled"] = bool(torch.equal(table.shard_grad, full * 0.25))
-    table.zero_grad()
-    out["zeroed"] = int(torch.count_nonzero(table.shard_grad)) == 0 and not bool(table.touched.any())
+    out = {}
+    for name, rows in (("few", [0, 5, 6, 40]), ("many", list(range(0, 97, 2)))):   # 4 and 49 of 97 rows
+        table = ShardedTokenTable(97, 2, 3, 8, group=dist.group.WORLD, seed=3)
+        table.touched[rows] = True
+        out[name + "_row_ops"] = table._row_ops() is not None
+        g = torch.Generator().manual_seed(4)
+        table.shard_grad[rows] = torch.randn(len(rows), 2, 3, 8, generator=g)
+        full = table.shard_grad.clone()
+        out[name] = {"norm_sq": table.grad_norm_sq(), "want_norm_sq": float(full.double().square().sum())}
+        table.scale_grad(0.25)
+        out[name]["scaled"] = bool(torch.equal(table.shard_grad, full * 0.25))
+        table.zero_grad()
+        out[name]["zeroed"] = int(torch.count_nonzero(table.shard_grad)) == 0 and not bool(table.touched.any())
     return out
 
 
 def test_touched_rows_only_zero_scale_and_norm():
-    """The shard's gradient is nonzero on the step's touched rows only: zeroing, clipping and the norm read those
-    rows and give what the whole-shard operations give."""
+    """The shard's gradient is nonzero on the step's touched rows only: zeroing, clipping and the norm read only
+    those rows when they are few (at most 1/8 of the shard), the whole shard otherwise; both give what the
+    whole-shard operations give."""
     from jtok_train.testing import run_distributed
 
     (out,) = run_distributed(_touched_rows_ops, 1, timeout=300)
-    assert out["norm_sq"] == pytest.approx(out["want_norm_sq"], rel=1e-6)
-    assert out["scaled"] and out["zeroed"]
+    assert out["few_row_ops"] is True and out["many_row_ops"] is False
+    for name in ("few", "many"):
+        assert out[name]["norm_sq"] == pytest.approx(out[name]["want_norm_sq"], rel=1e-6), name
+        assert out[name]["scaled"] and out[name]["zeroed"], name
 
 
 def test_sparse_adamw_updates_only_touched_rows_with_per_row_steps():
