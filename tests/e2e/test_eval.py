@@ -183,6 +183,43 @@ def test_lm_eval_cli_and_jtok_eval_on_demo_cloze(jtokm_run, checks, tmp_path):
     assert res["jtok"]["step"] == 3 and res["jtok"]["jtok"] == "jtokm"
 
 
+def _samples(out_dir: Path) -> dict[int, list[float]]:
+    """doc id -> the log-likelihood of each choice, from lm-eval's --log_samples file."""
+    (f,) = list(out_dir.rglob("samples_demo_cloze_*.jsonl"))
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    return {r["doc_id"]: [float(x[0]) for x in r["filtered_resps"]] for r in rows}
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_hf_on_the_export_scores_like_jtok(small_dataset, tmp_path):
+    """The plain `lm_eval --model hf` (no jtok-train import) on jtok-export's output: every choice's
+    log-likelihood equals jtok-lm-eval's on the checkpoint within 1e-4 (the exported logits are within 1e-5 of
+    Megatron's, tests/e2e/test_export.py; a continuation sums up to ~50 tokens), so the accuracies are the same.
+    Sequences of 256 tokens, so that lm-eval's HF model (which refuses a continuation longer than the model) takes
+    every demo_cloze item."""
+    jtokm_run = tmp_path / "run"
+    _train(tiny_overrides(small_dataset, str(jtokm_run), **{"train.save": "true", "model.seq_length": 256}))
+    hf_dir = tmp_path / "hf"
+    proc = _cli("jtok_train.cli.export", f"checkpoint={jtokm_run}", f"out={hf_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = ["--tasks", "demo_cloze", "--limit", str(CLOZE_LIMIT), "--batch_size", "4", "--log_samples"]
+    from jtok_train.evaluation import TASKS_DIR
+
+    stock = _cli("lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},trust_remote_code=True,dtype=float32",
+                 "--device", "cpu", "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path / "stock"), *common)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    ours = _cli("jtok_train.evaluation.harness", "--model", "jtok", "--model_args", f"checkpoint={jtokm_run}",
+                "--output_path", str(tmp_path / "jtok"), *common)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    a, b = _samples(tmp_path / "stock"), _samples(tmp_path / "jtok")
+    assert sorted(a) == sorted(b) == list(range(CLOZE_LIMIT))
+    worst = max(abs(x - y) for d in a for x, y in zip(a[d], b[d]))
+    assert worst <= 1e-4, worst
+    acc = [json.loads(next((tmp_path / d).rglob("results_*.json")).read_text())["results"]["demo_cloze"]
+           for d in ("stock", "jtok")]
+    assert acc[0]["acc,none"] == acc[1]["acc,none"] and acc[0]["acc_norm,none"] == acc[1]["acc_norm,none"]
+
+
 def test_bad_input_one_line_exit_2(jtokm_run, tmp_path, capsys):
     from jtok_train.cli.eval import main
 
