@@ -81,6 +81,38 @@ def slurm(tmp_path_factory):
         assert _cluster_objects(tag) == [], "stop left namespaces or links behind"
 
 
+def _net_objects() -> set[str]:
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return set(re.findall(r"^(\S+)", ns, re.M)) | set(re.findall(r"^\d+: ([^:@]+)", links, re.M))
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path):
+    """slurmd fails on the nodes (a stand-in on PATH that answers `slurmd -C` and fails otherwise) after the
+    bridge, the namespaces, munged and slurmctld exist: the start exits non-zero and takes all of it down."""
+    reason = _can_run()
+    if reason:
+        pytest.skip(reason)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "slurmd").write_text(f'#!/bin/sh\n[ "$1" = -C ] && exec {shutil.which("slurmd")} -C\n'
+                                 'echo "slurmd: refusing to start" >&2\nexit 1\n')
+    (shim / "slurmd").chmod(0o755)
+    d = tmp_path / "cluster"
+    before = _net_objects()
+    proc = subprocess.run(["bash", str(SCRIPT), "start", str(d), "--nodes", "2"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}"))
+    assert proc.returncode != 0 and "start failed; tearing down" in proc.stderr, proc.stderr
+    assert "slurmd: refusing to start" in proc.stderr            # the fault was the one injected
+    assert (d / "slurm.conf").exists()                          # it got as far as the daemons
+    assert _net_objects() == before                             # no namespace, veth or bridge left
+    assert not (d / "cluster.env").exists()                     # stop ran to its end
+    for daemon in ("munged", "slurmctld"):
+        assert not (d / f"{daemon}.pid").exists(), daemon
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(d) not in ps, [l for l in ps.splitlines() if str(d) in l]
+
+
 def _overrides(data: dict, run: Path, **extra) -> list[str]:
     return tiny_overrides(data, str(run), **{
         "parallel.embedding": "sharded", "train.train_iters": STEPS, "train.save": "true",
