@@ -12,7 +12,7 @@ test:             ## the whole test suite (what CI runs); nothing may be skipped
 	.venv/bin/python -m pytest -p no:cacheprovider
 
 test-fast:        ## skip the slow end-to-end tests
-	bash scripts/setup.sh --test
+	bash scripts/setup.sh --test-fast
 	.venv/bin/python -m pytest -p no:cacheprovider -m "not slow"
 
 # megatron-core 0.19.2 on Python 3.12 (scripts/setup312.sh): every test that runs Megatron-Core, slow ones included:

@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh --test   # also what `make test` needs to run every test (nothing skipped):
 #                                  #   DALI (its CPU operators run the DALI loader's test), the demo corpus
 #                                  #   (python3.11-doc), and root + apt-get for the local SLURM cluster test
+#   bash scripts/setup.sh --test-fast   # the same for `make test-fast` (no SLURM test: it is a slow one)
 # Anything --test cannot provide stops the setup with a line saying what and how; JTOK_ALLOW_SKIPS=1 turns those
 # into warnings (and lets the tests that need them skip, see tests/conftest.py).
 set -euo pipefail
@@ -20,7 +21,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/cpu.tx
   .venv/bin/pip install -q -e ".[dev,triton]"
   touch "$stamp"
 fi
-[ "${1:-}" = "--test" ] || exit 0
+case "${1:-}" in --test|--test-fast) ;; *) exit 0 ;; esac
 
 missing=()
 # DALI: an optional GPU extra; its CPU operators let tests/unit/test_dali.py compare its batches for real
@@ -40,7 +41,9 @@ if [ ! -d "$DOCS" ]; then
   [ -d "$DOCS" ] || missing+=("the demo corpus $DOCS is missing (run: sudo apt-get install python3.11-doc)")
 fi
 # the local SLURM cluster (launch/slurm/local_cluster.sh installs slurm-wlm and munge itself, as root)
-if [ "$(id -u)" != 0 ]; then
+if [ "$1" = --test-fast ]; then
+  :
+elif [ "$(id -u)" != 0 ]; then
   missing+=("the SLURM test starts slurmctld/slurmd on this machine and needs root (run make test as root)")
 elif ! { command -v slurmctld >/dev/null && command -v munged >/dev/null; } && ! command -v apt-get >/dev/null; then
   missing+=("slurm-wlm and munge are missing and there is no apt-get to install them")
