@@ -21,7 +21,7 @@ def _table(rows=37, shape=(2, 3, 5), seed=0):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_dense_adamw_equals_torch_adamw(fused):
-    """torch's own AdamW on the shard (the tables are fp32 in every precision): its for-each implementation is
+    """torch's own AdamW on the shard (the tables are fp32 in every precision): its single-tensor implementation is
     bitwise torch.optim.AdamW's default; the fused kernel (one pass, no rounding between its element-wise steps)
     rounds differently: within 1e-7 relative (norm of the difference; measured 3.5e-9 after 5 steps) and within
     4 ulps of the largest entry everywhere (entries whose update is most of their value differ most)."""
