@@ -137,7 +137,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     "Pipeline parallel size (Megatron's 1F1B schedule); must divide model.num_layers. Each stage holds its layers' JTok tables."
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    "Interleaved (virtual) pipeline stages per rank: not supported yet (None or 1)."
+    "Interleaved pipeline: model chunks per rank (Megatron's interleaved 1F1B); PP x this must divide model.num_layers."
     expert_model_parallel_size: int = 1
     "Expert parallel size (MoE)."
     expert_tensor_parallel_size: Optional[int] = None
@@ -424,17 +424,18 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
               "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
               f"needs an MoE model whose num_experts ({m.num_experts}) it divides")
     vpp = p.virtual_pipeline_model_parallel_size
-    _need(vpp in (None, 1), "parallel.virtual_pipeline_model_parallel_size", vpp,
-          "interleaved pipeline stages are not supported yet: use null (1F1B with "
-          "parallel.pipeline_model_parallel_size stages)")
+    if vpp is not None:
+        _need(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be a positive integer or null")
+        _need(vpp == 1 or p.pipeline_model_parallel_size > 1, "parallel.virtual_pipeline_model_parallel_size", vpp,
+              "interleaved stages need parallel.pipeline_model_parallel_size > 1")
     if p.pipeline_model_parallel_size > 1:
         pp = p.pipeline_model_parallel_size
         _need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size", pp,
               f"must divide model.num_layers={m.num_layers} (every stage holds the same number of layers)")
-        if j.variant != "none":
-            _need(m.recompute_granularity != "full", "model.recompute_granularity", m.recompute_granularity,
-                  "full recompute of JTok layers is not supported with pipeline parallelism yet: use selective "
-                  "or parallel.pipeline_model_parallel_size=1")
+        if vpp is not None and vpp > 1:
+            _need(m.num_layers % (pp * vpp) == 0, "parallel.virtual_pipeline_model_parallel_size", vpp,
+                  f"pipeline stages x virtual stages = {pp} x {vpp} must divide model.num_layers={m.num_layers} "
+                  "(every model chunk holds the same number of layers)")
     if p.tensor_model_parallel_size > 1:
         _need(m.num_attention_heads % p.tensor_model_parallel_size == 0, "parallel.tensor_model_parallel_size",
               p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")
@@ -489,6 +490,15 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
               f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
         _need(t.eval_samples % per_step == 0, "train.eval_samples", t.eval_samples,
               f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        if vpp is not None and vpp > 1:
+            # Megatron's interleaved schedule runs micro-batches in groups of PP per model chunk: a last group of
+            # fewer than PP is refused by the schedule (a dependency bubble), so every count must be a multiple
+            pp = p.pipeline_model_parallel_size
+            for key, n in (("train.global_batch_size", t.global_batch_size), ("train.eval_samples", t.eval_samples)):
+                _need((n // per_step) % pp == 0, key, n,
+                      f"gives {n // per_step} micro-batches per step; the interleaved pipeline needs a multiple of "
+                      f"parallel.pipeline_model_parallel_size={pp}: make it a multiple of "
+                      f"{per_step * pp} (micro_batch_size x data-parallel size x PP)")
     if tokenizer_vocab is not None:
         from jtok_train.data.tokenizer import padded_vocab_size
 

@@ -20,8 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from jtok_train.model.layer import jtok_module_spec, with_jtok
 from jtok_train.model.token_table import LayerSlice, ReplicatedTokenTable, TokenRowProvider, TokenRowsContext
 
-__all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_token_table",
-           "pipeline_stage_layers"]
+__all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_model_chunks",
+           "build_token_table", "pipeline_stage_layers", "virtual_stages"]
 
 
 class JTokGPTModel(GPTModel):
@@ -40,18 +40,24 @@ class JTokGPTModel(GPTModel):
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, **kwargs: Any):
         rows = self.token_table.lookup(input_ids)
-        if (self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-                and self.pre_process and not args and kwargs.get("decoder_input") is None):
-            # Layers replayed by full recompute send their row gradients through the join (token_table.py).
+        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+            # Layers replayed by full recompute send their row gradients through a join at the input of this
+            # stage's layers (token_table.py), whose backward runs after every layer's: the embedding output on
+            # the first stage, the activations received from the previous stage on the others.
             from dataclasses import replace
 
             from jtok_train.model.token_table import ReplayGradSink, RowGradJoin
 
             sink = ReplayGradSink()
-            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
-            decoder_input, unique_rows = RowGradJoin.apply(decoder_input, rows.unique_rows, sink)
-            kwargs["decoder_input"] = decoder_input
-            rows = replace(rows, unique_rows=unique_rows, replay_sink=sink)
+            if self.pre_process and not args and kwargs.get("decoder_input") is None:
+                decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                kwargs["decoder_input"], unique_rows = RowGradJoin.apply(decoder_input, rows.unique_rows, sink)
+                rows = replace(rows, unique_rows=unique_rows, replay_sink=sink)
+            elif not self.pre_process and getattr(self.decoder, "input_tensor", None) is not None:
+                # Megatron's pipeline schedule hands a later stage its input through set_input_tensor
+                self.decoder.input_tensor, unique_rows = RowGradJoin.apply(self.decoder.input_tensor,
+                                                                           rows.unique_rows, sink)
+                rows = replace(rows, unique_rows=unique_rows, replay_sink=sink)
         self.token_context.current = rows
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
@@ -93,6 +99,7 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(cfg) if virtual_stages(cfg) > 1 else None,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=etp,
         sequence_parallel=p.sequence_parallel,
@@ -104,6 +111,12 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
         recompute_method=_get(m, "recompute_method"),
         recompute_num_layers=_get(m, "recompute_num_layers"),
     )
+    if virtual_stages(cfg) > 1 and p.pipeline_model_parallel_size > 1:
+        # Megatron-LM's own setting for the interleaved schedule (its --overlap-p2p-communication default):
+        # unbatched p2p, the two directions on two communicators when PP = 2. Batched, a rank's send to the next
+        # stage and its send to the previous one go to the same peer when PP = 2, and the receiver matches them
+        # by order, not by purpose: activations and gradients of the same shape would be swapped silently.
+        kw.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if _get(m, "recompute_modules") is not None:
         kw["recompute_modules"] = list(m.recompute_modules)
     if moe:
@@ -122,25 +135,33 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def pipeline_stage_layers(cfg: Any, device: Any = None) -> LayerSlice:
-    """The layers of the whole model this rank's pipeline stage builds (all of them without PP, or for an
-    accounting build on the meta device). Stages hold equal counts (the config refuses other splits), in
-    Megatron's order: stage r holds layers [r L/PP, (r+1) L/PP)."""
+def virtual_stages(cfg: Any) -> int:
+    """Model chunks per rank: parallel.virtual_pipeline_model_parallel_size, 1 when unset."""
+    return int(getattr(cfg.parallel, "virtual_pipeline_model_parallel_size", None) or 1)
+
+
+def pipeline_stage_layers(cfg: Any, device: Any = None, vp_stage: Optional[int] = None) -> LayerSlice:
+    """The layers of the whole model this rank's pipeline stage (model chunk ``vp_stage`` of it, with
+    interleaved stages) builds: all of them without PP, or for an accounting build on the meta device. Chunks
+    hold equal counts (the config refuses other splits), in Megatron's order: with P stages and V chunks per
+    rank, chunk v of stage r holds layers [(v P + r) C, (v P + r + 1) C), C = L / (P V)."""
     L = cfg.model.num_layers
     pp = cfg.parallel.pipeline_model_parallel_size
     if pp == 1 or device == "meta":
         return LayerSlice(0, L, L)
     from megatron.core import parallel_state as ps
 
-    stage = ps.get_pipeline_model_parallel_rank()
-    return LayerSlice(stage * (L // pp), L // pp, L)
+    vpp = virtual_stages(cfg)
+    count = L // (pp * vpp)
+    return LayerSlice(((vp_stage or 0) * pp + ps.get_pipeline_model_parallel_rank()) * count, count, L)
 
 
-def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None):
-    """The table provider of this pipeline stage's layers: replicated (a model parameter) or row-sharded over
-    the stage's ranks."""
+def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
+                      vp_stage: Optional[int] = None):
+    """The table provider of this pipeline stage's layers (of its model chunk ``vp_stage``): replicated (a model
+    parameter) or row-sharded over the stage's ranks."""
     j, m, p = cfg.jtok, cfg.model, cfg.parallel
-    layers = pipeline_stage_layers(cfg, device)
+    layers = pipeline_stage_layers(cfg, device, vp_stage)
     if p.embedding == "sharded" and device != "meta":
         from megatron.core import parallel_state as ps
 
@@ -213,8 +234,11 @@ def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None,
     return with_jtok(spec, jspec, token_context)
 
 
-def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None) -> GPTModel:
-    """Build the (JTok)GPTModel for ``cfg``. ``device='meta'`` builds without allocating (accounting)."""
+def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None,
+                vp_stage: Optional[int] = None) -> GPTModel:
+    """Build the (JTok)GPTModel for ``cfg``: this rank's pipeline stage, or its model chunk ``vp_stage`` with
+    interleaved stages (``build_model_chunks`` builds them all). ``device='meta'`` builds without allocating
+    (accounting)."""
     m = cfg.model
     if config is None:
         config = build_transformer_config(cfg)
@@ -222,7 +246,9 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
     if device != "meta" and cfg.parallel.pipeline_model_parallel_size > 1:
         from megatron.core import parallel_state as ps
 
-        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        interleaved = vp_stage is not None
+        first = ps.is_pipeline_first_stage(ignore_virtual=not interleaved, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=not interleaved, vp_stage=vp_stage)
     common = dict(
         config=config,
         vocab_size=m.vocab_size,
@@ -234,6 +260,8 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
         rotary_base=m.rotary_base,
         parallel_output=True,
     )
+    if vp_stage is not None:
+        common["vp_stage"] = vp_stage
     ctx = torch.device("meta") if device == "meta" else torch.device(device) if device is not None else None
     with ctx if ctx is not None else _nullcontext():
         if cfg.jtok.variant == "none":
@@ -245,11 +273,20 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
         else:
             from jtok_train.compat import device as compute_device
 
-            table = build_token_table(cfg, device=compute_device())
+            table = build_token_table(cfg, device=compute_device(), vp_stage=vp_stage)
         model = JTokGPTModel(transformer_layer_spec=spec, token_table=table, token_context=token_context, **common)
     for p in model.token_table.parameters():
         p.sequence_parallel = bool(config.sequence_parallel)
     return model
+
+
+def build_model_chunks(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None) -> list[GPTModel]:
+    """This rank's model chunks, in Megatron's order: one (its pipeline stage), or V with interleaved stages
+    (parallel.virtual_pipeline_model_parallel_size), each holding its own layers and their JTok tables."""
+    vpp = virtual_stages(cfg)
+    if vpp == 1 or cfg.parallel.pipeline_model_parallel_size == 1:
+        return [build_model(cfg, config, use_te)]
+    return [build_model(cfg, config, use_te, vp_stage=v) for v in range(vpp)]
 
 
 class _nullcontext:

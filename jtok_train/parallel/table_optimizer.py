@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from jtok_train.parallel.sharded_table import ShardedTokenTable
 
-__all__ = ["ShardedTableOptimizer", "fused_adamw_available"]
+__all__ = ["ShardedTableOptimizer", "ChunkTableOptimizerState", "fused_adamw_available"]
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -93,16 +95,30 @@ class ShardedTableOptimizer:
         denom = (v.sqrt() / bc2.sqrt()).add_(self.eps)
         p.add_(-lr * m / bc1 / denom)
 
-    def sharded_state_dict(self, prefix: str = "table_optimizer.") -> dict:
-        """Moments as ShardedTensors in the table's global (permuted) row order, so they reshard with it."""
-        t = self.table
-        return {
-            f"{prefix}exp_avg": t.sharded_tensor(f"{prefix}exp_avg", self.exp_avg),
-            f"{prefix}exp_avg_sq": t.sharded_tensor(f"{prefix}exp_avg_sq", self.exp_avg_sq),
-            f"{prefix}row_steps": t.sharded_tensor(f"{prefix}row_steps", self.steps),
-            f"{prefix}num_steps": self.num_steps,
-            f"{prefix}kind": self.kind,
-        }
+    def _moments(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        return (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq), ("row_steps", self.steps))
+
+    def sharded_state_dict(self, prefix: str = "table_optimizer.", key_prefix: str | None = None) -> dict:
+        """Moments as ShardedTensors in the table's global (permuted) row order, so they reshard with it.
+        ``key_prefix`` (default: ``prefix``) names the tensors; the step count and kind go with ``prefix``."""
+        t, kp = self.table, prefix if key_prefix is None else key_prefix
+        out: dict = {f"{prefix}{name}": t.sharded_tensor(f"{kp}{name}", x) for name, x in self._moments()}
+        if key_prefix is None:
+            out[f"{prefix}num_steps"] = self.num_steps
+            out[f"{prefix}kind"] = self.kind
+        return out
+
+    @torch.no_grad()
+    def load_moments(self, state: dict) -> None:
+        s = {k.rsplit(".", 1)[-1]: v for k, v in state.items()}
+        rows = self.table.stop_row - self.table.start_row
+        for name, x in self._moments():
+            x[:rows].copy_(s[name])
+
+    def set_num_steps(self, n: int) -> None:
+        self.num_steps = int(n)
+        if self._torch_opt is not None:
+            self._step.fill_(self.num_steps)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -111,10 +127,22 @@ class ShardedTableOptimizer:
         if s["kind"] != self.kind:
             raise ValueError(f"the checkpoint's table optimizer is {s['kind']!r} but the config asks for "
                              f"jtok.table_optimizer={self.kind!r}: set it back to resume")
-        rows = self.table.stop_row - self.table.start_row
-        self.exp_avg[:rows].copy_(s["exp_avg"])
-        self.exp_avg_sq[:rows].copy_(s["exp_avg_sq"])
-        self.steps[:rows].copy_(s["row_steps"])
-        self.num_steps = int(s["num_steps"])
-        if self._torch_opt is not None:
-            self._step.fill_(self.num_steps)
+        self.load_moments(state)
+        self.set_num_steps(s["num_steps"])
+
+
+class ChunkTableOptimizerState:
+    """What the checkpoint holds of model chunk v > 0's table optimizer (interleaved pipeline stages): its
+    moments, under the tensor keys of chunk 0's (``extra.table_optimizer.*``: each chunk holds other layers of
+    the same global [V, L, ...] tensors, so a checkpoint reshards to and from layouts without virtual stages).
+    Its step count and kind are chunk 0's: every chunk steps together."""
+
+    def __init__(self, opt: ShardedTableOptimizer, leader: ShardedTableOptimizer):
+        self.opt, self.leader = opt, leader
+
+    def sharded_state_dict(self, prefix: str) -> dict:
+        return self.opt.sharded_state_dict(prefix, key_prefix=re.sub(r"_vp[0-9]+\.$", ".", prefix))
+
+    def load_state_dict(self, state: dict) -> None:   # after the leader's (components load in order)
+        self.opt.load_moments(state)
+        self.opt.set_num_steps(self.leader.num_steps)

@@ -45,8 +45,13 @@ def _pieces(sharded: Any, prefix: str) -> list[tuple[str, tuple, tuple, np.ndarr
 def global_state(trainer: Any) -> dict[str, np.ndarray]:
     import torch.distributed as dist
 
-    pieces = _pieces(trainer.model.sharded_state_dict(), "model/")
-    model_sd = trainer.model.sharded_state_dict()     # fresh: _pieces builds the factories in place
+    from jtok_train.training.checkpoint import model_sections
+
+    # every model chunk's pieces under model/ (their keys are global: chunks of interleaved stages fill
+    # different layers of the same tensors)
+    pieces = [p for sd in model_sections(trainer).values() for p in _pieces(sd, "model/")]
+    sections = model_sections(trainer)     # fresh: _pieces builds the factories in place
+    model_sd = sections["model"] if len(sections) == 1 else sections
     layout = {"chained_optim_avoid_prefix": True}
     if trainer.cfg.parallel.use_distributed_optimizer:
         layout["distrib_optim_sharding_type"] = "fully_reshardable"
@@ -64,7 +69,8 @@ def global_state(trainer: Any) -> dict[str, np.ndarray]:
         raise AssertionError(f"optimizer step differs between parameters: {sorted(steps)}")
     pieces.append(("optim/step/all", (1,), ((0, 1),), np.array([steps.pop() if steps else 0.0], np.float32)))
     for name, comp in trainer.checkpoint_components().items():
-        pieces += _pieces(comp.sharded_state_dict(prefix=""), f"extra/{name}/")
+        # table_optimizer_vp1 holds other layers of table_optimizer's tensors
+        pieces += _pieces(comp.sharded_state_dict(prefix=""), f"extra/{re.sub(r'_vp[0-9]+$', '', name)}/")
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, pieces)
     full: dict[str, np.ndarray] = {}

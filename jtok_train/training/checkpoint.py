@@ -13,7 +13,9 @@ rank 0 writes ``checksums.json``, renames the directory to ``step_N`` and only t
 (write + rename). A crash at any point leaves the previous checkpoint complete and marked latest. Older
 checkpoints beyond ``train.keep_last`` and stale ``.partial`` directories are removed after a save.
 
-Contents: ``model`` (Megatron's model sharded_state_dict: backbone and replicated JTok tables), ``optimizer``
+Contents: ``model`` (Megatron's model sharded_state_dict: backbone and replicated JTok tables; with interleaved
+pipeline stages model chunk v > 0 adds ``model_vp{v}``, whose keys are global like chunk 0's, so a checkpoint
+reshards between layouts with and without virtual stages), ``optimizer``
 (Megatron's optimizer, all states), ``extra.<name>`` (pluggable components, below), ``rng.*`` (every rank's
 torch/tracker/python/numpy RNG states, one row per rank), and ``meta`` (step, global consumed samples, skipped
 steps, world size, the data fingerprint, the resolved config, the LR scheduler state, the W&B run id).
@@ -505,11 +507,21 @@ def optimizer_layout(cfg: Any) -> dict:
     p = cfg.parallel
     return {"distributed": True, "format": str(cfg.train.ckpt_optim_format),
             "model_parallel": [int(p.tensor_model_parallel_size), int(p.pipeline_model_parallel_size),
-                               int(p.expert_model_parallel_size)]}
+                               int(p.expert_model_parallel_size)]
+            + ([int(p.virtual_pipeline_model_parallel_size)] if (p.virtual_pipeline_model_parallel_size or 1) > 1 else [])}
+
+
+def model_sections(trainer: Any) -> dict[str, Any]:
+    """Every model chunk's sharded state dict: ``model`` (chunk 0, the only one without interleaved stages),
+    ``model_vp{v}`` for chunk v > 0. The keys inside are global (layer numbers, table layer offsets)."""
+    chunks = getattr(trainer, "chunks", None) or [trainer.model]
+    return {"model" if v == 0 else f"model_vp{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}
 
 
 def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None = None) -> dict:
-    model_sd = trainer.model.sharded_state_dict()
+    sections = model_sections(trainer)
+    # Megatron's optimizer finds each parameter's sharded tensor anywhere in the dict it is given
+    model_sd = sections["model"] if len(sections) == 1 else sections
     if is_loading:
         megatron_compat.allocate_distributed_optimizer_state(trainer.optimizer)
     layout = layout or optimizer_layout(trainer.cfg)
@@ -517,7 +529,7 @@ def _state(trainer: Any, is_loading: bool, rng: dict | None, layout: dict | None
     # which its torch_dist strategy no longer writes: name a supported one.
     metadata = {"distrib_optim_sharding_type": layout["format"]} if layout["distributed"] else None
     opt_sd = trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
-    state = {"model": model_sd, "optimizer": opt_sd}
+    state = {**sections, "optimizer": opt_sd}
     extra = {}
     for name, comp in _components(trainer).items():
         if not hasattr(comp, "sharded_state_dict"):
@@ -650,9 +662,9 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
     now = optimizer_layout(trainer.cfg).get("model_parallel")
     was = saved_layout.get("model_parallel")
     if saved_layout.get("format") == "dp_reshardable" and was is not None and was != now:
-        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at TP/PP/EP = "
+        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at TP/PP/EP[/VPP] = "
                               f"{'/'.join(map(str, was))}, which reshards over data parallelism only: resume at "
-                              f"TP/PP/EP = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
+                              f"TP/PP/EP[/VPP] = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
                               "train.ckpt_optim_format=fully_reshardable")
     state = _state(trainer, is_loading=True, rng=rng, layout=saved_layout)
     loaded, missing, unexpected = load_sharded_state(state, path, "this model")
@@ -663,13 +675,15 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
     # keys are "module.<name>" (Megatron's DDP adds "module."; Float16Module forwards its child's keys without
     # a prefix of its own), so fp32 and bf16 checkpoints share one layout: load into the unwrapped model
     # (whose parameters DDP and Float16Module share), a bf16 checkpoint into an fp32 model and back.
-    model_state = {}
-    for k, v in loaded["model"].items():
-        if not k.startswith("module."):
-            raise CheckpointError(f"checkpoint {path}: model key {k} lacks the module. prefix of jtok-train's "
-                                  "training checkpoints")
-        model_state[k[len("module."):]] = v
-    trainer.unwrapped.load_state_dict(model_state, strict=True)
+    chunks = getattr(trainer, "unwrapped_chunks", None) or [trainer.unwrapped]
+    for v, chunk in enumerate(chunks):
+        model_state = {}
+        for k, val in loaded["model" if v == 0 else f"model_vp{v}"].items():
+            if not k.startswith("module."):
+                raise CheckpointError(f"checkpoint {path}: model key {k} lacks the module. prefix of jtok-train's "
+                                      "training checkpoints")
+            model_state[k[len("module."):]] = val
+        chunk.load_state_dict(model_state, strict=True)
     with torch.no_grad(), _param_groups_in_order():
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     for name, comp in _components(trainer).items():

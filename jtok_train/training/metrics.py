@@ -74,7 +74,8 @@ class MoEBalanceProbe:
     def __init__(self, model: Any):
         self.counts: dict[int, torch.Tensor] = {}
         self.handles = []
-        layers = getattr(getattr(model, "decoder", None), "layers", None) or []
+        models = model if isinstance(model, (list, tuple)) else [model]   # model chunks with interleaved stages
+        layers = [layer for m in models for layer in (getattr(getattr(m, "decoder", None), "layers", None) or [])]
         for i, layer in enumerate(layers):
             router = getattr(getattr(layer, "mlp", None), "router", None)
             if router is not None:

@@ -37,7 +37,8 @@ def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
     return overrides
 
 
-def build_optimizer(cfg: Any, model: torch.nn.Module):
+def build_optimizer(cfg: Any, model: "torch.nn.Module | list[torch.nn.Module]"):
+    """Megatron's optimizer over the model, or over its chunks (interleaved pipeline stages)."""
     t = cfg.train
     opt_config = OptimizerConfig(
         optimizer="adam",            # Megatron's "adam" is AdamW (decoupled weight decay)
@@ -52,7 +53,8 @@ def build_optimizer(cfg: Any, model: torch.nn.Module):
         params_dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [model], config_overrides=table_group_overrides(cfg, opt_config))
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return get_megatron_optimizer(opt_config, chunks, config_overrides=table_group_overrides(cfg, opt_config))
 
 
 def build_scheduler(cfg: Any, optimizer) -> OptimizerParamScheduler:

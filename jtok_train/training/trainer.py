@@ -85,12 +85,16 @@ class Trainer:
             warn_if_untested()
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         validate(cfg, world_size=self.world, tokenizer_vocab=self.tokenizer.vocab_size)
+        from jtok_train.model.builder import virtual_stages
+
+        vpp = virtual_stages(cfg)
         init_model_parallel(
             tp=p.tensor_model_parallel_size,
             pp=p.pipeline_model_parallel_size,
             ep=p.expert_model_parallel_size,
             etp=p.expert_tensor_parallel_size,
             seed=t.seed,
+            **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}),
         )
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -153,8 +157,17 @@ class Trainer:
 
     def checkpoint_components(self) -> dict[str, Any]:
         """Stateful parts outside the model and Megatron's optimizer (see jtok_train/training/checkpoint.py):
-        name -> object with sharded_state_dict(prefix) and load_state_dict(state)."""
-        return {"table_optimizer": self.table_opt} if self.table_opt is not None else {}
+        name -> object with sharded_state_dict(prefix) and load_state_dict(state). Model chunk v > 0
+        (interleaved stages) adds its table optimizer as table_optimizer_vp{v}: the same global keys as
+        chunk 0's (each chunk holds other layers of the same [V, L, ...] tensors)."""
+        from jtok_train.parallel.table_optimizer import ChunkTableOptimizerState
+
+        out: dict[str, Any] = {}
+        for v, opt in enumerate(self.table_opts):
+            if opt is not None:
+                out["table_optimizer" if v == 0 else f"table_optimizer_vp{v}"] = \
+                    opt if v == 0 else ChunkTableOptimizerState(opt, self.table_opts[0])
+        return out
 
     # -- setup ---------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -180,50 +193,66 @@ class Trainer:
         )
 
     def _build_model(self) -> None:
+        """This rank's model chunks (one, or one per virtual stage with interleaved pipeline stages), each in
+        Megatron's DDP (and Float16Module for bf16), Megatron's optimizer over all of them, and the sharded
+        tables' own optimizer per chunk. ``model`` / ``unwrapped`` / ``table`` / ``table_opt`` are chunk 0's
+        (the only chunk without interleaving); ``chunks`` / ``unwrapped_chunks`` / ``tables`` / ``table_opts``
+        list every chunk's."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.transformer.module import Float16Module
 
-        from jtok_train.model.builder import build_model, build_transformer_config
+        from jtok_train.model.builder import build_model_chunks, build_transformer_config
         from jtok_train.training.optim import build_optimizer, build_scheduler
 
         cfg = self.cfg
         self.tconfig = build_transformer_config(cfg)
-        model = build_model(cfg, self.tconfig)
-        model.to(self.device)
-        self.unwrapped = model
-        if cfg.train.precision == "bf16":
-            model = Float16Module(self.tconfig, model)
+        self.unwrapped_chunks = build_model_chunks(cfg, self.tconfig)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
-        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        self.chunks = []
+        for v, model in enumerate(self.unwrapped_chunks):
+            model.to(self.device)
+            if cfg.train.precision == "bf16":
+                model = Float16Module(self.tconfig, model)
+            # as Megatron's training loop: one gradient bucket for the chunks after the first
+            self.chunks.append(DistributedDataParallel(self.tconfig, ddp_config, model, disable_bucketing=v > 0))
+        self.model, self.unwrapped = self.chunks[0], self.unwrapped_chunks[0]
         if self.param_init is not None:
-            self.param_init(self.model)
-        self.optimizer = build_optimizer(cfg, self.model)
+            for chunk in self.chunks:
+                self.param_init(chunk)
+        self.optimizer = build_optimizer(cfg, self.chunks)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         # A table provider with its own optimizer (sharded tables) is stepped next to Megatron's.
-        self.table = getattr(self.unwrapped, "token_table", None)
-        self.table_opt = None
-        if getattr(self.table, "has_own_optimizer", False):
-            from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+        self.tables = [getattr(m, "token_table", None) for m in self.unwrapped_chunks]
+        self.table_opts = []
+        for table in self.tables:
+            opt = None
+            if getattr(table, "has_own_optimizer", False):
+                from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
 
-            t = cfg.train
-            self.table_opt = ShardedTableOptimizer(
-                self.table, cfg.jtok.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, cfg.jtok.table_optimizer
-            )
-        self.tconfig.no_sync_func = self.model.no_sync
+                t = cfg.train
+                opt = ShardedTableOptimizer(table, cfg.jtok.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps,
+                                            cfg.jtok.table_optimizer)
+            self.table_opts.append(opt)
+        self.table, self.table_opt = self.tables[0], self.table_opts[0]
+        self.own_tables = [(tb, opt) for tb, opt in zip(self.tables, self.table_opts) if opt is not None]
+        if len(self.chunks) == 1:
+            self.tconfig.no_sync_func = self.model.no_sync
+        else:
+            self.tconfig.no_sync_func = [chunk.no_sync for chunk in self.chunks]
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         from jtok_train.model.accounting import flops_per_token, formula_params
 
         self.flops_per_token = flops_per_token(cfg, formula_params(cfg))
 
     # -- batches -------------------------------------------------------------------------------------
-    def _with_prefetch(self, batches: list[dict]) -> Iterator[dict]:
+    def _with_prefetch(self, batches: list[dict], table: Any = None) -> Iterator[dict]:
         """Yield micro-batches; when micro-batch i is handed to the schedule, the table provider has
         already been told about micro-batch i+1, so its row exchange runs while i computes."""
-        prefetch = getattr(self.table, "prefetch", None)
+        prefetch = getattr(table if table is not None else self.table, "prefetch", None)
         if prefetch is not None and batches:
             prefetch(batches[0]["tokens"].to(self.device))
         for i, batch in enumerate(batches):
@@ -231,18 +260,25 @@ class Trainer:
                 prefetch(batches[i + 1]["tokens"].to(self.device))
             yield batch
 
+    def _feed(self, batches: list[dict]) -> "Iterator[dict] | list[Iterator[dict]]":
+        """The schedule's data iterator: with interleaved stages every model chunk runs every micro-batch, in
+        order, so each chunk gets its own iterator over the same batches, prefetching its own table's rows."""
+        if len(self.chunks) == 1:
+            return self._with_prefetch(batches)
+        return [self._with_prefetch(batches, table) for table in self.tables]
+
     def _train_batches(self, step: int) -> Iterator[dict]:
         from jtok_train.data.datasets import get_microbatch, microbatch_indices
 
         t = self.cfg.train
         if self.cfg.data.loader == "dali":  # the same samples in the same order, through a DALI pipeline
-            return self._with_prefetch([self._check_ids(b) for b in self._dali_loader(step).batches(step)])
+            return self._feed([self._check_ids(b) for b in self._dali_loader(step).batches(step)])
         batches = [
             self._check_ids(get_microbatch(self.train_ds, microbatch_indices(
                 step, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.global_batch_size, self.data_offset)))
             for k in range(self.num_micro)
         ]
-        return self._with_prefetch(batches)
+        return self._feed(batches)
 
     def _dali_loader(self, step: int):
         if getattr(self, "_dali", None) is None:
@@ -302,14 +338,14 @@ class Trainer:
 
         return output, loss_func
 
-    def _run_schedule(self, batches: Iterator[dict], num_micro: int, forward_only: bool) -> float:
+    def _run_schedule(self, batches: "Iterator[dict] | list[Iterator[dict]]", num_micro: int, forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.cfg.train
         outs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=batches,
-            model=[self.model],
+            model=self.chunks,
             num_microbatches=num_micro,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=t.micro_batch_size,
@@ -333,13 +369,13 @@ class Trainer:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         t, j = self.cfg.train, self.cfg.jtok
-        if self.table_opt is not None:
-            self.table.finish_backward()
+        for table, _ in self.own_tables:
+            table.finish_backward()
         if self.optimizer.prepare_grads():      # Megatron's found-inf (fp16 loss scaler)
             return False, float("nan")
         norm_sq = float(self.optimizer.get_grad_norm()) ** 2
-        if self.table_opt is not None:
-            norm_sq += self.table.grad_norm_sq()
+        for table, _ in self.own_tables:
+            norm_sq += table.grad_norm_sq()
         total = math.sqrt(norm_sq)
         if not math.isfinite(total):          # the norm is reduced over ranks: every rank takes this branch
             return False, total
@@ -349,12 +385,12 @@ class Trainer:
                 if params:
                     clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=total)
             coeff = t.clip_grad / (total + 1.0e-6)
-            if coeff < 1.0 and self.table_opt is not None:
-                self.table.scale_grad(coeff)
+            if coeff < 1.0:
+                for table, _ in self.own_tables:
+                    table.scale_grad(coeff)
         ok = self.optimizer.step_with_ready_grads()
-        if self.table_opt is not None:
-            self.table_opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult,
-                                                          "min_lr": t.min_lr * j.lr_mult}))
+        for _, opt in self.own_tables:
+            opt.step(lr=self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult, "min_lr": t.min_lr * j.lr_mult}))
         return ok, total
 
     # -- metrics -------------------------------------------------------------------------------------
@@ -365,7 +401,8 @@ class Trainer:
         # parallel ranks and layers (the router's load_balancing_loss, JTok-M's jtokm_load_balancing_loss).
         out = {f"aux/{name}": v for name, v in
                report_aux_losses(1.0 / self.num_micro, step, self.cfg.model.num_layers).items()}
-        loads = [l.last_load for l in self.unwrapped.decoder.layers if getattr(l, "last_load", None) is not None]
+        loads = [l.last_load for m in self.unwrapped_chunks for l in m.decoder.layers
+                 if getattr(l, "last_load", None) is not None]
         if loads:
             # router balance of JTok-M: max/mean of the share of assignments per row set (1 = even)
             imb = [float(f.max() / f.mean()) for f in loads]
@@ -378,11 +415,13 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.valid_ds is None:
             return None
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         with torch.no_grad():
-            loss = self._run_schedule(self._with_prefetch(list(self._valid_batches())), self.num_valid_micro,
+            loss = self._run_schedule(self._feed(list(self._valid_batches())), self.num_valid_micro,
                                       forward_only=True)
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         from jtok_train.compat.megatron import clear_aux_losses
 
         clear_aux_losses()
@@ -401,7 +440,7 @@ class Trainer:
         import inspect
 
         kw = {"run_id": self.wandb_run_id} if "run_id" in inspect.signature(MetricsLogger).parameters else {}
-        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, start, self.rank == 0, model=self.unwrapped, **kw)
+        logger = MetricsLogger(cfg, self.run_dir, t.train_iters, start, self.rank == 0, model=self.unwrapped_chunks, **kw)
         # the W&B run id goes into every checkpoint (rank 0 knows it; the common state must agree)
         ids = [None] * self.world
         dist.all_gather_object(ids, getattr(logger, "run_id", None) or self.wandb_run_id)
@@ -413,21 +452,24 @@ class Trainer:
 
             downstream = DownstreamEvaluator(cfg, self.model, self.tokenizer, self.device)
         tokens_per_step = G * cfg.model.seq_length
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         timer = StepTimer()
         t_start = time.perf_counter()
         last_saved = start if self.resume_path is not None else None
         metrics: dict[str, float] = {}
         for step in range(start, t.train_iters):
-            self.model.zero_grad_buffer()
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
-            if self.table_opt is not None:
-                self.table.zero_grad()
+            for table, _ in self.own_tables:
+                table.zero_grad()
             loss = self._run_schedule(self._train_batches(step), self.num_micro, forward_only=False)
             # the loss and the grad norm are reduced over ranks: every rank takes the same branch
             ok, grad_norm = self._optimizer_step() if math.isfinite(loss) else (False, None)
-            if not math.isfinite(loss) and self.table_opt is not None:
-                self.table.finish_backward()   # collect this step's row gradients: the next zero_grad drops them
+            if not math.isfinite(loss):
+                for table, _ in self.own_tables:
+                    table.finish_backward()   # collect this step's row gradients: the next zero_grad drops them
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
             if ok:
                 self.scheduler.step(increment=G)
@@ -456,8 +498,12 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
             }
             metrics.update(self._aux_metrics(done))
-            if self.table_opt is not None:
-                metrics.update(self.table.pop_stats())
+            if self.own_tables:   # the exchange counters of every chunk's table, added
+                stats = [table.pop_stats() for table, _ in self.own_tables]
+                merged = {k: sum(s[k] for s in stats) for k in stats[0]}
+                if "exchange/unique_ratio" in merged:
+                    merged["exchange/unique_ratio"] = merged["exchange/unique_ids"] / max(1.0, merged["exchange/positions"])
+                metrics.update(merged)
             if done % t.log_interval == 0 or done == t.train_iters:
                 logger.log(done, metrics)
             if t.eval_interval and done % t.eval_interval == 0 and done < t.train_iters:
