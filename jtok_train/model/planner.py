@@ -10,7 +10,10 @@ the stage's W/PP ranks (``parallel.embedding=sharded``: every rank stores ceil(V
 With PP the figures are per stage (the first holds the embedding, the last the final norm, the output layer (a
 copy of the tied embedding) and the logits) and memory reports the stage that needs the most; activations are
 those of the micro-batches a stage holds at its peak under 1F1B (stage r: min(PP - r, n_micro)), and the step
-time adds the pipeline bubble (PP - 1 micro-batch slots, a share (PP - 1)/(n_micro + PP - 1)).
+time adds the pipeline bubble (PP - 1 micro-batch slots, a share (PP - 1)/(n_micro + PP - 1)). With interleaved
+stages (V model chunks per rank, each L/(PP V) layers with their own table) the peak is found by replaying
+Megatron's interleaved schedule (``schedule_events``: forwards of chunk-micro-batches, each chunk weighted by its
+activations, the last stage's last chunk with the logits), and the bubble is (PP - 1)/V micro-batch slots.
 
 Memory per GPU (bytes):
 - backbone parameters per rank: embedding and output layer / TP (vocabulary-parallel), attention and dense MLP
@@ -201,6 +204,7 @@ class Layout:
     emb_world: int          # ranks the sharded tables are split over (the ranks of one pipeline stage)
     sharded: bool
     stage: Optional[int] = None   # the pipeline stage figured (memory_per_rank figures each; None: no PP)
+    vpp: int = 1            # model chunks per rank (interleaved pipeline stages)
 
     @property
     def stage_layers(self) -> int:
@@ -218,9 +222,48 @@ class Layout:
 
     @property
     def in_flight(self) -> int:
-        """Micro-batches whose activations a stage holds at its peak under 1F1B (Megatron: stage r runs pp - r
-        forwards before its first backward), at most the step's micro-batches."""
-        return min(self.pp - (self.stage or 0), self.num_micro)
+        """Forwards whose activations a stage holds at its peak: under 1F1B stage r runs pp - r forwards before
+        its first backward (at most the step's micro-batches); with interleaved stages these are forwards of
+        model chunks, counted by replaying Megatron's schedule (``schedule_events``)."""
+        if self.vpp == 1:
+            return min(self.pp - (self.stage or 0), self.num_micro)
+        return peak_in_flight(schedule_events(self.pp, self.vpp, self.stage or 0, self.num_micro), [1] * self.vpp)
+
+    def chunk_in_flight(self) -> list[int]:
+        """Per model chunk: its micro-batches between their forward and their backward at most."""
+        events = schedule_events(self.pp, self.vpp, self.stage or 0, self.num_micro)
+        return [peak_in_flight(events, [1 if c == k else 0 for c in range(self.vpp)]) for k in range(self.vpp)]
+
+
+def schedule_events(pp: int, vpp: int, stage: int, num_micro: int) -> list[tuple[str, int]]:
+    """The order of a pipeline stage's forward ("F") and backward ("B") passes, with the model chunk each runs,
+    as Megatron-Core's schedules run them (checked on 0.16 and 0.19: ``get_pp_rank_microbatches`` and
+    ``get_schedule_table`` in megatron/core/pipeline_parallel/schedules.py). 1F1B: pp - stage - 1 warm-up
+    forwards, then forward/backward pairs, then the remaining backwards. Interleaved (vpp chunks, micro-batches
+    in groups of pp per chunk): 2 (pp - stage - 1) + (vpp - 1) pp warm-up forwards of chunk-micro-batches; the
+    backward of the k-th chunk-micro-batch runs chunk vpp - 1 - (the k-th forward's chunk)."""
+    if pp == 1:
+        return [e for _ in range(num_micro) for e in (("F", 0), ("B", 0))]
+    if vpp == 1:
+        fwd = [0] * num_micro
+        warm = min(pp - stage - 1, num_micro)
+    else:
+        fwd = [c for g in range(0, num_micro, pp) for c in range(vpp) for _ in range(g, min(g + pp, num_micro))]
+        warm = min(2 * (pp - stage - 1) + (vpp - 1) * pp, len(fwd))
+    bwd = [vpp - 1 - c for c in fwd]
+    events = [("F", c) for c in fwd[:warm]]
+    for i in range(len(fwd) - warm):
+        events += [("F", fwd[warm + i]), ("B", bwd[i])]
+    return events + [("B", c) for c in bwd[len(fwd) - warm:]]
+
+
+def peak_in_flight(events: list[tuple[str, int]], weight: list[float]) -> float:
+    """The most a stage holds at once when a chunk's forward adds ``weight[chunk]`` and its backward frees it."""
+    held = peak = 0.0
+    for kind, c in events:
+        held += weight[c] if kind == "F" else -weight[c]
+        peak = max(peak, held)
+    return peak
 
 
 def layout(cfg: Any, world: int) -> Layout:
@@ -233,10 +276,11 @@ def layout(cfg: Any, world: int) -> Layout:
     if etp is None:
         etp = 1 if ep > 1 else tp
     dp = world // (tp * pp)
+    vpp = int(p.virtual_pipeline_model_parallel_size or 1) if pp > 1 else 1
     return Layout(world=world, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, expert_dp=max(1, world // (ep * etp * pp)),
                   num_micro=t.global_batch_size // (t.micro_batch_size * dp), sequence_parallel=bool(p.sequence_parallel),
                   emb_world=world // pp, sharded=p.embedding == "sharded" and cfg.jtok.variant != "none",
-                  num_layers=cfg.model.num_layers)
+                  num_layers=cfg.model.num_layers, vpp=vpp)
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -342,24 +386,31 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
             fs = m.moe_shared_expert_intermediate_size
             moe -= T * d * B / sp + T * (5 if glu else 2) * fs * B / tp - chunk_in
     per_layer = attn + ffn_norm + mlp + moe + jt
+    # per forward of a model chunk (the whole stage without interleaving): its token ids, masks and table lookup
     once = 17 * T
-    if lay.last_stage:
-        once += 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + (T if tp > 1 else 0)
     if j.variant != "none":
         once += 8 * U + (8 * T if j.variant == "jtok" else 0)
-    layers_saved, working = L * per_layer, 0.0
+    # the last chunk of the last stage: logits, the final norm and the loss
+    head = 4 * T * V / tp + (2 * T * d * Bn + T * d * B) / sp + (T if tp > 1 else 0) if lay.last_stage else 0.0
+    Lc = L // lay.vpp                   # the layers of one model chunk (Megatron recomputes within a chunk)
+    chunk_saved, working = Lc * per_layer, 0.0
     if granularity == "full":
         n = int(m.recompute_num_layers)
         if m.recompute_method == "uniform":
-            chunks, recomputed = math.ceil(L / n), L
+            chunks, recomputed = math.ceil(Lc / n), Lc
         else:                                   # block: the first n layers, one checkpoint each
-            chunks = recomputed = min(n, L)
-        layers_saved = chunks * T * d * B / sp + (L - recomputed) * per_layer
+            chunks = recomputed = min(n, Lc)
+        chunk_saved = chunks * T * d * B / sp + (Lc - recomputed) * per_layer
         working = (n if m.recompute_method == "uniform" else 1) * per_layer
+    per_chunk = [chunk_saved + once + (head if c == lay.vpp - 1 else 0.0) for c in range(lay.vpp)]
+    if lay.vpp == 1:
+        total = lay.in_flight * per_chunk[0]
+    else:
+        total = peak_in_flight(schedule_events(lay.pp, lay.vpp, lay.stage or 0, lay.num_micro), per_chunk)
     return {"per_layer": per_layer, "attention": L * attn, "ffn_norm": L * ffn_norm, "mlp": L * (mlp + moe),
-            "jtok": L * jt, "logits_and_head": once, "saved_by_layers": layers_saved,
-            "recompute_working": working, "per_microbatch": layers_saved + once,
-            "in_flight": lay.in_flight, "total": lay.in_flight * (layers_saved + once)}
+            "jtok": L * jt, "logits_and_head": lay.vpp * once + head, "saved_by_layers": lay.vpp * chunk_saved,
+            "recompute_working": working, "per_microbatch": sum(per_chunk), "per_chunk": per_chunk,
+            "in_flight": lay.in_flight, "total": total}
 
 
 def _row_bytes(cfg: Any) -> int:
@@ -406,8 +457,11 @@ def _memory_of_stage(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
         U = unique_ratio * T_local
         overlap = 1 if cfg.parallel.overlap else 0
         # row gradients of up to (in-flight + 1) micro-batches: a stage adds one's to its shard once the next
-        # has run its backward; with 1F1B up to pp - stage forwards run before the first backward
-        out["exchange_buffers"] = (3 + 2 * overlap + 2 * min(lay.num_micro, lay.in_flight + 1)) * U * _row_bytes(cfg)
+        # has run its backward; with 1F1B up to pp - stage forwards run before the first backward. With
+        # interleaved stages every model chunk has its own table (rows of its layers) and its own count.
+        counts = [lay.in_flight] if lay.vpp == 1 else lay.chunk_in_flight()
+        out["exchange_buffers"] = sum((3 + 2 * overlap + 2 * min(lay.num_micro, c + 1)) * U * _row_bytes(cfg) / lay.vpp
+                                      for c in counts)
     act = activation_bytes(cfg, lay, unique_ratio, flash)
     out["activations"] = act["total"]
     out["recompute_working"] = act["recompute_working"]   # one chunk re-materialised in the backward
@@ -486,17 +540,18 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
     tokens_mb = cfg.model.seq_length * cfg.train.micro_batch_size
     # one stage's share of a micro-batch's compute (its layers; the embedding and head are counted evenly)
     t_c = flops_per_token * tokens_mb / lay.tp / lay.pp / (cl.peak_tflops * 1e12 * cl.mfu)
-    # 1F1B: the pipeline fills and drains, each stage idles (pp - 1) micro-batch slots per step
-    bubble = (lay.pp - 1) / (lay.num_micro + lay.pp - 1)
+    # 1F1B: the pipeline fills and drains, each stage idles (pp - 1) micro-batch slots per step; interleaved
+    # stages fill and drain with chunk slots, 1/vpp of a micro-batch each (Narayanan et al. 2021, sec. 2.2)
+    fill = (lay.pp - 1) * t_c / lay.vpp      # the pipeline bubble (0 without PP)
+    bubble = fill / (lay.num_micro * t_c + fill) if fill else 0.0
     out = {"compute_s_per_microbatch": t_c, "num_microbatches": lay.num_micro, "pipeline_bubble_share": bubble,
-           "pipeline_bubble_s": (lay.pp - 1) * t_c}
+           "pipeline_bubble_s": fill, "virtual_stages": lay.vpp}
     for key in ("dedup", "no_dedup"):
         e = exch[key]
         t_f = _a2a_seconds(e["forward_bytes_per_microbatch"], cl, lay.emb_world)
         t_b = _a2a_seconds(e["backward_bytes_per_microbatch"], cl, lay.emb_world)
         t_x = t_f + t_b
         n = lay.num_micro
-        fill = (lay.pp - 1) * t_c      # the pipeline bubble (0 without PP)
         overlapped = n * t_c + t_f + t_b + (n - 1) * max(0.0, t_x - t_c) + fill
         serial = n * (t_c + t_f) + t_b + fill
         out[key] = {"exchange_s_per_microbatch": t_x, "forward_s": t_f, "backward_s": t_b,
@@ -514,7 +569,7 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
         step = lay.num_micro * (t_c + t_f + t_b)
         out["premix"] = {"exchange_s_per_microbatch": t_f + t_b, "share_of_compute": (t_f + t_b) / t_c,
                          "step_s": step, "exposed_share": (step - lay.num_micro * t_c) / step}
-    out["backbone_step_s"] = (lay.num_micro + lay.pp - 1) * t_c
+    out["backbone_step_s"] = lay.num_micro * t_c + fill
     return out
 
 

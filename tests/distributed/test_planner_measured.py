@@ -221,3 +221,101 @@ def test_planner_per_stage_memory_matches_a_pp2_run(small_dataset, tmp_path):
             _close(st[key], m[key], f"pp2 stage {m['stage']} {key}")
         _close(st["activation_breakdown"]["per_microbatch"], m["activations"], f"pp2 stage {m['stage']} activations")
     assert {rank[0]["stage"] for rank in got} == {0, 1}
+
+
+def _measure_chunks(runs: list[list[str]]) -> list[dict]:
+    """Interleaved stages: the order in which Megatron's schedule runs each model chunk's forwards and backwards
+    (one step), and per rank the live bytes of every chunk together and one forward's activations per chunk."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from jtok_train.config import compose
+    from jtok_train.data.datasets import get_microbatch, microbatch_indices
+    from jtok_train.training.trainer import Trainer
+
+    out = []
+    for overrides in runs:
+        tr = Trainer(compose(overrides))
+        events: list[tuple[str, int]] = []
+        forward_step = tr._forward_step
+        chunk_of = {id(c): v for v, c in enumerate(tr.chunks)}
+
+        def logged_forward(data_iterator, model):
+            events.append(("F", chunk_of[id(model)]))
+            return forward_step(data_iterator, model)
+
+        tr._forward_step = logged_forward
+        for v, m in enumerate(tr.unwrapped_chunks):   # a chunk's backward reaches its layers' input last
+            m.decoder.register_full_backward_hook(lambda mod, gi, go, v=v: events.append(("B", v)))
+        tr.fit()
+        params = [p for c in tr.chunks for p in c.parameters()]
+        opt_tensors = []
+        for o in getattr(tr.optimizer, "chained_optimizers", [tr.optimizer]):
+            for state in o.optimizer.state.values():
+                opt_tensors += [v for v in state.values() if torch.is_tensor(v)]
+        rec = {
+            "stage": ps.get_pipeline_model_parallel_rank(),
+            "events": events[: 2 * len(tr.chunks) * tr.num_micro],   # the training step's (then the validation)
+            "params": _nbytes(params),
+            "grads": _nbytes(b.grad_data for c in tr.chunks for b in c.buffers + c.expert_parallel_buffers),
+            "optimizer": _nbytes(opt_tensors),
+            "table": _nbytes([t.shard for t, _ in tr.own_tables]),
+            "table_grad": _nbytes([x for t, _ in tr.own_tables for x in (t.shard_grad, t.touched)]),
+            "table_optimizer": _nbytes([x for _, o in tr.own_tables for x in (o.exp_avg, o.exp_avg_sq, o.steps)]),
+            "activations": [],
+        }
+        cfg = tr.cfg
+        batch = get_microbatch(tr.train_ds, microbatch_indices(0, 0, tr.dp_rank, tr.dp_size,
+                                                               cfg.train.micro_batch_size, cfg.train.global_batch_size))
+        weights = {p.untyped_storage().data_ptr() for p in params} | \
+            {t.shard.untyped_storage().data_ptr() for t, _ in tr.own_tables}
+        for chunk, m in zip(tr.chunks, tr.unwrapped_chunks):
+            saved: dict[int, Any] = {}
+
+            def pack(x):
+                st = x.untyped_storage()
+                if st.data_ptr() not in weights:
+                    saved[st.data_ptr()] = st
+                return x
+
+            chunk.train()
+            if not m.pre_process:
+                mc = cfg.model
+                m.set_input_tensor(torch.randn(mc.seq_length, cfg.train.micro_batch_size, mc.hidden_size,
+                                               requires_grad=True))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                out_ = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            rec["activations"].append(sum(st.nbytes() for st in saved.values()))
+            m.token_table._in_backward.clear()
+            del out_
+        out.append(rec)
+    return out
+
+
+@pytest.mark.slow
+def test_planner_interleaved_stages_match_a_vpp2_run(small_dataset, tmp_path):
+    """PP 2 x 2 virtual stages on 2 ranks (4 layers, MoE + JTok-M, sharded tables per chunk, fp32): the order of
+    forwards and backwards per model chunk that the planner replays equals the one Megatron's interleaved
+    schedule runs; each rank's parameters, gradients, optimizer states, tables and table optimizer (all chunks)
+    and each chunk's activations of one forward against the planner's figures for that stage and chunk."""
+    runs = [tiny_overrides(small_dataset, str(tmp_path / "vpp2"), **{
+        "parallel.embedding": "sharded", "train.train_iters": 1, "model.num_layers": 4,
+        "parallel.pipeline_model_parallel_size": 2, "parallel.virtual_pipeline_model_parallel_size": 2})]
+    got = run_distributed(_measure_chunks, 2, runs, timeout=900)
+    plan = run_distributed(_plans, 1, runs, small_dataset["prefix"], 2, timeout=300)[0][0]
+    from jtok_train.model.planner import schedule_events
+
+    mem, n = plan["memory"], plan["layout"]["num_micro"]
+    assert n == 4 and len(mem["stages"]) == 2 and mem["total"] == max(mem["per_stage"])
+    # Megatron: rank 0 runs 2 (PP - 1) + (V - 1) PP = 4 warm-up forwards, rank 1 two: 5 and 3 in flight
+    assert [st["activation_breakdown"]["in_flight"] for st in mem["stages"]] == [5, 3]
+    assert plan["timing"]["pipeline_bubble_share"] == pytest.approx(0.5 / (n + 0.5))   # (PP - 1) / V slots
+    for rank in got:
+        m = rank[0]
+        assert m["events"] == schedule_events(2, 2, m["stage"], n), (m["stage"], m["events"])
+        st = mem["stages"][m["stage"]]
+        for key in ("params", "grads", "optimizer", "table", "table_grad", "table_optimizer"):
+            _close(st[key], m[key], f"vpp2 stage {m['stage']} {key}")
+        for v, measured in enumerate(m["activations"]):
+            _close(st["activation_breakdown"]["per_chunk"][v], measured, f"vpp2 stage {m['stage']} chunk {v} activations")
+    assert {rank[0]["stage"] for rank in got} == {0, 1}
