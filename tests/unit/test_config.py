@@ -118,13 +118,26 @@ def test_recompute_settings_reach_megatron():
 
 
 def test_pipeline_layouts_that_cannot_work_are_refused():
-    """Full recompute of JTok layers under PP (the replayed rows' gradients have no join on later stages) is
-    refused at config time, naming the key and the fix; a PP layout that divides the layers is accepted."""
-    base = ["model=tiny", "jtok=jtokm", "parallel.pipeline_model_parallel_size=2"]
+    """A PP layout that divides the layers is accepted, with full recompute of JTok layers too; interleaved
+    stages need PP > 1, PP x VPP dividing the layers and a micro-batch count the interleaved schedule takes
+    (a multiple of PP): each refusal names the key and the fix."""
+    base = ["model=tiny", "jtok=jtokm", "parallel.pipeline_model_parallel_size=2"]    # tiny: 4 layers
     validate(compose(base))
-    with pytest.raises(ConfigError, match=r"model\.recompute_granularity='full'.*use selective"):
-        validate(compose(base + ["model.recompute_granularity=full", "model.recompute_method=uniform",
-                                 "model.recompute_num_layers=1"]))
-    validate(compose(["model=tiny", "jtok=none", "parallel.pipeline_model_parallel_size=2",
-                      "model.recompute_granularity=full", "model.recompute_method=uniform",
-                      "model.recompute_num_layers=1"]))
+    validate(compose(base + ["model.recompute_granularity=full", "model.recompute_method=uniform",
+                             "model.recompute_num_layers=1"]))
+    vpp = base + ["parallel.virtual_pipeline_model_parallel_size=2", "train.micro_batch_size=2",
+                  "train.global_batch_size=8", "train.eval_samples=8"]
+    validate(compose(vpp), world_size=2)            # 4 micro-batches per step on each of the 2 stages
+    with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_model_parallel_size=3 is invalid: pipeline "
+                                          r"stages x virtual stages = 2 x 3 must divide model\.num_layers=4"):
+        validate(compose(base + ["parallel.virtual_pipeline_model_parallel_size=3"]))
+    with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_model_parallel_size=0 is invalid"):
+        validate(compose(base + ["parallel.virtual_pipeline_model_parallel_size=0"]))
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size=6 is invalid: gives 3 micro-batches per step; "
+                                          r"the interleaved pipeline needs a multiple of .*=2: make it a multiple of 4"):
+        validate(compose(vpp + ["train.global_batch_size=6"]), world_size=2)
+    with pytest.raises(ConfigError, match=r"train\.eval_samples=2 is invalid: gives 1 micro-batches"):
+        validate(compose(vpp + ["train.eval_samples=2"]), world_size=2)
+    with pytest.raises(ConfigError, match=r"virtual_pipeline_model_parallel_size=2 is invalid: interleaved stages "
+                                          r"need parallel\.pipeline_model_parallel_size > 1"):
+        validate(compose(["model=tiny", "parallel.virtual_pipeline_model_parallel_size=2"]))
