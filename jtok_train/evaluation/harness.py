@@ -3,11 +3,9 @@
     jtok-lm-eval --model jtok --model_args checkpoint=runs/demo --tasks demo_cloze
     python -m jtok_train.evaluation.harness run --model jtok --model_args checkpoint=runs/demo --tasks arc_easy
 
-lm-eval 0.4 finds models only among the modules it imports itself (its registry reads no package entry
-points), so the plain ``lm_eval`` command cannot see ``jtok``; this one is ``lm_eval`` after
-``import jtok_train.evaluation``. Every lm-eval option works; without ``--include_path`` it points at
-jtok-train's task directory. From Python: ``import jtok_train.evaluation``, then
-``lm_eval.simple_evaluate(model="jtok", ...)``.
+The stock ``lm_eval`` command knows ``--model jtok`` too (jtok-train's install registers it at start-up:
+``jtok_train/_lm_eval_hook.py``); this one differs only in pointing ``--include_path`` at jtok-train's task
+directory when none is given. Every lm-eval option works.
 """
 
 from __future__ import annotations

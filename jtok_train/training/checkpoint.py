@@ -662,9 +662,10 @@ def load_checkpoint(trainer: Any, path: Path | str) -> dict:
     now = optimizer_layout(trainer.cfg).get("model_parallel")
     was = saved_layout.get("model_parallel")
     if saved_layout.get("format") == "dp_reshardable" and was is not None and was != now:
-        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at TP/PP/EP[/VPP] = "
+        what = "TP/PP/EP/VPP" if max(len(was), len(now)) > 3 else "TP/PP/EP"
+        raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at {what} = "
                               f"{'/'.join(map(str, was))}, which reshards over data parallelism only: resume at "
-                              f"TP/PP/EP[/VPP] = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
+                              f"{what} = {'/'.join(map(str, was))} (now {'/'.join(map(str, now))}), or save with "
                               "train.ckpt_optim_format=fully_reshardable")
     state = _state(trainer, is_loading=True, rng=rng, layout=saved_layout)
     loaded, missing, unexpected = load_sharded_state(state, path, "this model")

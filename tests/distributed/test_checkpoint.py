@@ -367,6 +367,27 @@ def test_pipeline_checkpoints_reshard_pp2_to_pp1_and_pp1_to_pp2(cell, small_data
     assert len(got["pp2_to_pp1"]) == 2 and got["pp2_to_pp1"] == pytest.approx(got["pp1_to_pp2"], rel=2e-2)
 
 
+VPP2 = {**PP2, "parallel.virtual_pipeline_model_parallel_size": 2}
+
+
+def test_interleaved_checkpoints_reshard_vpp2_to_pp1_and_pp1_to_vpp2(small_dataset, tmp_path):
+    """Interleaved stages (PP 2 x 2 virtual stages, 4 layers; bf16, distributed optimizer, sharded tables): each
+    model chunk stores its layers and table layers under the same global keys, so a PP 2 x VPP 2 checkpoint loads
+    at PP 1 and a PP 1 checkpoint at PP 2 x VPP 2, every weight, table row, moment and step as saved."""
+    extra = {**PRODUCTION, "train.ckpt_optim_format": "fully_reshardable", "model.num_layers": 4}
+    for name, (w_save, save_pp, w_load, load_pp) in {"vpp2_to_pp1": (2, VPP2, 1, {}),
+                                                      "pp1_to_vpp2": (1, {}, 2, VPP2)}.items():
+        src = tmp_path / name
+        saved = run_distributed(_save_at_3, w_save, small_dataset, str(src), {**extra, **save_pp}, timeout=900)[0]
+        ckpt = str(src / "checkpoints" / "step_0000003")
+        loaded = run_distributed(_load_and_finish, w_load, small_dataset, str(tmp_path / f"{name}_load"), ckpt,
+                                 {**extra, **load_pp}, timeout=900)[0]
+        _same_state(saved["state"], loaded["state"], extra)
+        assert saved["state"]["model/module.decoder.layers.self_attention.linear_qkv.weight"].shape[0] == 4
+        assert any(k.startswith("extra/table_optimizer/") for k in saved["state"]), name
+        assert len(loaded["losses"]) == 2
+
+
 def _dp_reshardable_pp_change(data: dict, root: str) -> str:
     from jtok_train.config import compose
     from jtok_train.training.errors import CheckpointError

@@ -164,15 +164,23 @@ def test_generate_until_equals_jtok_generate(jtokm_run, checks):
 
 @pytest.mark.slow
 def test_lm_eval_cli_and_jtok_eval_on_demo_cloze(jtokm_run, checks, tmp_path):
-    """lm-eval's own CLI with --model jtok, and jtok-eval: both report the accuracy of the direct scoring."""
-    proc = _cli("jtok_train.evaluation.harness", "--model", "jtok", "--model_args", f"checkpoint={jtokm_run}",
-                "--tasks", "demo_cloze", "--limit", str(CLOZE_LIMIT), "--batch_size", "4",
-                "--output_path", str(tmp_path / "lm_eval"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "demo_cloze" in proc.stdout and "acc" in proc.stdout
-    (res_file,) = list((tmp_path / "lm_eval").rglob("results_*.json"))
-    acc = json.loads(res_file.read_text())["results"]["demo_cloze"]["acc,none"]
-    assert acc == pytest.approx(checks["cloze_acc"], abs=1e-12)
+    """The stock `lm_eval --model jtok` (no jtok-train import: the installed .pth registers the model),
+    jtok-lm-eval (which adds the task directory itself) and jtok-eval: all report the accuracy of the direct
+    scoring."""
+    from jtok_train.evaluation import TASKS_DIR
+
+    common = ["--model", "jtok", "--model_args", f"checkpoint={jtokm_run}", "--tasks", "demo_cloze",
+              "--limit", str(CLOZE_LIMIT), "--batch_size", "4"]
+    for name, proc in [
+            ("stock", _cli("lm_eval", *common, "--include_path", str(TASKS_DIR),
+                           "--output_path", str(tmp_path / "stock"))),
+            ("jtok-lm-eval", _cli("jtok_train.evaluation.harness", *common,
+                                  "--output_path", str(tmp_path / "jtok-lm-eval")))]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "demo_cloze" in proc.stdout and "acc" in proc.stdout
+        (res_file,) = list((tmp_path / name).rglob("results_*.json"))
+        acc = json.loads(res_file.read_text())["results"]["demo_cloze"]["acc,none"]
+        assert acc == pytest.approx(checks["cloze_acc"], abs=1e-12), name
 
     proc = _cli("jtok_train.cli.eval", f"checkpoint={jtokm_run}", "tasks=demo_cloze", f"limit={CLOZE_LIMIT}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -193,7 +201,7 @@ def _samples(out_dir: Path) -> dict[int, list[float]]:
 @pytest.mark.slow
 def test_stock_lm_eval_hf_on_the_export_scores_like_jtok(small_dataset, tmp_path):
     """The plain `lm_eval --model hf` (no jtok-train import) on jtok-export's output: every choice's
-    log-likelihood equals jtok-lm-eval's on the checkpoint within 1e-4 (the exported logits are within 1e-5 of
+    log-likelihood equals `lm_eval --model jtok`'s on the checkpoint within 1e-4 (the exported logits are within 1e-5 of
     Megatron's, tests/e2e/test_export.py; a continuation sums up to ~50 tokens), so the accuracies are the same.
     Sequences of 256 tokens, so that lm-eval's HF model (which refuses a continuation longer than the model) takes
     every demo_cloze item."""
@@ -208,8 +216,8 @@ def test_stock_lm_eval_hf_on_the_export_scores_like_jtok(small_dataset, tmp_path
     stock = _cli("lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},trust_remote_code=True,dtype=float32",
                  "--device", "cpu", "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path / "stock"), *common)
     assert stock.returncode == 0, stock.stderr[-3000:]
-    ours = _cli("jtok_train.evaluation.harness", "--model", "jtok", "--model_args", f"checkpoint={jtokm_run}",
-                "--output_path", str(tmp_path / "jtok"), *common)
+    ours = _cli("lm_eval", "--model", "jtok", "--model_args", f"checkpoint={jtokm_run}",
+                "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path / "jtok"), *common)
     assert ours.returncode == 0, ours.stderr[-3000:]
     a, b = _samples(tmp_path / "stock"), _samples(tmp_path / "jtok")
     assert sorted(a) == sorted(b) == list(range(CLOZE_LIMIT))

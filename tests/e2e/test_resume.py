@@ -139,10 +139,14 @@ def test_sigkill_at_20_random_points(small_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_sigkill_resumes_exactly(small_dataset, tmp_path):
-    """Pipeline parallelism (2 stages, sharded JTok-M tables of each stage's layers): both ranks SIGKILLed at a
-    random step, resumed: bitwise the uninterrupted PP 2 run (weights, tables, moments, RNG, every loss)."""
+@pytest.mark.parametrize("stages", ["pp2", "pp2_vpp2"])
+def test_pp2_sigkill_resumes_exactly(stages, small_dataset, tmp_path):
+    """Pipeline parallelism (2 stages, sharded JTok-M tables of each stage's layers; and 2 interleaved virtual
+    stages per rank, 4 layers): both ranks SIGKILLed at a random step, resumed: bitwise the uninterrupted run
+    (weights, tables, moments, RNG, every loss)."""
     extra = {"parallel.pipeline_model_parallel_size": 2, "parallel.embedding": "sharded"}
+    if stages == "pp2_vpp2":
+        extra.update({"parallel.virtual_pipeline_model_parallel_size": 2, "model.num_layers": 4})
     ref = tmp_path / "ref"
     assert _wait(_launch(2, _args(small_dataset, ref, **extra), ref)) == [0, 0]
     run = tmp_path / "run"
