@@ -211,15 +211,17 @@ def _loaded_vs_raw(run: str, out: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "jtokm_moe_ep2", "jtokm_moe_pp2", "backbone_dense"])
+@pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "jtokm_moe_ep2", "jtokm_moe_pp2_vpp2", "backbone_dense"])
 def test_cli_other_checkpoints(small_dataset, tmp_path, kind):
     """Checkpoints saved on 2 ranks (dense JTok with tables sharded over them; MoE + JTok-M with experts split
-    over them; MoE + JTok-M in 2 pipeline stages, each with its layers' sharded tables) load at world size 1;
-    the backbone alone generates too."""
+    over them; MoE + JTok-M, 4 layers in 2 pipeline stages of 2 interleaved model chunks each, every chunk with
+    its layers' sharded tables) load at world size 1; the backbone alone generates too."""
     run = tmp_path / "run"
-    if kind == "jtokm_moe_pp2":
+    if kind == "jtokm_moe_pp2_vpp2":
         _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true", "parallel.embedding": "sharded",
-                                                          "parallel.pipeline_model_parallel_size": 2}), nproc=2)
+                                                          "parallel.pipeline_model_parallel_size": 2,
+                                                          "parallel.virtual_pipeline_model_parallel_size": 2,
+                                                          "model.num_layers": 4}), nproc=2)
     elif kind == "backbone_dense":
         _train(tiny_overrides(small_dataset, str(run), dense=True, jtok="none", **{"train.save": "true"}))
     elif kind == "jtokm_moe_ep2":
