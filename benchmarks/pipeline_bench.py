@@ -1,5 +1,6 @@
 """Pipeline parallelism on 2 CPU ranks, side by side: PP 1 (the 2 ranks data-parallel) vs PP 2 (one stage per
-rank), MoE + JTok-M with sharded tables, the same global batch; step time and rows exchanged per rank and step.
+rank) vs PP 2 with 3 interleaved virtual stages (the bench config's 6 layers: one per model chunk), MoE + JTok-M
+with sharded tables, the same global batch; step time and rows exchanged per rank and step.
 
     .venv/bin/python benchmarks/pipeline_bench.py                   # bench config, 8 steps, 2 repeats
     .venv/bin/python benchmarks/pipeline_bench.py --steps 6 --repeats 1 --configs tiny
@@ -22,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.exchange_bench import interleaved_runs  # noqa: E402
 
-VARIANTS = {"pp1_dp2": [], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+VARIANTS = {"pp1_dp2": [], "pp2": ["parallel.pipeline_model_parallel_size=2"],
+            "pp2_vpp3": ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=3"]}
 COMMON = ["jtok=jtokm", "parallel.embedding=sharded"]
 
 
@@ -35,16 +37,24 @@ def _run(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     out = []
     for config, variant, overrides in runs:
         tr = Trainer(compose(overrides))
-        history: list[dict] = []
-        pop = tr.table.pop_stats
-        tr.table.pop_stats = lambda: history.append(pop()) or history[-1]
+        history: list[dict] = []      # per step: the exchange counters of every model chunk's table, added
+        pending: list[dict] = []
+        for table, _ in tr.own_tables:
+            def logged(pop=table.pop_stats):
+                stats = pop()
+                pending.append(stats)
+                if len(pending) == len(tr.own_tables):
+                    history.append({k: sum(p[k] for p in pending) for k in pending[0]})
+                    pending.clear()
+                return stats
+            table.pop_stats = logged
         tr.fit()
         rows = [json.loads(x) for x in (Path(tr.run_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step_time_s"] for r in rows if "step_time_s" in r][2:]
         out.append({"config": config, "variant": variant, "step_time_s": steps,
                     "rows_requested": statistics.median(h["exchange/rows_requested"] for h in history),
                     "bytes_sent": statistics.median(h["exchange/bytes_sent"] for h in history),
-                    "row_layers": tr.table.num_layers})
+                    "row_layers": tr.table.num_layers})   # a chunk's (all chunks hold as many)
         dist.barrier()
     return out
 

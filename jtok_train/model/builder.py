@@ -60,9 +60,13 @@ class JTokGPTModel(GPTModel):
                 rows = replace(rows, unique_rows=unique_rows, replay_sink=sink)
         self.token_context.current = rows
         try:
-            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+            out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self.token_context.current = None
+        advance = getattr(self.token_table, "advance", None)
+        if advance is not None:   # this forward is enqueued: move the next micro-batch's exchange on
+            advance()
+        return out
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -165,7 +169,7 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
     if p.embedding == "sharded" and device != "meta":
         from megatron.core import parallel_state as ps
 
-        from jtok_train.parallel.groups import embedding_parallel_group
+        from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
         from jtok_train.parallel.sharded_table import ShardedTokenTable
 
         tp = ps.get_tensor_model_parallel_world_size()
@@ -177,6 +181,7 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
             num_sets=j.num_sets,
             hidden_size=m.hidden_size,
             group=embedding_parallel_group(),
+            id_group=embedding_parallel_host_group(),
             seed=j.table_seed,
             init_std=j.table_init_std,
             dedup=p.dedup,

@@ -2,14 +2,22 @@
 
 Per micro-batch (DESIGN.md, "The sharded token table"):
 
-    token ids -> DedupPlan (unique ids, inverse index, split counts by owner)
-      -> all_to_all_single(counts) -> all_to_all_single(ids)           small, synchronous
-      -> owners gather their rows  -> all_to_all_single(rows)          the bulk: asynchronous
+    host token ids -> DedupPlan on the host (unique ids, inverse index, owners, split counts; numpy)
+      -> all_to_all_single(counts), all_to_all_single(ids)     small, on a host (gloo) group: no device sync
+      -> owners gather their rows  -> all_to_all_single(rows)  the bulk, on the device group: asynchronous
     backward: d(unique rows) -> all_to_all_single(grads)  (asynchronous) -> owners accumulate
 
-Only ``all_to_all_single`` is used (NCCL and gloo both have it). A ``RowLookup`` walks through a small
-state machine and asserts the call order, so a schedule bug (waiting twice, consuming rows before they
-arrived, a second backward) fails loudly instead of corrupting the tables.
+Nothing in this path reads a device tensor back to the host: the plan is built from the host batch before its
+copy to the device, the counts and ids travel between hosts, and the owner-side indices (which shard rows each
+requester asked for, and their unique set for the gradient sum) are computed once per lookup on the host and
+reused by the backward. ``tests/distributed/test_sharded_table.py`` counts device reads in this path (0).
+
+A lookup runs in three phases so that the host never waits on the exchange before handing micro-batch i to
+the schedule: ``start`` (plan, counts sent; at prefetch, before forward i), ``advance`` (counts and ids
+received, rows gathered and sent; called by the model after its forward i has been enqueued), ``wait_rows``
+(at the lookup of micro-batch i + 1). Only ``all_to_all_single`` is used (NCCL and gloo both have it). A
+``RowLookup`` walks through a small state machine and asserts the call order, so a schedule bug (waiting twice,
+consuming rows before they arrived, a second backward) fails loudly instead of corrupting the tables.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,29 +35,52 @@ from torch import Tensor
 from jtok_kernels.ops import segment_sum
 from jtok_train.parallel.placement import RowPlacement
 
-__all__ = ["DedupPlan", "make_plan", "ExchangeStats", "SideStream", "CudaStreams", "RowLookup", "exchange_ids"]
+__all__ = ["DedupPlan", "make_plan", "host_ids", "ExchangeStats", "SideStream", "CudaStreams", "RowLookup"]
 
 
 @dataclass
 class DedupPlan:
-    """What one rank asks for in one micro-batch."""
+    """What one rank asks for in one micro-batch: built on the host (numpy), with the device copies the
+    compute needs made once."""
 
-    unique_ids: Tensor      # [U] ids to fetch (sorted unique ids; all positions' ids without dedup)
-    inverse: Tensor         # [T] position -> index into unique_ids
-    order: Tensor           # [U] indices into unique_ids, grouped by owner rank (the send order)
-    send_counts: list[int]  # ids sent to each owner
+    host_unique_ids: np.ndarray   # [U] ids to fetch (sorted unique ids; all positions' ids without dedup)
+    host_order: np.ndarray        # [U] indices into unique_ids, grouped by owner rank (the send order)
+    send_counts: list[int]        # ids sent to each owner
     num_positions: int
+    unique_ids: Tensor            # device copies: the unique ids, the inverse index [T] (position -> index into
+    inverse: Tensor               # unique_ids) and the send order
+    order: Tensor
 
 
-def make_plan(flat_ids: Tensor, placement: RowPlacement, dedup: bool = True) -> DedupPlan:
+def host_ids(ids: "Tensor | np.ndarray") -> np.ndarray:
+    """A host batch's token ids as numpy (a CPU tensor's view, no copy). A device tensor is refused: the plan
+    must be built before the batch is copied to the device (reading it back would stall the host)."""
+    if isinstance(ids, np.ndarray):
+        return ids
+    if ids.device.type != "cpu":
+        raise ValueError(f"the exchange plans on the host: pass the micro-batch's token ids before their copy to "
+                         f"{ids.device} (got a {ids.device.type} tensor)")
+    return ids.numpy()
+
+
+def make_plan(flat_ids: "Tensor | np.ndarray", placement: RowPlacement, dedup: bool = True,
+              device: "torch.device | str" = "cpu") -> DedupPlan:
+    """The plan of one micro-batch from its host ids (positions in the hidden states' [s, b] order)."""
+    ids = host_ids(flat_ids)
     if dedup:
-        unique_ids, inverse = torch.unique(flat_ids, sorted=True, return_inverse=True)
+        unique_ids, inverse = np.unique(ids, return_inverse=True)   # sorted, as torch.unique(sorted=True)
     else:
-        unique_ids, inverse = flat_ids, torch.arange(flat_ids.numel(), device=flat_ids.device)
-    owner = placement.owner(unique_ids.cpu())
-    order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=placement.world_size).tolist()
-    return DedupPlan(unique_ids, inverse, order.to(flat_ids.device), counts, flat_ids.numel())
+        unique_ids, inverse = ids, np.arange(ids.size)
+    owner = placement.owner_host(unique_ids)
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=placement.world_size).tolist()
+    dev = torch.device(device)
+
+    def to_dev(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev, non_blocking=True)
+
+    return DedupPlan(unique_ids, order, counts, int(ids.size), to_dev(unique_ids), to_dev(inverse.reshape(-1)),
+                     to_dev(order))
 
 
 @dataclass
@@ -145,28 +177,18 @@ def _a2a(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], 
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
 
-def exchange_ids(plan: DedupPlan, placement: RowPlacement, group, bad_ids: str | None) -> tuple[list[int], Tensor]:
-    """Counts then ids. A rank with invalid ids sends -1 counts, so every rank raises instead of hanging."""
-    world = placement.world_size
-    device = plan.unique_ids.device
-    counts = torch.tensor(plan.send_counts if bad_ids is None else [-1] * world, dtype=torch.int64, device=device)
-    recv = torch.empty(world, dtype=torch.int64, device=device)
-    _a2a(recv, counts, [1] * world, [1] * world, group, async_op=False)
-    recv_counts = recv.tolist()  # host split sizes (on CUDA this syncs the side stream only)
-    if bad_ids is not None:
-        raise ValueError(bad_ids)
-    if any(c < 0 for c in recv_counts):
-        peers = [r for r, c in enumerate(recv_counts) if c < 0]
-        raise ValueError(f"token ids outside the vocabulary on rank(s) {peers} of the embedding-parallel group "
-                         f"(see that rank's error); no rows were exchanged")
-    send_ids = plan.unique_ids.index_select(0, plan.order)
-    recv_ids = torch.empty(sum(recv_counts), dtype=send_ids.dtype, device=device)
-    _a2a(recv_ids, send_ids, recv_counts, plan.send_counts, group, async_op=False)
-    return recv_counts, recv_ids
+def _host_a2a(out: np.ndarray, inp: np.ndarray, out_splits: list[int], in_splits: list[int], group):
+    """An all-to-all of host (numpy) buffers on the host group, started asynchronously; the result lands in
+    ``out`` (torch's views of the numpy memory, so nothing is read back through a tensor)."""
+    return dist.all_to_all_single(torch.from_numpy(out), torch.from_numpy(inp), out_splits, in_splits,
+                                  group=group, async_op=True)
 
 
 class RowLookup:
-    """One micro-batch's exchange. States: started -> rows_ready -> grads_sent -> done."""
+    """One micro-batch's exchange. States: ids_sent -> rows_sent -> rows_ready -> grads_sent -> done.
+
+    ``group``: the device group the rows and row gradients travel on; ``id_group``: a host (gloo) group over the
+    same ranks for the counts and ids (the same group on CPU)."""
 
     def __init__(
         self,
@@ -178,44 +200,85 @@ class RowLookup:
         stream: SideStream,
         stats: ExchangeStats,
         bad_ids: str | None = None,
+        id_group=None,
     ):
         self.plan, self.placement, self.group, self.rank = plan, placement, group, rank
-        self.stream, self.stats = stream, stats
+        self.id_group = id_group if id_group is not None else group
+        self.shard, self.stream, self.stats, self.bad_ids = shard, stream, stats, bad_ids
         self.state = "new"
         row_shape = tuple(shard.shape[1:])
-        self.row_bytes = shard.element_size() * int(torch.tensor(row_shape).prod())
-        # compute -> side: the plan (made on the compute stream) and the shard (the optimizer writes it there)
-        with stream.run(plan.unique_ids, plan.order, shard):
-            self.recv_counts, self.recv_ids = exchange_ids(plan, placement, group, bad_ids)
-            served = shard.index_select(0, placement.local_row(self.recv_ids.cpu()).to(shard.device))
-            self.rows = torch.empty((len(plan.unique_ids), *row_shape), dtype=shard.dtype, device=shard.device)
-            self.work = _a2a(self.rows, served, plan.send_counts, self.recv_counts, group, async_op=True)
-            self._served = served   # keep the send buffer alive until the collective completed
-        remote_req = sum(c for r, c in enumerate(plan.send_counts) if r != rank)
-        remote_srv = sum(c for r, c in enumerate(self.recv_counts) if r != rank)
-        id_bytes = plan.unique_ids.element_size()
-        stats.positions += plan.num_positions
-        stats.unique_ids += len(plan.unique_ids)
-        stats.rows_requested += len(plan.unique_ids)
-        stats.rows_remote += remote_req
-        stats.rows_served += len(self.recv_ids)
-        stats.bytes_sent += remote_req * id_bytes + remote_srv * self.row_bytes
-        stats.bytes_received += remote_srv * id_bytes + remote_req * self.row_bytes
-        stats.lookups += 1
-        self.state = "started"
+        self.row_bytes = shard.element_size() * int(np.prod(row_shape))
+        world = placement.world_size
+        # a rank with invalid ids sends -1 counts, so every rank raises instead of hanging
+        self._send_counts = np.array(plan.send_counts if bad_ids is None else [-1] * world, dtype=np.int64)
+        self._recv_counts = np.empty(world, dtype=np.int64)
+        self.work = _host_a2a(self._recv_counts, self._send_counts, [1] * world, [1] * world, self.id_group)
+        self.state = "ids_sent"
 
     def _expect(self, state: str, action: str) -> None:
         if self.state != state:
             raise RuntimeError(f"token-row exchange: cannot {action} in state {self.state!r} (expected {state!r})")
 
+    def advance(self) -> None:
+        """Receive the counts and the ids asked of this rank, gather those rows and start sending them. The
+        owner-side indices are kept for the backward. Nothing here waits on the device."""
+        self._expect("ids_sent", "advance")
+        plan, placement = self.plan, self.placement
+        t0 = time.perf_counter()
+        self.work.wait()
+        recv_counts = self._recv_counts.tolist()
+        if self.bad_ids is not None:
+            raise ValueError(self.bad_ids)
+        if any(c < 0 for c in recv_counts):
+            peers = [r for r, c in enumerate(recv_counts) if c < 0]
+            raise ValueError(f"token ids outside the vocabulary on rank(s) {peers} of the embedding-parallel group "
+                             f"(see that rank's error); no rows were exchanged")
+        self.recv_counts = recv_counts
+        send_ids = np.ascontiguousarray(plan.host_unique_ids[plan.host_order], dtype=np.int64)
+        recv_ids = np.empty(sum(recv_counts), dtype=np.int64)
+        _host_a2a(recv_ids, send_ids, recv_counts, plan.send_counts, self.id_group).wait()
+        self.stats.wait_s += time.perf_counter() - t0
+        self.recv_ids = recv_ids
+        # owner side, once: the shard rows each requester asked for, and their unique set for the gradient sum
+        local = placement.local_row_host(recv_ids)
+        uniq, inv = np.unique(local, return_inverse=True)
+        dev = self.shard.device
+        self.served_rows = torch.from_numpy(local).to(dev, non_blocking=True)
+        self.grad_rows = torch.from_numpy(uniq).to(dev, non_blocking=True)
+        self.grad_segments = torch.from_numpy(inv.reshape(-1)).to(dev, non_blocking=True)
+        self.touched_rows, self.host_touched_rows = self.grad_rows, uniq
+        shard, row_shape = self.shard, tuple(self.shard.shape[1:])
+        # compute -> side: the device indices (copied on the compute stream) and the shard (the optimizer writes
+        # it there)
+        with self.stream.run(self.served_rows, plan.order, shard):
+            served = shard.index_select(0, self.served_rows)
+            self.rows = torch.empty((len(plan.host_unique_ids), *row_shape), dtype=shard.dtype, device=dev)
+            self.work = _a2a(self.rows, served, plan.send_counts, recv_counts, self.group, async_op=True)
+            self._served = served   # keep the send buffer alive until the collective completed
+        stats = self.stats
+        remote_req = sum(c for r, c in enumerate(plan.send_counts) if r != self.rank)
+        remote_srv = sum(c for r, c in enumerate(recv_counts) if r != self.rank)
+        id_bytes = 8
+        stats.positions += plan.num_positions
+        stats.unique_ids += len(plan.host_unique_ids)
+        stats.rows_requested += len(plan.host_unique_ids)
+        stats.rows_remote += remote_req
+        stats.rows_served += len(recv_ids)
+        stats.bytes_sent += remote_req * id_bytes + remote_srv * self.row_bytes
+        stats.bytes_received += remote_srv * id_bytes + remote_req * self.row_bytes
+        stats.lookups += 1
+        self.state = "rows_sent"
+
     def wait_rows(self) -> Tensor:
         """Rows of the unique ids [U, ...] in unique-id order (on the compute stream)."""
-        self._expect("started", "wait for rows")
+        if self.state == "ids_sent":
+            self.advance()
+        self._expect("rows_sent", "wait for rows")
         t0 = time.perf_counter()
         self.work.wait()
         self.stats.wait_s += time.perf_counter() - t0
-        # side -> compute: the received rows, and the requesters' ids (read again when gradients are added)
-        self.stream.handoff(self.rows, self.recv_ids)
+        # side -> compute: the received rows
+        self.stream.handoff(self.rows)
         rows = torch.empty_like(self.rows)
         rows[self.plan.order] = self.rows          # owner-grouped order -> unique-id order
         self.work, self._served, self.rows = None, None, None
@@ -244,14 +307,14 @@ class RowLookup:
         self.work.wait()
         self.stats.wait_s += time.perf_counter() - t0
         self.stream.handoff(self.grad_recv)   # side -> compute: the gradients received for owned rows
-        rows = self.placement.local_row(self.recv_ids.cpu()).to(shard_grad.device)
         # An owned row is asked for by up to W requesters: sum its gradients per row first, in a fixed order
         # (segment_sum: a deterministic kernel on GPU, where index_add_ with repeated rows uses atomics), then
-        # add each row once.
-        uniq, inv = torch.unique(rows, return_inverse=True)
-        grads = self.grad_recv.to(shard_grad.dtype).reshape(len(rows), -1)
-        summed = segment_sum(grads, inv, len(uniq)).view(len(uniq), *shard_grad.shape[1:])
-        shard_grad.index_add_(0, uniq, summed)
+        # add each row once. The rows and segments were computed on the host at advance().
+        n = len(self.recv_ids)
+        grads = self.grad_recv.to(shard_grad.dtype).reshape(n, -1)
+        summed = segment_sum(grads, self.grad_segments, len(self.grad_rows)).view(len(self.grad_rows),
+                                                                                    *shard_grad.shape[1:])
+        shard_grad.index_add_(0, self.grad_rows, summed)
         self.work, self._sent, self.grad_recv = None, None, None
         self.state = "done"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-__all__ = ["embedding_parallel_group"]
+__all__ = ["embedding_parallel_group", "embedding_parallel_host_group"]
 
 _GROUP = None
+_HOST_GROUP = None
 _KEY = None
 
 
@@ -16,7 +17,7 @@ def embedding_parallel_group():
     on the same communicator. Every stage serves the tables of its own layers to its own ranks. Collective:
     every rank creates every stage's group (torch's rule for new_group); made again for another stage layout
     in the same process."""
-    global _GROUP, _KEY
+    global _GROUP, _HOST_GROUP, _KEY
     from megatron.core import parallel_state as ps
 
     stage = ps.get_pipeline_model_parallel_rank()
@@ -24,14 +25,25 @@ def embedding_parallel_group():
     dist.all_gather_object(stages, stage)
     key = tuple(stages)
     if _GROUP is None or _KEY != key:
+        host_too = dist.get_backend() != "gloo"
         for s in sorted(set(stages)):
-            group = dist.new_group([r for r, st in enumerate(stages) if st == s])
+            ranks = [r for r, st in enumerate(stages) if st == s]
+            group = dist.new_group(ranks)
+            # the exchange's counts and ids travel between hosts (no device sync): a gloo twin of the group
+            host = dist.new_group(ranks, backend="gloo") if host_too else group
             if s == stage:
-                _GROUP = group
+                _GROUP, _HOST_GROUP = group, host
         _KEY = key
     return _GROUP
 
 
+def embedding_parallel_host_group():
+    """The same ranks as ``embedding_parallel_group()`` on gloo (the group itself on a gloo run), for the
+    exchange's host-side counts and ids."""
+    embedding_parallel_group()
+    return _HOST_GROUP
+
+
 def reset() -> None:
-    global _GROUP, _KEY
-    _GROUP, _KEY = None, None
+    global _GROUP, _HOST_GROUP, _KEY
+    _GROUP, _HOST_GROUP, _KEY = None, None, None

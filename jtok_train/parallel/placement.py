@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,7 @@ class RowPlacement:
         self.position_of = torch.empty_like(perm)
         self.position_of[perm] = torch.arange(self.vocab_size)      # token -> permuted position
         self.block = -(-self.vocab_size // self.world_size)         # rows per rank (last one padded)
+        self.position_of_host = self.position_of.numpy()            # the same, for host-side (numpy) plans
 
     def owned_range(self, rank: int) -> tuple[int, int]:
         """Permuted positions [start, stop) held by ``rank`` (stop - start <= block)."""
@@ -42,3 +44,10 @@ class RowPlacement:
 
     def local_row(self, token_ids: Tensor) -> Tensor:
         return self.position_of[token_ids] % self.block
+
+    def owner_host(self, token_ids: "np.ndarray") -> "np.ndarray":
+        """``owner`` on host ids (numpy): the exchange plans on the host, before the batch reaches the device."""
+        return self.position_of_host[token_ids] // self.block
+
+    def local_row_host(self, token_ids: "np.ndarray") -> "np.ndarray":
+        return self.position_of_host[token_ids] % self.block

@@ -9,8 +9,9 @@ The shard is not an ``nn.Parameter`` of the model: Megatron's DDP must not all-r
 optimizer must not step it. Its gradient arrives through the exchange, and ``ShardedTableOptimizer``
 steps it (clipped jointly with the backbone by the trainer).
 
-Overlap: ``prefetch(ids)`` starts a micro-batch's exchange early (ids are known before the forward);
-``lookup(ids)`` consumes it, or runs the exchange synchronously when nothing was prefetched.
+Overlap: ``prefetch(host ids)`` starts a micro-batch's exchange early (ids are known on the host before the
+forward), ``advance()`` (called by the model after each forward) sends its rows, ``lookup(ids)`` consumes it;
+without a prefetch the exchange runs synchronously at the lookup.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from jtok_train.model.token_table import LayerSlice, TokenRows, init_rows_for_permuted_range
-from jtok_train.parallel.exchange import ExchangeStats, RowLookup, SideStream, make_plan, rows_with_grad_exchange
+from jtok_train.parallel.exchange import (ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
+                                          rows_with_grad_exchange)
 from jtok_train.parallel.placement import RowPlacement
 
 __all__ = ["ShardedTokenTable"]
@@ -49,12 +52,15 @@ class ShardedTokenTable(nn.Module):
         device: torch.device | str = "cpu",
         layers: LayerSlice | None = None,
         pipeline_group: Any = None,
+        id_group: Any = None,
     ):
         """group: the EmbP process group (the ranks of this pipeline stage). grad_scale: factor on every row
         gradient sent (1/DP size, as Megatron's DDP averages the backbone's gradients). sequence_shard:
         (tp_rank, tp_size) under sequence parallelism, where each TP rank serves its own slice of the
         sequence. layers: the pipeline stage's layers of the whole model (their rows only are stored);
-        pipeline_group: the ranks holding the same rows of the other stages' layers (for the global norm)."""
+        pipeline_group: the ranks holding the same rows of the other stages' layers (for the global norm).
+        id_group: a host (gloo) group over the same ranks as ``group`` for the counts and ids (default: ``group``,
+        which is gloo on CPU)."""
         super().__init__()
         self.layers = layers if layers is not None else LayerSlice(0, num_layers, num_layers)
         if self.layers.count != num_layers:
@@ -62,6 +68,7 @@ class ShardedTokenTable(nn.Module):
         self.pipeline_group = pipeline_group
         self.vocab_size, self.num_layers, self.num_sets, self.hidden_size = vocab_size, num_layers, num_sets, hidden_size
         self.group = group
+        self.id_group = id_group if id_group is not None else group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.placement = RowPlacement(vocab_size, self.world, seed)
         self.dedup, self.overlap, self.grad_scale = dedup, overlap, grad_scale
@@ -75,27 +82,31 @@ class ShardedTokenTable(nn.Module):
                                      layers=(self.layers.offset, self.layers.count))
         self.shard_grad = torch.zeros_like(self.shard)
         self.touched = torch.zeros(self.placement.block, dtype=torch.bool, device=device)  # rows with a gradient this step
+        # the same on the host, from the owner-side indices the exchange computed there: which rows the step
+        # touched is known without reading the device
+        self._touched_host = np.zeros(self.placement.block, dtype=bool)
+        self._touched_rows: Tensor | None = None
         # A zero-size leaf that makes the fetched rows part of the autograd graph.
         self._anchor = torch.zeros(0, requires_grad=True, device=device)
         self.stream = SideStream(device, enabled=overlap)
         self.stats = ExchangeStats()
-        self._prefetched: deque[tuple[Tensor, RowLookup]] = deque()
+        self._prefetched: deque[tuple[np.ndarray, RowLookup | None]] = deque()
         self._in_backward: deque[RowLookup] = deque()
 
     # -- provider interface --------------------------------------------------------------------------
-    def _local_positions(self, token_ids: Tensor) -> Tensor:
-        flat = token_ids.t().reshape(-1)               # [b, s] -> [s, b] order, as the hidden states
+    def _local_positions(self, token_ids: np.ndarray) -> np.ndarray:
+        """Host ids [b, s] -> this rank's positions in the hidden states' [s, b] order."""
+        flat = np.ascontiguousarray(token_ids.T).reshape(-1)
         if self.sequence_shard is not None:
             r, n = self.sequence_shard
-            s = token_ids.shape[1]
+            b, s = token_ids.shape
             if s % n:
                 raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {n}")
-            b = token_ids.shape[0]
-            flat = flat.view(s, b)[r * (s // n) : (r + 1) * (s // n)].reshape(-1)
+            flat = flat.reshape(s, b)[r * (s // n) : (r + 1) * (s // n)].reshape(-1)
         return flat
 
-    def _bad_ids(self, flat: Tensor) -> str | None:
-        if flat.numel() == 0:
+    def _bad_ids(self, flat: np.ndarray) -> str | None:
+        if flat.size == 0:
             return None
         lo, hi = int(flat.min()), int(flat.max())
         if lo >= 0 and hi < self.vocab_size:
@@ -105,25 +116,42 @@ class ShardedTokenTable(nn.Module):
                 f"the data was tokenised with a larger vocabulary than model.vocab_size={self.vocab_size}; rebuild "
                 f"the data or set model.vocab_size to at least {hi + 1}")
 
-    def _start(self, token_ids: Tensor) -> RowLookup:
-        flat = self._local_positions(token_ids)
+    def _start(self, token_ids: "Tensor | np.ndarray") -> RowLookup:
+        """Plan on the host and send the counts (the first phase of a lookup); ``token_ids``: the host batch."""
+        flat = self._local_positions(host_ids(token_ids))
         bad = self._bad_ids(flat)
-        plan = make_plan(flat if bad is None else flat.clamp(0, self.vocab_size - 1), self.placement, self.dedup)
-        return RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad)
+        plan = make_plan(flat if bad is None else flat.clip(0, self.vocab_size - 1), self.placement, self.dedup,
+                         self.shard.device)
+        return RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad,
+                         id_group=self.id_group)
 
     def prefetch(self, token_ids: Tensor) -> None:
-        """Start the exchange for a coming micro-batch (no-op when overlap is off)."""
-        if self.overlap:
-            self._prefetched.append((token_ids, self._start(token_ids)))
+        """Announce a coming micro-batch with its **host** token ids (before their copy to the device): the
+        exchange then needs nothing from the device. With overlap on its exchange starts now (counts and ids;
+        the rows follow at ``advance``); with overlap off it runs at the lookup."""
+        ids = host_ids(token_ids)
+        self._prefetched.append((ids, self._start(ids) if self.overlap else None))
+
+    def advance(self) -> None:
+        """After the model enqueued a micro-batch's forward: move the next prefetched exchange on (its ids have
+        had that forward's time to arrive), so that its rows travel while the device computes."""
+        for _, pending in self._prefetched:
+            if pending is not None and pending.state == "ids_sent":
+                pending.advance()
+                return
 
     def lookup(self, token_ids: Tensor) -> TokenRows:
         if self._prefetched:
             ids, pending = self._prefetched.popleft()
-            if ids.shape != token_ids.shape or not torch.equal(ids, token_ids):
+            same = tuple(ids.shape) == tuple(token_ids.shape) and (
+                token_ids.device.type != "cpu" or np.array_equal(ids, host_ids(token_ids)))   # free on the host only
+            if not same:
                 raise RuntimeError("token-row exchange: the micro-batch differs from the prefetched one "
                                    "(prefetch and forward must see the same micro-batches in the same order)")
-        else:
-            pending = self._start(token_ids)
+            if pending is None:
+                pending = self._start(ids)
+        else:   # a caller that did not prefetch: its ids are read back from the device (a sync on GPU)
+            pending = self._start(token_ids.cpu())
         rows = pending.wait_rows()
         if torch.is_grad_enabled():
             # Row gradients of micro-batches two or more back have had a whole forward and backward to
@@ -154,11 +182,17 @@ class ShardedTokenTable(nn.Module):
         for _ in range(max(0, done - keep)):
             pending = self._in_backward.popleft()
             pending.accumulate_grads(self.shard_grad)
-            self.touched[self.placement.local_row(pending.recv_ids.cpu()).to(self.touched.device)] = True
+            self.touched[pending.touched_rows] = True
+            self._touched_host[pending.host_touched_rows] = True
+            self._touched_rows = None
 
     def touched_rows(self) -> Tensor:
-        """Indices of the shard rows that received a gradient this step (every other row's is zero)."""
-        return torch.nonzero(self.touched, as_tuple=False).flatten()
+        """Indices of the shard rows that received a gradient this step (every other row's is zero), ascending;
+        from the host's record (no device read), made once per step."""
+        if self._touched_rows is None:
+            self._touched_rows = torch.from_numpy(np.flatnonzero(self._touched_host)).to(self.shard.device,
+                                                                                         non_blocking=True)
+        return self._touched_rows
 
     # Zeroing, clipping and the norm read only the touched rows when they are at most this share of the shard
     # (a large vocabulary: a micro-batch touches a few thousand of 150k ids); above it, one pass over the whole
@@ -177,6 +211,8 @@ class ShardedTokenTable(nn.Module):
         else:
             self.shard_grad.index_fill_(0, rows, 0.0)
         self.touched.zero_()
+        self._touched_host[:] = False
+        self._touched_rows = None
 
     def scale_grad(self, coeff: float) -> None:
         """Multiply the step's gradient by ``coeff`` (the joint clipping coefficient)."""

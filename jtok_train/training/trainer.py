@@ -253,11 +253,15 @@ class Trainer:
         """Yield micro-batches; when micro-batch i is handed to the schedule, the table provider has
         already been told about micro-batch i+1, so its row exchange runs while i computes."""
         prefetch = getattr(table if table is not None else self.table, "prefetch", None)
+
+        def host(tokens):   # the exchange plans on the host ids (a device batch, e.g. DALI's, is read back)
+            return tokens if tokens.device.type == "cpu" else tokens.cpu()
+
         if prefetch is not None and batches:
-            prefetch(batches[0]["tokens"].to(self.device))
+            prefetch(host(batches[0]["tokens"]))
         for i, batch in enumerate(batches):
             if prefetch is not None and i + 1 < len(batches):
-                prefetch(batches[i + 1]["tokens"].to(self.device))
+                prefetch(host(batches[i + 1]["tokens"]))
             yield batch
 
     def _feed(self, batches: list[dict]) -> "Iterator[dict] | list[Iterator[dict]]":

@@ -312,3 +312,62 @@ def test_row_gradients_accumulate_early_and_exactly_on_2_ranks():
         assert max(e["held"]) == 2 and max(l["held"]) == 6      # buffers bounded by 2, not by micro-batches
         assert e["max_err"] < 1e-5 and e["touched"] == e["touched_expected"]
         assert (e["grad"] == l["grad"]).all()                   # same order of additions: bitwise equal
+
+
+def _exchange_device_reads(runs: list[list[str]]) -> list[dict]:
+    """Per run: the device reads (would-be device-to-host syncs, jtok_train.testing.syncs) of every exchange and
+    table method over a 3-step training."""
+    import torch
+
+    from jtok_train.config import compose
+    from jtok_train.parallel import exchange
+    from jtok_train.testing.syncs import DeviceReads
+    from jtok_train.training.trainer import Trainer
+
+    out = []
+    for overrides in runs:
+        tr = Trainer(compose(overrides))
+        with DeviceReads() as reads:
+            with reads.counting("canary"):      # the counter sees each kind of read it is meant to see
+                torch.ones(2).tolist(), torch.ones(1).item(), torch.nonzero(torch.ones(2)), torch.ones(2).cpu()
+            for method in ("prefetch", "advance", "lookup", "finish_backward", "zero_grad", "scale_grad",
+                           "grad_norm_sq", "touched_rows"):
+                reads.wrap(tr.table, method)
+            for method in ("advance", "wait_rows", "send_grads", "accumulate_grads"):
+                reads.wrap(exchange.RowLookup, method, f"RowLookup.{method}")
+            reads.wrap(tr.table_opt, "step", "table_optimizer.step")
+            # host_ids turns the host batch into numpy (a CPU tensor by contract: it refuses a device tensor)
+            from jtok_train.parallel import sharded_table
+
+            reads.exempt(exchange, "host_ids")
+            reads.exempt(sharded_table, "host_ids")
+            res = tr.fit()
+        out.append({"counts": dict(reads.counts), "ops": dict(reads.ops), "steps": len(res.losses),
+                    "calls": dict(reads.calls), "micro": tr.num_micro, "valid_micro": tr.num_valid_micro})
+    return out
+
+
+def test_the_exchange_reads_nothing_back_from_the_device(small_dataset, tmp_path):
+    """No device-to-host read in the exchange or the table's step: the plan is built from the host batch, counts
+    and ids travel between hosts, the owner-side indices and the touched rows are known on the host. The one
+    read per step is the table's share of the global gradient norm (a float, as Megatron's own norm). Counted
+    in the CPU twin's counter (every torch-tensor read in this path is one a GPU would sync on), over 3 steps
+    on 2 ranks: dense and sparse table optimizers, overlap on and off."""
+    from tests.conftest import tiny_overrides
+
+    common = {"parallel.embedding": "sharded", "train.train_iters": 3}
+    cells = {"adamw": {}, "sparse_adamw": {"jtok.table_optimizer": "sparse_adamw"},
+             "no_overlap": {"parallel.overlap": "false"}}
+    runs = [tiny_overrides(small_dataset, str(tmp_path / name), **common, **extra) for name, extra in cells.items()]
+    got = run_distributed(_exchange_device_reads, 2, runs, timeout=900)
+    for rank in got:
+        for name, res in zip(cells, rank):
+            counts = res["counts"]
+            assert counts.pop("canary") == 4, (name, res["ops"])
+            assert res["steps"] == 3 and counts["lookup"] == 0 and counts.get("RowLookup.send_grads") == 0, (name, {k: v for k, v in res["ops"].items() if not k.startswith("canary")})
+            assert counts.pop("grad_norm_sq") == 3, (name, res["ops"])   # one float per step, by design
+            assert all(v == 0 for v in counts.values()), (name, {k: v for k, v in res["ops"].items() if v})
+            # every method ran (each label present), every micro-batch's lookup and backward (+ the validation's)
+            assert {"prefetch", "advance", "RowLookup.accumulate_grads", "table_optimizer.step"} <= set(counts), name
+            n, calls = res["micro"], res["calls"]
+            assert calls["lookup"] == 3 * n + res["valid_micro"] and calls["RowLookup.send_grads"] == 3 * n, (name, calls)
