@@ -12,10 +12,11 @@ copy to the device, the counts and ids travel between hosts, and the owner-side 
 requester asked for, and their unique set for the gradient sum) are computed once per lookup on the host and
 reused by the backward. ``tests/distributed/test_sharded_table.py`` counts device reads in this path (0).
 
-A lookup runs in three phases so that the host never waits on the exchange before handing micro-batch i to
-the schedule: ``start`` (plan, counts sent; at prefetch, before forward i), ``advance`` (counts and ids
-received, rows gathered and sent; called by the model after its forward i has been enqueued), ``wait_rows``
-(at the lookup of micro-batch i + 1). Only ``all_to_all_single`` is used (NCCL and gloo both have it). A
+A lookup runs in three phases: ``start`` (plan, counts sent; at the prefetch of micro-batch i + 1, before
+forward i), ``advance`` (counts and ids received, rows gathered and sent), ``wait_rows`` (at the lookup of
+i + 1). With a CUDA side stream ``advance`` runs when the model has enqueued forward i (the host waits for the
+ids while the device computes, never before it enqueues); on CPU, where the host computes itself, right after
+``start`` (the rows then travel during forward i): ``ShardedTokenTable.DEFER_ROWS``. Only ``all_to_all_single`` is used (NCCL and gloo both have it). A
 ``RowLookup`` walks through a small state machine and asserts the call order, so a schedule bug (waiting twice,
 consuming rows before they arrived, a second backward) fails loudly instead of corrupting the tables.
 """

@@ -34,6 +34,13 @@ __all__ = ["ShardedTokenTable"]
 
 class ShardedTokenTable(nn.Module):
     has_own_optimizer = True
+    # When a prefetched exchange sends its rows. Deferred (to ``advance``, after the model enqueued the previous
+    # micro-batch's forward) where the compute runs asynchronously to the host, on a CUDA stream: the host then
+    # waits for the ids while the device computes, instead of before it enqueues the forward. Right away (at
+    # ``prefetch``) where the host computes itself (CPU): the rows then travel during the previous forward, and
+    # a second wait per micro-batch would expose the ranks' imbalance (measured, BENCHMARKS.md). None: by the
+    # device (deferred with a side stream); tests set it to run the other order on CPU.
+    DEFER_ROWS: bool | None = None
 
     def __init__(
         self,
@@ -92,6 +99,7 @@ class ShardedTokenTable(nn.Module):
         self.stats = ExchangeStats()
         self._prefetched: deque[tuple[np.ndarray, RowLookup | None]] = deque()
         self._in_backward: deque[RowLookup] = deque()
+        self.deferred_sends = 0   # exchanges whose rows advance() sent (DEFER_ROWS)
 
     # -- provider interface --------------------------------------------------------------------------
     def _local_positions(self, token_ids: np.ndarray) -> np.ndarray:
@@ -127,10 +135,15 @@ class ShardedTokenTable(nn.Module):
 
     def prefetch(self, token_ids: Tensor) -> None:
         """Announce a coming micro-batch with its **host** token ids (before their copy to the device): the
-        exchange then needs nothing from the device. With overlap on its exchange starts now (counts and ids;
-        the rows follow at ``advance``); with overlap off it runs at the lookup."""
+        exchange then needs nothing from the device. With overlap on its exchange starts now (counts; the ids
+        and rows now too, or at ``advance`` when deferred: ``DEFER_ROWS``); with overlap off it runs at the
+        lookup."""
         ids = host_ids(token_ids)
-        self._prefetched.append((ids, self._start(ids) if self.overlap else None))
+        pending = self._start(ids) if self.overlap else None
+        defer = self.DEFER_ROWS if self.DEFER_ROWS is not None else self.stream.active
+        if pending is not None and not defer:
+            pending.advance()
+        self._prefetched.append((ids, pending))
 
     def advance(self) -> None:
         """After the model enqueued a micro-batch's forward: move the next prefetched exchange on (its ids have
@@ -138,6 +151,7 @@ class ShardedTokenTable(nn.Module):
         for _, pending in self._prefetched:
             if pending is not None and pending.state == "ids_sent":
                 pending.advance()
+                self.deferred_sends += 1
                 return
 
     def lookup(self, token_ids: Tensor) -> TokenRows:

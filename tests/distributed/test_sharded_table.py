@@ -314,18 +314,20 @@ def test_row_gradients_accumulate_early_and_exactly_on_2_ranks():
         assert (e["grad"] == l["grad"]).all()                   # same order of additions: bitwise equal
 
 
-def _exchange_device_reads(runs: list[list[str]]) -> list[dict]:
-    """Per run: the device reads (would-be device-to-host syncs, jtok_train.testing.syncs) of every exchange and
-    table method over a 3-step training."""
+def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[dict]:
+    """Per run (overrides, DEFER_ROWS): the device reads (would-be device-to-host syncs,
+    jtok_train.testing.syncs) of every exchange and table method over a 3-step training, its losses and table."""
     import torch
 
     from jtok_train.config import compose
     from jtok_train.parallel import exchange
+    from jtok_train.parallel.sharded_table import ShardedTokenTable
     from jtok_train.testing.syncs import DeviceReads
     from jtok_train.training.trainer import Trainer
 
     out = []
-    for overrides in runs:
+    for overrides, defer in runs:
+        ShardedTokenTable.DEFER_ROWS = defer
         tr = Trainer(compose(overrides))
         with DeviceReads() as reads:
             with reads.counting("canary"):      # the counter sees each kind of read it is meant to see
@@ -343,7 +345,10 @@ def _exchange_device_reads(runs: list[list[str]]) -> list[dict]:
             reads.exempt(sharded_table, "host_ids")
             res = tr.fit()
         out.append({"counts": dict(reads.counts), "ops": dict(reads.ops), "steps": len(res.losses),
-                    "calls": dict(reads.calls), "micro": tr.num_micro, "valid_micro": tr.num_valid_micro})
+                    "calls": dict(reads.calls), "micro": tr.num_micro, "valid_micro": tr.num_valid_micro,
+                    "losses": res.losses, "table": tr.table.full_table().numpy().copy(),
+                    "deferred_sends": tr.table.deferred_sends})
+        ShardedTokenTable.DEFER_ROWS = None
     return out
 
 
@@ -356,10 +361,19 @@ def test_the_exchange_reads_nothing_back_from_the_device(small_dataset, tmp_path
     from tests.conftest import tiny_overrides
 
     common = {"parallel.embedding": "sharded", "train.train_iters": 3}
-    cells = {"adamw": {}, "sparse_adamw": {"jtok.table_optimizer": "sparse_adamw"},
-             "no_overlap": {"parallel.overlap": "false"}}
-    runs = [tiny_overrides(small_dataset, str(tmp_path / name), **common, **extra) for name, extra in cells.items()]
+    cells = {"adamw": ({}, None), "sparse_adamw": ({"jtok.table_optimizer": "sparse_adamw"}, None),
+             "no_overlap": ({"parallel.overlap": "false"}, None),
+             "adamw_deferred": ({}, True)}   # the rows sent at advance(), as on a GPU
+    runs = [(tiny_overrides(small_dataset, str(tmp_path / name), **common, **extra), defer)
+            for name, (extra, defer) in cells.items()]
     got = run_distributed(_exchange_device_reads, 2, runs, timeout=900)
+    import numpy as np
+
+    for rank in got:   # the deferred order computes the same thing: bitwise the same losses and table
+        eager, deferred = rank[0], rank[3]
+        assert eager["losses"] == deferred["losses"] and np.array_equal(eager["table"], deferred["table"])
+        # all but each step's first micro-batch (its rows leave at its own lookup) were sent by advance()
+        assert eager["deferred_sends"] == 0 and deferred["deferred_sends"] >= 3 * (deferred["micro"] - 1)
     for rank in got:
         for name, res in zip(cells, rank):
             counts = res["counts"]
