@@ -196,9 +196,15 @@ class ShardedTokenTable(nn.Module):
         for _ in range(max(0, done - keep)):
             pending = self._in_backward.popleft()
             pending.accumulate_grads(self.shard_grad)
-            self.touched[pending.touched_rows] = True
-            self._touched_host[pending.host_touched_rows] = True
-            self._touched_rows = None
+            self.mark_touched(pending.host_touched_rows, pending.touched_rows)
+
+    def mark_touched(self, rows: "np.ndarray | list[int]", device_rows: Tensor | None = None) -> None:
+        """Record shard rows as holding a gradient this step, on the host and on the device
+        (``device_rows``: the same indices already on the device)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._touched_host[rows] = True
+        self.touched[device_rows if device_rows is not None else torch.from_numpy(rows).to(self.touched.device)] = True
+        self._touched_rows = None
 
     def touched_rows(self) -> Tensor:
         """Indices of the shard rows that received a gradient this step (every other row's is zero), ascending;

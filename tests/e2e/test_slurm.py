@@ -95,8 +95,10 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
         pytest.skip(reason)
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "slurmd").write_text(f'#!/bin/sh\n[ "$1" = -C ] && exec {shutil.which("slurmd")} -C\n'
-                                 'echo "slurmd: refusing to start" >&2\nexit 1\n')
+    # the real slurmd is looked up when the shim runs: on a fresh machine the script installs it first
+    (shim / "slurmd").write_text(f'#!/bin/sh\nif [ "$1" = -C ]; then\n'
+                                 f'  real=$(PATH="{os.environ["PATH"]}" command -v slurmd) && exec "$real" -C\n'
+                                 'fi\necho "slurmd: refusing to start" >&2\nexit 1\n')
     (shim / "slurmd").chmod(0o755)
     d = tmp_path / "cluster"
     before = _net_objects()

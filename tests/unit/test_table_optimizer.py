@@ -64,7 +64,7 @@ def _touched_rows_ops() -> dict:
     out = {}
     for name, rows in (("few", [0, 5, 6, 40]), ("many", list(range(0, 97, 2)))):   # 4 and 49 of 97 rows
         table = ShardedTokenTable(97, 2, 3, 8, group=dist.group.WORLD, seed=3)
-        table.touched[rows] = True
+        table.mark_touched(rows)
         out[name + "_row_ops"] = table._row_ops() is not None
         g = torch.Generator().manual_seed(4)
         table.shard_grad[rows] = torch.randn(len(rows), 2, 3, 8, generator=g)
