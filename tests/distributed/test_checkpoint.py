@@ -345,20 +345,29 @@ PP_CELLS = {
 }
 
 
+def _reshard_both_ways(data: dict, root: Path, extra: dict, stages: dict, staged: str, plain: str) -> dict:
+    """Save at step 3 with ``stages`` (2 ranks) and load without (1 rank), and the other way round; every
+    state compared bitwise with what was saved. Returns {name: (saved, loaded)}."""
+    out = {}
+    for name, (w_save, save_pp, w_load, load_pp) in {f"{staged}_to_{plain}": (2, stages, 1, {}),
+                                                      f"{plain}_to_{staged}": (1, {}, 2, stages)}.items():
+        src = root / name
+        saved = run_distributed(_save_at_3, w_save, data, str(src), {**extra, **save_pp}, timeout=900)[0]
+        ckpt = str(src / "checkpoints" / "step_0000003")
+        loaded = run_distributed(_load_and_finish, w_load, data, str(root / f"{name}_load"), ckpt,
+                                 {**extra, **load_pp}, timeout=900)[0]
+        _same_state(saved["state"], loaded["state"], extra)
+        out[name] = (saved, loaded)
+    return out
+
+
 @pytest.mark.parametrize("cell", list(PP_CELLS))
 def test_pipeline_checkpoints_reshard_pp2_to_pp1_and_pp1_to_pp2(cell, small_dataset, tmp_path):
     """Every stage stores its layers and its tables' layers at their global offsets: a PP 2 checkpoint (2 ranks)
     loads at PP 1 (1 rank) and a PP 1 checkpoint at PP 2, every weight, table row, moment and step as saved."""
     extra = PP_CELLS[cell]
     got = {}
-    for name, (w_save, save_pp, w_load, load_pp) in {"pp2_to_pp1": (2, PP2, 1, {}),
-                                                      "pp1_to_pp2": (1, {}, 2, PP2)}.items():
-        src = tmp_path / name
-        saved = run_distributed(_save_at_3, w_save, small_dataset, str(src), {**extra, **save_pp}, timeout=900)[0]
-        ckpt = str(src / "checkpoints" / "step_0000003")
-        loaded = run_distributed(_load_and_finish, w_load, small_dataset, str(tmp_path / f"{name}_load"), ckpt,
-                                 {**extra, **load_pp}, timeout=900)[0]
-        _same_state(saved["state"], loaded["state"], extra)
+    for name, (saved, loaded) in _reshard_both_ways(small_dataset, tmp_path, extra, PP2, "pp2", "pp1").items():
         assert any(k.endswith("token_table.weight") or k.endswith("token_table.shard") for k in saved["state"])
         got[name] = loaded["losses"]
     # Both continue from step 3 of the same training, saved by runs that differ by rounding only (the order of
@@ -375,14 +384,7 @@ def test_interleaved_checkpoints_reshard_vpp2_to_pp1_and_pp1_to_vpp2(small_datas
     model chunk stores its layers and table layers under the same global keys, so a PP 2 x VPP 2 checkpoint loads
     at PP 1 and a PP 1 checkpoint at PP 2 x VPP 2, every weight, table row, moment and step as saved."""
     extra = {**PRODUCTION, "train.ckpt_optim_format": "fully_reshardable", "model.num_layers": 4}
-    for name, (w_save, save_pp, w_load, load_pp) in {"vpp2_to_pp1": (2, VPP2, 1, {}),
-                                                      "pp1_to_vpp2": (1, {}, 2, VPP2)}.items():
-        src = tmp_path / name
-        saved = run_distributed(_save_at_3, w_save, small_dataset, str(src), {**extra, **save_pp}, timeout=900)[0]
-        ckpt = str(src / "checkpoints" / "step_0000003")
-        loaded = run_distributed(_load_and_finish, w_load, small_dataset, str(tmp_path / f"{name}_load"), ckpt,
-                                 {**extra, **load_pp}, timeout=900)[0]
-        _same_state(saved["state"], loaded["state"], extra)
+    for name, (saved, loaded) in _reshard_both_ways(small_dataset, tmp_path, extra, VPP2, "vpp2", "pp1").items():
         assert saved["state"]["model/module.decoder.layers.self_attention.linear_qkv.weight"].shape[0] == 4
         assert any(k.startswith("extra/table_optimizer/") for k in saved["state"]), name
         assert len(loaded["losses"]) == 2
