@@ -30,6 +30,25 @@ def _nbytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _saved_bytes(model, batch: dict, weights: set[int]) -> tuple[int, Any]:
+    """One training forward of ``model``: the bytes of the unique storages autograd saves for its backward
+    (weights excluded), counted after the forward (Megatron frees some after use: selective recompute's
+    discarded outputs), and the output (the caller releases what the forward queued)."""
+    import torch
+
+    saved: dict[int, Any] = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if st.data_ptr() not in weights:
+            saved[st.data_ptr()] = st
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return sum(st.nbytes() for st in saved.values()), out
+
+
 def _measure(runs: list[list[str]]) -> list[dict]:
     """Per run: exchange stats of every step, live bytes per component, activation bytes of one micro-batch."""
     import torch
@@ -72,14 +91,6 @@ def _measure(runs: list[list[str]]) -> list[dict]:
         batch = get_microbatch(tr.train_ds, microbatch_indices(0, 0, tr.dp_rank, tr.dp_size,
                                                                cfg.train.micro_batch_size, cfg.train.global_batch_size))
         weights = {p.untyped_storage().data_ptr() for p in params} | {t.shard.untyped_storage().data_ptr()}
-        saved: dict[int, Any] = {}
-
-        def pack(x):
-            st = x.untyped_storage()
-            if st.data_ptr() not in weights:
-                saved[st.data_ptr()] = st
-            return x
-
         tr.model.train()
         if not tr.unwrapped.pre_process:   # a later pipeline stage: its input arrives from the previous stage
             m = cfg.model
@@ -87,10 +98,7 @@ def _measure(runs: list[list[str]]) -> list[dict]:
             dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
             tr.unwrapped.set_input_tensor(torch.randn(m.seq_length // sp, cfg.train.micro_batch_size,
                                                       m.hidden_size, dtype=dtype, requires_grad=True))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out_ = tr.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        # sizes after the forward: storages Megatron frees after use (selective recompute's discarded outputs)
-        rec["activations"] = sum(st.nbytes() for st in saved.values())
+        rec["activations"], out_ = _saved_bytes(tr.model, batch, weights)
         # a forward whose backward never runs: release what it queued (exchange, full-recompute replays)
         t._in_backward.clear()
         for layer in tr.unwrapped.decoder.layers:
@@ -270,22 +278,13 @@ def _measure_chunks(runs: list[list[str]]) -> list[dict]:
         weights = {p.untyped_storage().data_ptr() for p in params} | \
             {t.shard.untyped_storage().data_ptr() for t, _ in tr.own_tables}
         for chunk, m in zip(tr.chunks, tr.unwrapped_chunks):
-            saved: dict[int, Any] = {}
-
-            def pack(x):
-                st = x.untyped_storage()
-                if st.data_ptr() not in weights:
-                    saved[st.data_ptr()] = st
-                return x
-
             chunk.train()
             if not m.pre_process:
                 mc = cfg.model
                 m.set_input_tensor(torch.randn(mc.seq_length, cfg.train.micro_batch_size, mc.hidden_size,
                                                requires_grad=True))
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                out_ = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            rec["activations"].append(sum(st.nbytes() for st in saved.values()))
+            nbytes, out_ = _saved_bytes(chunk, batch, weights)
+            rec["activations"].append(nbytes)
             m.token_table._in_backward.clear()
             del out_
         out.append(rec)
