@@ -12,7 +12,7 @@ the repeats, summed: on a shared machine other processes only ever add time, so 
 estimate of the work. Also recorded: medians over repeats of the whole decode (wall and CPU time) and the
 medians of the per-repeat ratios (the variants of one repeat run back to back). Also reported: the bytes of table
 rows that cross to the device per decoded token (all L * n_e rows of the new token; see
-jtok_train/inference/host_table.py). Results: a markdown table on stdout and benchmarks/results/decode.json.
+jtok_train/tables/host.py). Results: a markdown table on stdout and benchmarks/results/decode.json.
 
 From other code: ``measure_decode(overrides, ...)`` returns the same figures for any config.
 """

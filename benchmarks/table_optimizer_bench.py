@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from jtok_train.parallel.table_optimizer import ShardedTableOptimizer  # noqa: E402
+from jtok_train.tables.optimizer import ShardedTableOptimizer  # noqa: E402
 
 
 def _timed(fn, reps: int) -> list[float]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from jtok_train.compat import init_distributed
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.tables.sharded import ShardedTokenTable
 
     init_distributed("gloo")
     table = ShardedTokenTable(args.rows, args.layers, args.sets, args.hidden, group=dist.group.WORLD, init_std=0.02)

@@ -1,10 +1,14 @@
 """Fits of the iso-FLOP quality study (PAPER.md, "Iso-FLOPs"), on run records of the shared format.
 
-- U-curve of a budget: quadratic fit of loss vs ln N_c (N_c = active_params); its vertex is the budget's
-  optimum when it lies inside the sampled sizes; otherwise the fitted curve's minimum over the sampled range
-  (an edge: the optimum is outside the grid, flagged ``interior: false``).
+The iso-FLOP fits are ``jtok_train.analysis.fits``'s, the ones ``jtok-scaling`` uses (one rule; it and the
+reason for it are in that module's docstring). This module adds the study's bookkeeping and tables:
+
+- U-curve of a budget (3+ distinct sizes, else the budget is left out): quadratic fit of loss vs ln N_c
+  (N_c = active_params); its vertex is the budget's optimum when it lies inside the sampled sizes; otherwise
+  the budget's best run (flagged ``interior: false``).
 - Frontier of a variant: least squares log10 L_opt = intercept + slope * log10 C over the budgets (the paper
-  writes log2 L = a log10 C + b: a = slope / log10 2, b = intercept / log10 2).
+  writes log2 L = a log10 C + b: a = slope / log10 2, b = intercept / log10 2; the fit is done in log2 L,
+  the same line).
 - Compute JTok-M needs for the baseline's loss: C' with L_m(C') = L_base(C), so C'/C = 10^((i_b - i_m +
   (s_b - s_m) log10 C) / s_m); "saving" = 1 - C'/C (paper: 35.2%). Loss gap at equal compute:
   L_m(C) / L_base(C) - 1 (paper: -2.2%). Both at the geometric mean of the budgets and at each budget.
@@ -21,6 +25,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from jtok_train.analysis import fits
+from jtok_train.analysis.fits import fit_ucurve   # one budget's optimum; a ValueError below 3 distinct sizes
+
 __all__ = ["fit_ucurve", "fit_frontier", "frontier_loss", "compute_ratio", "loss_gap", "fit_loglinear",
            "analyze", "summary_markdown"]
 
@@ -32,57 +39,36 @@ PAPER = {
     "eta_slope_per_doubling": -0.0118,
     "eta_r2": 0.996,
 }
+LOG10_2 = math.log10(2)
 
 
-def fit_ucurve(n: Iterable[float], loss: Iterable[float]) -> dict[str, Any]:
-    """Quadratic fit of loss vs ln n. Returns the optimum (n_opt, loss_opt), the coefficients and whether
-    the vertex lies inside the sampled range."""
-    x = np.log(np.asarray(list(n), dtype=float))
-    y = np.asarray(list(loss), dtype=float)
-    if x.size != y.size or x.size < 3 or np.unique(x).size < 3:
-        raise ValueError(f"a U-curve fit needs 3 or more distinct sizes, got {x.size} points "
-                         f"({np.unique(x).size} distinct): add backbone sizes to the budget")
-    a, b, c = np.polyfit(x, y, 2)
-    lo, hi = float(x.min()), float(x.max())
-    interior = bool(a > 0 and lo <= -b / (2 * a) <= hi)
-    if interior:
-        xo = -b / (2 * a)
-    else:   # the minimum of the fitted curve over the sampled range is at an edge
-        grid = np.linspace(lo, hi, 401)
-        xo = float(grid[np.argmin(np.polyval([a, b, c], grid))])
-    return {"n_opt": float(math.exp(xo)), "loss_opt": float(np.polyval([a, b, c], xo)), "interior": interior,
-            "coef": [float(a), float(b), float(c)], "min_observed": float(y.min()),
-            "n_min_observed": float(math.exp(x[int(np.argmin(y))]))}
+def _log10_frontier(f: dict[str, float]) -> dict[str, float]:
+    """A log2 L = a log10 C + b fit as this study writes it: log10 L = intercept + slope log10 C, plus a, b."""
+    return {"slope": f["slope"] * LOG10_2, "intercept": f["intercept"] * LOG10_2, "r2": f["r2"],
+            "log2_a": f["slope"], "log2_b": f["intercept"]}
+
+
+def _as_frontier(f: dict[str, float]) -> fits.Frontier:
+    return fits.Frontier("", f["slope"] / LOG10_2, f["intercept"] / LOG10_2, f.get("r2", math.nan))
 
 
 def fit_frontier(compute: Iterable[float], loss: Iterable[float]) -> dict[str, float]:
-    """log10 L = intercept + slope * log10 C (least squares)."""
-    lc = np.log10(np.asarray(list(compute), dtype=float))
-    ll = np.log10(np.asarray(list(loss), dtype=float))
-    if lc.size < 2 or np.unique(lc).size < 2:
-        raise ValueError(f"a frontier fit needs 2 or more budgets, got {np.unique(lc).size}: add budgets")
-    slope, intercept = np.polyfit(lc, ll, 1)
-    pred = intercept + slope * lc
-    ss_res = float(((ll - pred) ** 2).sum())
-    ss_tot = float(((ll - ll.mean()) ** 2).sum())
-    return {"slope": float(slope), "intercept": float(intercept),
-            "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
-            "log2_a": float(slope / math.log10(2)), "log2_b": float(intercept / math.log10(2))}
+    """log10 L = intercept + slope * log10 C (least squares; jtok_train.analysis.fits.fit_frontier)."""
+    return _log10_frontier(fits.fit_frontier(compute, loss))
 
 
 def frontier_loss(front: dict[str, float], compute: float) -> float:
-    return 10 ** (front["intercept"] + front["slope"] * math.log10(compute))
+    return _as_frontier(front).loss(compute)
 
 
 def compute_ratio(base: dict[str, float], other: dict[str, float], compute: float) -> float:
     """C'/C: the compute ``other`` needs to reach the loss ``base`` reaches with ``compute``."""
-    target = base["intercept"] + base["slope"] * math.log10(compute)
-    return 10 ** ((target - other["intercept"]) / other["slope"] - math.log10(compute))
+    return fits.compare_frontiers(_as_frontier(base), _as_frontier(other), compute)["compute_ratio"]
 
 
 def loss_gap(base: dict[str, float], other: dict[str, float], compute: float) -> float:
     """L_other(C) / L_base(C) - 1 on the frontiers."""
-    return frontier_loss(other, compute) / frontier_loss(base, compute) - 1.0
+    return fits.compare_frontiers(_as_frontier(base), _as_frontier(other), compute)["loss_ratio"] - 1.0
 
 
 def fit_loglinear(x: Iterable[float], y: Iterable[float]) -> dict[str, float]:
@@ -103,21 +89,14 @@ def _spread(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def _frontiers(points: dict[str, dict[float, list[tuple[float, float]]]]) -> dict[str, Any]:
-    """points[variant][budget] = [(active_params, val_loss), ...] -> U-curve fits and frontiers."""
+def _frontiers(records: list[dict]) -> dict[str, Any]:
+    """Records (variant, budget, active_params, val_loss) -> per variant the U-curve fits and the frontier."""
     out: dict[str, Any] = {}
-    for variant, by_budget in points.items():
-        curves = {}
-        for c in sorted(by_budget):
-            pts = sorted(by_budget[c])
-            try:
-                curves[c] = fit_ucurve([p[0] for p in pts], [p[1] for p in pts])
-            except ValueError:
-                continue
-        entry: dict[str, Any] = {"ucurves": {f"{c:.4g}": u for c, u in curves.items()}}
-        if len(curves) >= 2:
-            cs = sorted(curves)
-            entry["frontier"] = fit_frontier(cs, [curves[c]["loss_opt"] for c in cs])
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        points, _ = fits.isoflop_points(records, variant)
+        entry: dict[str, Any] = {"ucurves": {f"{c:.4g}": u for c, u in points}}
+        if len(points) >= 2:
+            entry["frontier"] = fit_frontier([c for c, _ in points], [u["loss_opt"] for _, u in points])
         out[variant] = entry
     return out
 
@@ -146,15 +125,9 @@ def analyze(records: list[dict]) -> dict[str, Any]:
     seeds = sorted({int(r["seed"]) for r in iso})
     out: dict[str, Any] = {"budgets": budgets, "seeds": seeds, "runs": len(records), "paper": PAPER}
 
-    def points(rs):
-        p: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
-        for r in rs:
-            p[r["variant"]][float(r["budget"])].append((float(r["active_params"]), float(r["val_loss"])))
-        return p
-
     per_seed = {}
     for s in seeds:
-        fr = _frontiers(points([r for r in iso if int(r["seed"]) == s]))
+        fr = _frontiers([r for r in iso if int(r["seed"]) == s])
         per_seed[str(s)] = {"fits": fr, "comparison": _comparisons(fr, budgets)}
     out["per_seed"] = per_seed
     # the seed-averaged losses: per variant, over the seeds that ran its whole grid (the same seeds in
@@ -174,10 +147,10 @@ def analyze(records: list[dict]) -> dict[str, Any]:
             continue
         groups[(r["variant"], float(r["budget"]), float(r["active_params"]), int(r["hidden_size"]))].append(
             float(r["val_loss"]))
-    mean_pts: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    mean_pts: list[dict] = []
     table = []
     for (v, c, n, d), ls in sorted(groups.items()):
-        mean_pts[v][c].append((n, float(np.mean(ls))))
+        mean_pts.append({"variant": v, "budget": c, "active_params": n, "val_loss": float(np.mean(ls))})
         table.append({"variant": v, "budget": c, "hidden_size": d, "active_params": n, "val_loss_mean": float(np.mean(ls)),
                       "val_loss_min": float(np.min(ls)), "val_loss_max": float(np.max(ls)), "seeds": len(ls)})
     out["losses"] = table

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/quality/study.py plot      # PNGs -> benchmarks/quality/plots/
 
 Method (PAPER.md, "Iso-FLOPs"): for each compute budget C, several backbone widths N; each run trains for
-D = C / flops_per_token tokens (FLOPs from jtok_train.model.accounting) and reports its final validation loss
+D = C / flops_per_token tokens (FLOPs from jtok_train.planning.formulas) and reports its final validation loss
 on a fixed held-out set (the same sequences for every run and seed). A quadratic fit of each budget's U-curve
 (loss vs log N_c) gives the budget's optimum; the frontier is a linear fit of log L_opt vs log C per variant;
 see analysis.py. A second group sweeps the JTok-M table size (eta) at a fixed backbone and fixed tokens.
@@ -58,14 +58,14 @@ ETA_STEPS = 108
 # (n_e, K, seeds): rho = K/n_e = 0.25 fixed (the paper's table-scaling study), 2 seeds; and K = 2 fixed with
 # n_e 4 / 8 / 16 (K = 1 gives the router no gradient from the loss: its one weight is renormalised to 1)
 ETA_SETS = ((4, 1, (1, 2)), (8, 2, (1, 2)), (16, 4, (1, 2)), (4, 2, (1,)), (16, 2, (1,)))
-# Settings of the token tables on top of configs/jtok/*.yaml (empty: the configs' defaults). See the README
+# Settings of the token tables on top of jtok_train/configs/jtok/*.yaml (empty: the configs' defaults). See the README
 # section of the study for the pilot that chose them.
 VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": ["jtok.table_init_std=0.02"],
                                           "jtokm": ["jtok.table_init_std=0.02"]}
 
 
 def model_overrides(d: int) -> list[str]:
-    """The tiny MoE of configs/model/tiny.yaml at width d: the FFN widths scale with d as in tiny.yaml."""
+    """The tiny MoE of jtok_train/configs/model/tiny.yaml at width d: the FFN widths scale with d as in tiny.yaml."""
     return [
         "model=tiny",
         f"model.hidden_size={d}",
@@ -114,7 +114,7 @@ def _compose(overrides: list[str]):
 
 
 def _accounting(overrides: list[str]) -> dict:
-    from jtok_train.model.accounting import flops_per_token, formula_params
+    from jtok_train.planning.formulas import flops_per_token, formula_params
 
     cfg = _compose(overrides)
     counts = formula_params(cfg)
@@ -196,7 +196,7 @@ def run_one(spec: dict) -> dict:
 
     import torch
 
-    from jtok_train.model.accounting import flops_per_token, formula_params
+    from jtok_train.planning.formulas import flops_per_token, formula_params
     from jtok_train.training.trainer import Trainer
 
     torch.set_num_threads(1)

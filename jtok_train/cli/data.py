@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         help="print data.prefixes / data.weights for a blend of built datasets (shards expanded)",
         description="Read the manifest of each built dataset directory and print a data config blending them by "
         "the given weights: a dataset built with --shard-tokens contributes one prefix per shard, its weight "
-        "shared among them by tokens. Paste the output into a configs/data/*.yaml (or pass --out FILE).",
+        "shared among them by tokens. Paste the output into a data/*.yaml of your config directory (or pass "
+        "--out DIR/data/NAME.yaml), then: jtok-train --config-dir DIR data=NAME.",
     )
     bl.add_argument("members", nargs="+", metavar="DIR:WEIGHT", help="a dataset directory and its weight")
     bl.add_argument("--out", default=None, help="write the YAML here instead of printing it")

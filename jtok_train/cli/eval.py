@@ -27,7 +27,6 @@ code 2.
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import logging
 import os
@@ -37,11 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from jtok_train.evaluation.harness import TaskError
+from jtok_train.evaluation.harness import resolve_tasks as _resolve_tasks
+
 __all__ = ["EvalArgs", "parse_args", "run", "main", "resolve_tasks"]
 
 
 class UsageError(ValueError):
     """A bad key or value on the command line."""
+
+
+def resolve_tasks(names: list[str], include_path: str = "") -> Any:
+    """``jtok_train.evaluation.harness.resolve_tasks``, a bad name or path as a usage error."""
+    try:
+        return _resolve_tasks(names, include_path)
+    except TaskError as e:
+        raise UsageError(str(e)) from None
 
 
 @dataclass
@@ -117,33 +127,6 @@ def parse_args(argv: list[str]) -> EvalArgs:
     if args.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device={args.device} is invalid: use device=auto, cpu or cuda")
     return args
-
-
-@functools.lru_cache(maxsize=4)
-def _task_manager(paths: tuple[str, ...]) -> Any:
-    """lm-eval's TaskManager (it indexes every task YAML it ships, seconds: built once per process and paths)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(paths))
-
-
-def resolve_tasks(names: list[str], include_path: str = "") -> Any:
-    """lm-eval's TaskManager with jtok-train's tasks; an unknown name raises UsageError (with a suggestion)."""
-    from jtok_train.evaluation import TASKS_DIR
-
-    paths = [str(TASKS_DIR)] + [p for p in include_path.split(",") if p]
-    for p in paths[1:]:
-        if not os.path.isdir(p):
-            raise UsageError(f"include_path={p} is not a directory of lm-eval task YAML files")
-    tm = _task_manager(tuple(paths))
-    known = set(tm.all_tasks)
-    for n in names:
-        if n not in known:
-            near = difflib.get_close_matches(n, sorted(known), n=3)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise UsageError(f"unknown task {n!r}{hint}: see `lm_eval ls tasks` for the names; demo_cloze runs "
-                             "without internet access")
-    return tm
 
 
 def default_out(checkpoint: Path, tasks: list[str], num_fewshot: Optional[int], limit: Any) -> Path:

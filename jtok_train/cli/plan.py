@@ -8,13 +8,13 @@ share of the step time against the compute it hides behind.
     jtok-plan model=moe_17b_a2b jtok=jtokm parallel.embedding=sharded cluster=h100_8x8 cluster.gpus=128 \
         dedup_from=data/demo/text_document dedup_samples=64
 
-Cluster: cluster=<preset> (configs/cluster/: cpu_2, h100_1x8, h100_8x8, h200_8x8) and/or cluster.<key>=value
+Cluster: cluster=<preset> (jtok_train/configs/cluster/: cpu_2, h100_1x8, h100_8x8, h200_8x8) and/or cluster.<key>=value
 (gpus, gpus_per_node, memory_gib, intra_node_GBps, inter_node_GBps, peak_tflops, mfu, hbm_GBps, latency_us).
 Dedup ratio (unique/total ids per micro-batch): dedup_ratio=0.27, or dedup_from=<dataset prefix> (measured on
 the first dedup_samples micro-batches the trainer would read, with the real row placement), else DESIGN.md's
 measurement interpolated at the micro-batch's token count. attention=flash|local: activations with a fused
 attention kernel or Megatron's local spec (default: the config's model.transformer_impl). Formulas:
-jtok_train/model/planner.py.
+jtok_train/planning/ (formulas.py, memory.py, exchange.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _fmt(n: float) -> str:
 def compute_plan(overrides: list[str]) -> dict:
     from jtok_train.compat import destroy_model_parallel, init_distributed, init_model_parallel
     from jtok_train.config import compose, validate
-    from jtok_train.model.accounting import formula_params, plan
+    from jtok_train.planning.formulas import formula_params, plan
     from jtok_train.model.builder import build_model, build_transformer_config
 
     cfg = compose(overrides)
@@ -58,12 +58,12 @@ def compute_capacity(overrides: list[str], cluster: Any,
                      flash: bool | None = None) -> dict:
     """The capacity plan for a config on a cluster (no model is built)."""
     from jtok_train.config import compose
-    from jtok_train.model.accounting import flops_per_token, formula_params
-    from jtok_train.model.planner import capacity_plan, measure_dedup
+    from jtok_train.planning.measure import measure_dedup
+    from jtok_train.planning.planner import capacity_plan
 
     cfg = compose(overrides)
     measured = measure_dedup(cfg, dedup_from, cluster.gpus, dedup_samples) if dedup_from else None
-    return capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_ratio, measured, flash)
+    return capacity_plan(cfg, cluster, dedup_ratio, measured, flash)
 
 
 def _gib(x: float) -> str:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jtok_train.config import ConfigError
     from jtok_train.data.indexed import DataFileError
-    from jtok_train.model.planner import PlanError
+    from jtok_train.planning.cluster import PlanError
 
     try:
         dedup_ratio = float(opts["dedup_ratio"]) if "dedup_ratio" in opts else None
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = None
         if cluster_name is not None or cluster_overrides:
-            from jtok_train.model.planner import load_cluster
+            from jtok_train.planning.cluster import load_cluster
 
             cluster = load_cluster(cluster_name, cluster_overrides)   # cheap: bad cluster input fails first
         out = compute_plan(overrides)

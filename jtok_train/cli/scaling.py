@@ -12,7 +12,7 @@ Options (key=value):
     bootstrap=<n>         bootstrap resamples for gamma's interval (default 200; 0 = none)
     format=table|json
 Records: see jtok_train/analysis/scaling.py (name, variant, active_params, eta, rho, tokens, val_loss, ...;
-budget for the iso-FLOP view).
+budget for the iso-FLOP view). Needs scipy: pip install 'jtok-train[analysis]'.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0 if argv else 2
-    from jtok_train.analysis.scaling import ScalingError, analyze, format_report, load_records
+    try:
+        from jtok_train.analysis.scaling import ScalingError, analyze, format_report, load_records
+    except ModuleNotFoundError as e:   # scipy: the `analysis` extra
+        if (e.name or "").partition(".")[0] != "scipy":
+            raise
+        print("jtok-scaling: scipy is missing (the fits use it): pip install 'jtok-train[analysis]'", file=sys.stderr)
+        return 2
 
     opts = {"law": "auto", "format": "table", "at": None, "bootstrap": "200"}
     paths = []

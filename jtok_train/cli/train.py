@@ -4,6 +4,10 @@
     bash launch/torchrun.sh model=tiny jtok=jtokm                  # one node, several ranks
     sbatch launch/slurm/pretrain.sbatch model=tiny jtok=jtokm      # SLURM, several nodes
 
+The configs are the package's own ``jtok_train/configs/`` (package data, in every install; ``JTOK_CONFIG_DIR``
+replaces them, Hydra's ``--config-dir DIR`` adds DIR before them: ``jtok-train --config-dir DIR model=mine``).
+``jtok-train OVERRIDES --cfg job`` prints the composed config and stops (Hydra's flag).
+
 Hydra composes and validates the config once per launch:
 
 * ``jtok-train OVERRIDES`` (one process): Hydra composes, the run directory gets ``config.yaml`` (the

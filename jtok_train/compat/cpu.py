@@ -9,6 +9,9 @@ Checked on megatron-core 0.16.1 and 0.19.2 (guards with hasattr / try). See READ
 Megatron names outside the CPU bridge live in jtok_train/compat/megatron.py.
 
 On a machine with CUDA `install_cpu_compat()` does nothing.
+
+Longer than 400 lines: one small, independent patch per CUDA-only call of Megatron/torch that the CPU twin
+replaces; they stay together as the one list of what the twin changes.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
@@ -129,9 +132,8 @@ def init_model_parallel(
 ) -> None:
     """Create Megatron's process groups and seed its RNG tracker.
 
-    tp/pp/ep: tensor, pipeline and expert model-parallel sizes. etp (expert tensor parallel) defaults to tp,
-    except with ep > 1 where it defaults to 1: TP=2 with EP=2 on 2 ranks only fits with etp=1, and experts
-    rarely want TP anyway. Extra kwargs go to parallel_state.initialize_model_parallel. Requires
+    tp/pp/ep: tensor, pipeline and expert model-parallel sizes. etp (expert tensor parallel): None takes the
+    config's rule (``jtok_train.config.schema.expert_tensor_parallel_size``). Extra kwargs go to parallel_state.initialize_model_parallel. Requires
     torch.distributed to be initialised (see init_distributed).
     """
     from megatron.core import parallel_state
@@ -141,8 +143,9 @@ def init_model_parallel(
     from jtok_train.compat.megatron import apply_megatron_fixes
 
     apply_megatron_fixes()
-    if etp is None:
-        etp = 1 if ep > 1 else tp
+    from jtok_train.config.schema import expert_tensor_parallel_size
+
+    etp = expert_tensor_parallel_size(tp=tp, ep=ep, etp=etp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -508,7 +511,7 @@ def _patch_megatron_norm() -> None:
     cls.__new__ = staticmethod(__new__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

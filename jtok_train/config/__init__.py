@@ -26,23 +26,33 @@ __all__ = [
     "ConfigError", "DataConfig", "EvalConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
     "RunConfig",
     "TrainConfig", "validate", "config_dir", "register_configs", "compose", "resolve_vocab_size",
+    "expert_tensor_parallel_size",
 ]
 
 
 def config_dir() -> Path:
-    """The Hydra config directory: $JTOK_CONFIG_DIR, else the repository's ``configs/``."""
+    """The Hydra config directory: $JTOK_CONFIG_DIR, else the package's own ``jtok_train/configs/`` (package
+    data: in the wheel, and in place in an editable install). To add configs rather than replace them all, pass
+    Hydra's ``--config-dir DIR`` to jtok-train: DIR is searched first, the package's configs after it."""
     env = os.environ.get("JTOK_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if env:
+        path = Path(env)
+    else:
+        from importlib.resources import files
+
+        # pip unpacks wheels, so the package's data is a real directory (Hydra reads a directory)
+        path = Path(str(files("jtok_train") / "configs"))
     if not (path / "config.yaml").is_file():
+        where = f"JTOK_CONFIG_DIR={env}" if env else "the installed jtok_train package"
         raise FileNotFoundError(
-            f"no Hydra configs at {path}: install jtok-train from its repository (pip install -e .) "
-            "or point JTOK_CONFIG_DIR at a copy of its configs/ directory"
+            f"no Hydra configs at {path} ({where}): point JTOK_CONFIG_DIR at a directory laid out like "
+            "jtok_train/configs/ (config.yaml, model/, jtok/, ...), or reinstall jtok-train"
         )
     return path
 
 
 def register_configs() -> None:
-    """Register the schema so that every YAML in configs/ is checked against the dataclasses."""
+    """Register the schema so that every YAML in jtok_train/configs/ is checked against the dataclasses."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 

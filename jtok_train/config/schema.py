@@ -1,8 +1,11 @@
-"""Structured config schemas. Hydra composes YAML from ``configs/`` onto these dataclasses, so an
+"""Structured config schemas. Hydra composes YAML from ``jtok_train/configs/`` onto these dataclasses, so an
 unknown key or a wrongly typed value fails at composition; ``validate`` then checks the values
 against each other and names the offending key and the fix.
 
 Field docstrings (the string after each field) are the documentation ``jtok-train --help`` shows.
+
+Longer than 400 lines: the dataclasses are the reference of every key (one docstring per field, what
+``--help`` and the README show) and ``validate`` checks their combinations next to them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ __all__ = [
     "LoggingConfig",
     "EvalConfig",
     "RunConfig",
+    "expert_tensor_parallel_size",
+    "RETIRED_KEYS",
+    "drop_retired_keys",
     "ConfigError",
     "validate",
 ]
@@ -156,6 +162,36 @@ class ParallelConfig:
     "torch.distributed backend; None picks nccl on GPU, gloo on CPU."
 
 
+# Keys earlier versions had and this one dropped (they did nothing): a saved config that holds them still loads.
+RETIRED_KEYS = ("data.num_workers",)
+
+
+def drop_retired_keys(config: Any) -> Any:
+    """A saved config (a dict or DictConfig, or YAML text) without the keys of ``RETIRED_KEYS``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.create(config) if not isinstance(config, DictConfig) else config.copy()
+    for key in RETIRED_KEYS:
+        section, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if isinstance(node, DictConfig) and name in node:
+            node.pop(name)
+    return cfg
+
+
+def expert_tensor_parallel_size(parallel: Any = None, *, tp: int = 1, ep: int = 1, etp: int | None = None) -> int:
+    """Tensor-parallel size inside the experts (the one rule, for the builder, the planner and the process
+    groups): parallel.expert_tensor_parallel_size, else 1 with expert parallelism (TP 2 with EP 2 on 2 ranks
+    only fits with 1, and experts rarely want TP) and the TP size without. ``parallel``: a ParallelConfig (or
+    its DictConfig); or the sizes as keywords."""
+    if parallel is not None:
+        tp, ep, etp = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
+                       parallel.expert_tensor_parallel_size)
+    if etp is not None:
+        return int(etp)
+    return 1 if ep > 1 else int(tp)
+
+
 @dataclass
 class DataConfig:
     prefixes: list[str] = field(default_factory=list)
@@ -168,8 +204,6 @@ class DataConfig:
     "Train/valid/test split of each dataset, in parts."
     cache_dir: Optional[str] = None
     "Where Megatron caches sample indices (default: next to the data)."
-    num_workers: int = 0
-    "DataLoader worker processes."
     loader: str = "megatron"
     "megatron (default: Megatron's GPTDataset, read on the host) or dali (NVIDIA DALI pipeline, GPU, same "
     "batches in the same order; needs nvidia-dali: pip install 'jtok-train[gpu]')."

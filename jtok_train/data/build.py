@@ -25,6 +25,9 @@ never on ``workers``, so the output is byte-identical for any number of workers.
 a bad input file) keeps its finished parts: the same command resumes after the last one whose settings and input
 files still match, and produces the same bytes as an uninterrupted build. Without shards, the parts are
 concatenated into one .bin/.idx at the end (``IndexedDatasetBuilder.add_index``).
+
+Longer than 400 lines: the build's stages (parts written by N workers, their streaming merge, resume,
+statistics) share one manifest format and its checks; split it when a stage grows on its own.
 """
 
 from __future__ import annotations
@@ -671,7 +674,8 @@ def _result(m: Dict[str, Any], out: Path, skipped: bool) -> BuildResult:
 
 
 def blend_config(members: Sequence[Tuple[PathLike, float]]) -> str:
-    """YAML for ``configs/data/``: the prefixes and weights of a blend of built dataset directories.
+    """YAML for a Hydra ``data`` group file (``data/`` of your own config directory, or of
+    ``jtok_train/configs/``): the prefixes and weights of a blend of built dataset directories.
 
     Each member is (directory with a manifest.json, weight); a sharded dataset's weight is shared among its shards
     in proportion to their tokens, so the blend draws from each dataset as asked. All members must share one

@@ -54,7 +54,6 @@ __all__ = [
     "global_batch_indices",
     "microbatch_indices",
     "num_microbatches",
-    "MicroBatchSampler",
     "make_batch",
     "get_microbatch",
 ]
@@ -266,34 +265,6 @@ def microbatch_indices(
         raise ValueError(f"microstep {microstep} / dp_rank {dp_rank} out of range (n={n}, W={dp_size})")
     b = start + step * global_batch_size + microstep * micro_batch_size * dp_size + dp_rank * micro_batch_size
     return np.arange(b, b + micro_batch_size, dtype=np.int64)
-
-
-class MicroBatchSampler:
-    """Batch sampler yielding this DP rank's micro-batches (lists of dataset indices) in training order.
-
-    Use as ``DataLoader(ds, batch_sampler=sampler, collate_fn=make_batch)``. It starts at
-    ``consumed_samples`` (global, a multiple of the global batch size: resume point from the checkpoint) and
-    stops at the end of the dataset's last complete global batch.
-    """
-
-    def __init__(self, total_samples: int, micro_batch_size: int, global_batch_size: int, dp_rank: int,
-                 dp_size: int, consumed_samples: int = 0):
-        self.n = num_microbatches(global_batch_size, micro_batch_size, dp_size)
-        if consumed_samples % global_batch_size:
-            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the global batch size "
-                             f"{global_batch_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
-        self.total, self.m, self.G = int(total_samples), micro_batch_size, global_batch_size
-        self.rank, self.W, self.start = dp_rank, dp_size, int(consumed_samples)
-
-    def __len__(self) -> int:
-        return max(0, (self.total - self.start) // self.G) * self.n
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for step in range(len(self) // self.n):
-            for k in range(self.n):
-                yield microbatch_indices(step, k, self.rank, self.W, self.m, self.G, self.start).tolist()
 
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")

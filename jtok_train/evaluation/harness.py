@@ -10,9 +10,44 @@ directory when none is given. Every lm-eval option works.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import os
 import sys
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "resolve_tasks", "TaskError"]
+
+
+class TaskError(ValueError):
+    """An unknown task name or a task directory that is not one (one line, with a suggestion)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...]) -> Any:
+    """lm-eval's TaskManager (it indexes every task YAML it ships, seconds: built once per process and paths)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths))
+
+
+def resolve_tasks(names: list[str], include_path: str = "") -> Any:
+    """lm-eval's TaskManager with jtok-train's tasks; an unknown name raises TaskError (with a suggestion)."""
+    from jtok_train.evaluation import TASKS_DIR
+
+    paths = [str(TASKS_DIR)] + [p for p in include_path.split(",") if p]
+    for p in paths[1:]:
+        if not os.path.isdir(p):
+            raise TaskError(f"include_path={p} is not a directory of lm-eval task YAML files")
+    tm = _task_manager(tuple(paths))
+    known = set(tm.all_tasks)
+    for n in names:
+        if n not in known:
+            near = difflib.get_close_matches(n, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise TaskError(f"unknown task {n!r}{hint}: see `lm_eval ls tasks` for the names; demo_cloze runs "
+                             "without internet access")
+    return tm
 
 
 def _with_tasks_dir(argv: list[str]) -> list[str]:

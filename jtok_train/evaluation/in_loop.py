@@ -66,7 +66,7 @@ class DownstreamEvaluator:
         from lm_eval.tasks import get_task_dict
         from megatron.core import parallel_state as ps
 
-        from jtok_train.cli.eval import UsageError, resolve_tasks
+        from jtok_train.evaluation.harness import TaskError, resolve_tasks
         from jtok_train.config import ConfigError
 
         ev = cfg.eval
@@ -75,7 +75,7 @@ class DownstreamEvaluator:
         self.limit = ev.limit if ev.limit is None or ev.limit < 1 else int(ev.limit)
         try:
             tm = resolve_tasks(self.tasks, str(ev.include_path or ""))
-        except UsageError as e:
+        except TaskError as e:
             raise ConfigError(f"eval.tasks: {e}") from None
         self.task_dict = get_task_dict(self.tasks, tm)
         for task in _leaf_tasks(self.task_dict):

@@ -1,6 +1,6 @@
 """Load a training checkpoint for inference at world size 1.
 
-The checkpoint is the one ``jtok_train/training/checkpoint.py`` writes (Megatron dist_checkpointing,
+The checkpoint is the one ``jtok_train.checkpoint`` writes (Megatron dist_checkpointing,
 torch_dist format). Only its ``model`` section is read, with the same safety rules as a training resume:
 checksums, the allow-list check of the ``.metadata`` pickle, ``weights_only`` for ``common.pt`` and for
 any byte object. The model is rebuilt from the resolved config saved in the checkpoint, at one rank
@@ -48,7 +48,7 @@ class LoadedModel:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, a run directory (its latest checkpoint) or ``<run>/checkpoints``."""
-    from jtok_train.training.checkpoint import latest_checkpoint
+    from jtok_train.checkpoint import latest_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -68,10 +68,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _inference_config(meta: dict, path: Path) -> Any:
-    from jtok_train.config import RunConfig
+    from jtok_train.config.schema import RunConfig, drop_retired_keys
 
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(meta["config"]))
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), drop_retired_keys(meta["config"]))
     except Exception as e:  # noqa: BLE001 - an unreadable or foreign config, in one line
         raise CheckpointError(f"checkpoint {path}: its saved config does not match this version of jtok-train "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -96,10 +96,9 @@ def _table_in_token_order(table: Any) -> torch.Tensor:
 def _model_key_prefix(path: Path) -> str:
     """What the training wrappers put before the model's own keys ("module." for Megatron's DDP, once more
     for Float16Module): read from the checkpoint's tensor names (allow-list unpickler, no code runs)."""
-    from jtok_train.training.checkpoint import _MetadataUnpickler
+    from jtok_train.checkpoint import read_dcp_metadata
 
-    with open(path / ".metadata", "rb") as f:
-        keys = _MetadataUnpickler(f).load().state_dict_metadata.keys()
+    keys = read_dcp_metadata(path).state_dict_metadata.keys()
     anchor = "output_layer.weight"
     for alt in (anchor, "embedding.word_embeddings.weight"):
         for k in keys:
@@ -113,7 +112,7 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
     """Replace a JTokGPTModel's table provider by the one inference uses (host: ``HostTokenTable`` on
     ``device``; device: a ``ReplicatedTokenTable`` the caller moves with the model). Returns the placement
     (``none`` for a backbone-alone model). bf16: the model runs in bf16 (Float16Module), the table too."""
-    from jtok_train.model.token_table import ReplicatedTokenTable
+    from jtok_train.tables.replicated import ReplicatedTokenTable
 
     if tables not in TABLE_PLACEMENTS:
         raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
@@ -125,7 +124,7 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
         full = full.to(torch.bfloat16)
     del model.token_table                       # an nn.Module child: replaced by a provider below
     if tables == "host":
-        from jtok_train.inference.host_table import HostTokenTable
+        from jtok_train.tables.host import HostTokenTable
 
         provider: Any = HostTokenTable(full, device)
     else:
@@ -145,20 +144,20 @@ def load_for_inference(
     """Rebuild the checkpoint's model at world size 1, load its weights and place its JTok tables."""
     if tables not in TABLE_PLACEMENTS:
         raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
-    from jtok_train.training.checkpoint import _check_metadata, read_meta, verify_checkpoint
+    from jtok_train.checkpoint import read_dcp_metadata, read_meta, verify_checkpoint
 
     # before the heavy imports: a wrong or damaged checkpoint fails in a moment
     path = resolve_checkpoint(checkpoint)
     if verify_checksums:
         verify_checkpoint(path)
-    _check_metadata(path)
+    read_dcp_metadata(path)
     meta = read_meta(path)
 
     import torch.distributed as dist
     from jtok_train.compat import device as compute_device
     from jtok_train.compat import init_distributed, init_model_parallel
     from jtok_train.model.builder import build_model, build_transformer_config
-    from jtok_train.training.checkpoint import load_sharded_state
+    from jtok_train.checkpoint import load_sharded_state
 
     init_distributed()
     if dist.get_world_size() != 1:

@@ -4,11 +4,17 @@ With ``jtok.variant=none`` the result *is* Megatron's GPTModel built from Megatr
 backbone alone is exactly what Megatron trains. Otherwise ``JTokGPTModel`` (a GPTModel subclass)
 owns a token-row provider and looks up the micro-batch's rows before running the layers.
 
-Megatron's parallel state must be initialised before building (see ``jtok_train.compat``).
+The model built here is plain: its JTok tables are replicated (a model parameter). Embedding parallelism is
+applied after the build (``jtok_train.parallel.parallelize``, torchtitan's model / parallelize split), which
+swaps in the row-sharded provider; this module imports nothing of parallel/, data/, training/ or compat/.
+
+Megatron's parallel state must be initialised before building (``jtok_train.compat.init_model_parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -17,8 +23,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from jtok_train.config.schema import expert_tensor_parallel_size
 from jtok_train.model.layer import jtok_module_spec, with_jtok
-from jtok_train.model.token_table import LayerSlice, ReplicatedTokenTable, TokenRowProvider, TokenRowsContext
+from jtok_train.tables.replicated import ReplicatedTokenTable
+from jtok_train.tables.rows import LayerSlice, ReplayGradSink, RowGradJoin, TokenRowProvider, TokenRowsContext
 
 __all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_model_chunks",
            "build_token_table", "pipeline_stage_layers", "virtual_stages"]
@@ -44,10 +52,6 @@ class JTokGPTModel(GPTModel):
             # Layers replayed by full recompute send their row gradients through a join at the input of this
             # stage's layers (token_table.py), whose backward runs after every layer's: the embedding output on
             # the first stage, the activations received from the previous stage on the others.
-            from dataclasses import replace
-
-            from jtok_train.model.token_table import ReplayGradSink, RowGradJoin
-
             sink = ReplayGradSink()
             if self.pre_process and not args and kwargs.get("decoder_input") is None:
                 decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -69,18 +73,12 @@ class JTokGPTModel(GPTModel):
         return out
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return getattr(cfg, key, default)
-
-
 def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
     """Megatron TransformerConfig from a RunConfig (model + parallel + train.precision)."""
     m, p = cfg.model, cfg.parallel
     bf16 = cfg.train.precision == "bf16"
     moe = m.num_experts is not None
-    etp = p.expert_tensor_parallel_size
-    if etp is None:
-        etp = 1 if p.expert_model_parallel_size > 1 else p.tensor_model_parallel_size
+    etp = expert_tensor_parallel_size(p)
     kw: dict[str, Any] = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -111,9 +109,9 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=True,
-        recompute_granularity=_get(m, "recompute_granularity"),
-        recompute_method=_get(m, "recompute_method"),
-        recompute_num_layers=_get(m, "recompute_num_layers"),
+        recompute_granularity=getattr(m, "recompute_granularity"),
+        recompute_method=getattr(m, "recompute_method"),
+        recompute_num_layers=getattr(m, "recompute_num_layers"),
     )
     if virtual_stages(cfg) > 1 and p.pipeline_model_parallel_size > 1:
         # Megatron-LM's own setting for the interleaved schedule (its --overlap-p2p-communication default):
@@ -121,7 +119,7 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
         # stage and its send to the previous one go to the same peer when PP = 2, and the receiver matches them
         # by order, not by purpose: activations and gradients of the same shape would be swapped silently.
         kw.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-    if _get(m, "recompute_modules") is not None:
+    if getattr(m, "recompute_modules") is not None:
         kw["recompute_modules"] = list(m.recompute_modules)
     if moe:
         kw.update(
@@ -161,36 +159,11 @@ def pipeline_stage_layers(cfg: Any, device: Any = None, vp_stage: Optional[int] 
 
 
 def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
-                      vp_stage: Optional[int] = None):
-    """The table provider of this pipeline stage's layers (of its model chunk ``vp_stage``): replicated (a model
-    parameter) or row-sharded over the stage's ranks."""
-    j, m, p = cfg.jtok, cfg.model, cfg.parallel
+                      vp_stage: Optional[int] = None) -> ReplicatedTokenTable:
+    """The replicated table of this pipeline stage's layers (of its model chunk ``vp_stage``): a model
+    parameter. ``device='meta'`` allocates nothing (accounting, or a table that parallelize replaces)."""
+    j, m = cfg.jtok, cfg.model
     layers = pipeline_stage_layers(cfg, device, vp_stage)
-    if p.embedding == "sharded" and device != "meta":
-        from megatron.core import parallel_state as ps
-
-        from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
-        from jtok_train.parallel.sharded_table import ShardedTokenTable
-
-        tp = ps.get_tensor_model_parallel_world_size()
-        return ShardedTokenTable(
-            vocab_size=m.vocab_size,
-            num_layers=layers.count,
-            layers=layers,
-            pipeline_group=ps.get_pipeline_model_parallel_group() if layers.num_stages > 1 else None,
-            num_sets=j.num_sets,
-            hidden_size=m.hidden_size,
-            group=embedding_parallel_group(),
-            id_group=embedding_parallel_host_group(),
-            seed=j.table_seed,
-            init_std=j.table_init_std,
-            dedup=p.dedup,
-            overlap=p.overlap,
-            grad_scale=1.0 / ps.get_data_parallel_world_size(),
-            sequence_shard=(ps.get_tensor_model_parallel_rank(), tp) if p.sequence_parallel and tp > 1 else None,
-            dtype=dtype,
-            device=device if device is not None else "cpu",
-        )
     return ReplicatedTokenTable(
         vocab_size=m.vocab_size,
         num_layers=layers.count,
@@ -240,10 +213,11 @@ def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None,
 
 
 def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None,
-                vp_stage: Optional[int] = None) -> GPTModel:
+                vp_stage: Optional[int] = None, table_device: Any = None) -> GPTModel:
     """Build the (JTok)GPTModel for ``cfg``: this rank's pipeline stage, or its model chunk ``vp_stage`` with
-    interleaved stages (``build_model_chunks`` builds them all). ``device='meta'`` builds without allocating
-    (accounting)."""
+    interleaved stages (``build_model_chunks`` builds them all), with replicated tables. ``device='meta'``
+    builds without allocating (accounting); ``table_device``: where the table is allocated (default: with the
+    rest of the model; 'meta' when parallelize replaces it)."""
     m = cfg.model
     if config is None:
         config = build_transformer_config(cfg)
@@ -268,7 +242,7 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
     if vp_stage is not None:
         common["vp_stage"] = vp_stage
     ctx = torch.device("meta") if device == "meta" else torch.device(device) if device is not None else None
-    with ctx if ctx is not None else _nullcontext():
+    with ctx if ctx is not None else contextlib.nullcontext():
         if cfg.jtok.variant == "none":
             return GPTModel(transformer_layer_spec=build_layer_spec(cfg, use_te=use_te), **common)
         token_context = TokenRowsContext()
@@ -276,27 +250,18 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
         if device == "meta":
             table = build_token_table(cfg, device="meta")
         else:
-            from jtok_train.compat import device as compute_device
-
-            table = build_token_table(cfg, device=compute_device(), vp_stage=vp_stage)
+            table = build_token_table(cfg, device=table_device, vp_stage=vp_stage)
         model = JTokGPTModel(transformer_layer_spec=spec, token_table=table, token_context=token_context, **common)
     for p in model.token_table.parameters():
         p.sequence_parallel = bool(config.sequence_parallel)
     return model
 
 
-def build_model_chunks(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None) -> list[GPTModel]:
+def build_model_chunks(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None,
+                       table_device: Any = None) -> list[GPTModel]:
     """This rank's model chunks, in Megatron's order: one (its pipeline stage), or V with interleaved stages
     (parallel.virtual_pipeline_model_parallel_size), each holding its own layers and their JTok tables."""
     vpp = virtual_stages(cfg)
     if vpp == 1 or cfg.parallel.pipeline_model_parallel_size == 1:
-        return [build_model(cfg, config, use_te)]
-    return [build_model(cfg, config, use_te, vp_stage=v) for v in range(vpp)]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        return [build_model(cfg, config, use_te, table_device=table_device)]
+    return [build_model(cfg, config, use_te, vp_stage=v, table_device=table_device) for v in range(vpp)]

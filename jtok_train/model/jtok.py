@@ -26,12 +26,7 @@ from torch import Tensor, nn
 
 from jtok_kernels.ops import jtok_gate, jtokm_blend
 
-__all__ = ["JTok", "JTokM", "JTokMOutput", "l2_normalize", "load_balancing_loss"]
-
-
-def l2_normalize(u: Tensor, eps: float) -> Tensor:
-    """normalize(u) = u / (||u||_2 + eps) over the last dim (L2, not RMSNorm: the paper's ablation)."""
-    return u / (torch.linalg.vector_norm(u, dim=-1, keepdim=True) + eps)
+__all__ = ["JTok", "JTokM", "JTokMOutput", "load_balancing_loss"]
 
 
 class JTok(nn.Module):

@@ -28,9 +28,9 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from jtok_train.compat import megatron as megatron_compat
+import jtok_train.compat.megatron as megatron_compat
 from jtok_train.model.jtok import JTok, JTokM
-from jtok_train.model.token_table import TokenRows, TokenRowsContext
+from jtok_train.tables.rows import TokenRows, TokenRowsContext
 
 __all__ = ["JTokBiasDropoutAdd", "JTokLayerSubmodules", "JTokTransformerLayer", "with_jtok", "JTOKM_AUX_LOSS_NAME"]
 

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["DistributedTestError", "run_distributed", "fill_params_by_global_position"]
+__all__ = ["DistributedTestError", "run_distributed", "fill_params_by_global_position", "free_port"]
 
 
 class DistributedTestError(AssertionError):
@@ -55,7 +55,7 @@ def run_distributed(
         raise ValueError(f"run_distributed needs a module-level function, got {func!r}")
     if threads_per_rank is None:
         threads_per_rank = 1 if world_size > 1 else max(1, os.cpu_count() or 1)
-    port = _free_port()
+    port = free_port()
     ctx = mp.get_context("spawn")
     results: "mp.Queue[tuple[int, str, Any]]" = ctx.Queue()
     procs = []
@@ -194,9 +194,8 @@ def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02,
                 sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
 
 
-def _free_port() -> int:
-    import socket
+def free_port() -> int:
+    """A free TCP port on this host (for a test's rendezvous)."""
+    from jtok_train.compat.cpu import free_port as _port
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _port()

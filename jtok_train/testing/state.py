@@ -45,7 +45,7 @@ def _pieces(sharded: Any, prefix: str) -> list[tuple[str, tuple, tuple, np.ndarr
 def global_state(trainer: Any) -> dict[str, np.ndarray]:
     import torch.distributed as dist
 
-    from jtok_train.training.checkpoint import model_sections
+    from jtok_train.checkpoint import model_sections
 
     # every model chunk's pieces under model/ (their keys are global: chunks of interleaved stages fill
     # different layers of the same tensors)

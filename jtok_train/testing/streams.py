@@ -1,4 +1,4 @@
-"""A recording stand-in for the CUDA stream calls of the exchange (``jtok_train.parallel.exchange.CudaStreams``),
+"""A recording stand-in for the CUDA stream calls of the exchange (``jtok_train.tables.exchange.CudaStreams``),
 for CPU tests of the stream discipline that a CPU run cannot otherwise show.
 
 ``RecordingStreams`` keeps a current stream (``compute`` until a ``use(side)`` block) and, through a

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+from typing import Callable, Sequence
+
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from jtok_train.config import ConfigError
 
-__all__ = ["build_optimizer", "build_scheduler", "table_group_overrides"]
+__all__ = ["build_optimizer", "build_scheduler", "table_group_overrides", "JointOptimizer"]
 
 
 def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
@@ -83,3 +86,63 @@ def build_scheduler(cfg: Any, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         **kw,
     )
+
+
+class JointOptimizer:
+    """Megatron's optimizer and the sharded tables' optimizers, stepped as one: one gradient norm over both, one
+    clipping coefficient, one decision to skip (what Megatron's ChainedOptimizer does for its own optimizers,
+    which cannot hold a table whose gradient arrives through the exchange). The training loop calls
+    ``zero_grad``, ``finish_backward`` and ``step`` and never touches a table.
+
+    ``tables``: objects with finish_backward / zero_grad / grad_norm_sq / scale_grad / step(lr)
+    (``jtok_train.tables.optimizer.ShardedTableOptimizer``); ``table_lr()``: their learning rate this step."""
+
+    def __init__(self, optimizer: Any, tables: Sequence[Any], clip_grad: float, table_lr: Callable[[], float]):
+        self.optimizer, self.tables, self.clip_grad, self.table_lr = optimizer, list(tables), clip_grad, table_lr
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+        for t in self.tables:
+            t.zero_grad()
+
+    def finish_backward(self) -> None:
+        """Collect the step's row gradients (also on a step that is then skipped: the next zero_grad drops them)."""
+        for t in self.tables:
+            t.finish_backward()
+
+    def step(self) -> tuple[bool, float]:
+        """Megatron's optimizer step in its own pieces (prepare_grads, get_grad_norm, clipping by the total
+        norm, step_with_ready_grads), so that (1) the tables' gradient joins the global norm (one clipping
+        coefficient for backbone and tables, as an unsharded model computes it) and (2) a non-finite norm
+        under a finite loss (bf16 has no loss scaler, so Megatron's found-inf check never fires) is seen before
+        anything is applied. Returns (applied, total grad norm); nothing is applied when it is not finite."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        self.finish_backward()
+        if self.optimizer.prepare_grads():      # Megatron's found-inf (fp16 loss scaler)
+            return False, float("nan")
+        norm_sq = float(self.optimizer.get_grad_norm()) ** 2
+        for t in self.tables:
+            norm_sq += t.grad_norm_sq()
+        total = math.sqrt(norm_sq)
+        if not math.isfinite(total):          # the norm is reduced over ranks: every rank takes this branch
+            return False, total
+        if self.clip_grad > 0:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                params = opt.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=self.clip_grad, total_norm=total)
+            coeff = self.clip_grad / (total + 1.0e-6)
+            if coeff < 1.0:
+                for t in self.tables:
+                    t.scale_grad(coeff)
+        ok = self.optimizer.step_with_ready_grads()
+        if self.tables:
+            lr = self.table_lr()
+            for t in self.tables:
+                t.step(lr=lr)
+        return ok, total

@@ -132,7 +132,7 @@ def _bad_inputs(data: dict, root: str) -> dict:
 
     from jtok_train.config import compose
     from jtok_train.data.indexed import DataFileError, write_indexed_dataset
-    from jtok_train.training.checkpoint import latest_checkpoint, verify_checkpoint
+    from jtok_train.checkpoint import latest_checkpoint, verify_checkpoint
     from jtok_train.training.errors import CheckpointError, NonFiniteLossError
     from jtok_train.training.trainer import Trainer
 
@@ -199,33 +199,35 @@ def _bad_inputs(data: dict, root: str) -> dict:
     intact()
 
     # NaN/Inf loss: stop saves the last good step; skip drops the update and counts it
-    real = Trainer._run_schedule
+    from jtok_train.training.train_module import TrainModule
 
-    def nan_at_step_3(self, batches, num_micro, forward_only):
-        loss = real(self, batches, num_micro, forward_only)
+    real = TrainModule.run_schedule
+
+    def nan_at_step_3(self, batches, forward_only):
+        loss = real(self, batches, forward_only)
         return math.nan if (not forward_only and self._nan_calls == 2) else loss
 
-    def counting(self, batches, num_micro, forward_only):
-        out = nan_at_step_3(self, batches, num_micro, forward_only)
+    def counting(self, batches, forward_only):
+        out = nan_at_step_3(self, batches, forward_only)
         if not forward_only:
             self._nan_calls += 1
         return out
 
-    Trainer._run_schedule = counting
-    Trainer._nan_calls = 0
+    TrainModule.run_schedule = counting
+    TrainModule._nan_calls = 0
     try:
         stop_dir = root / "nan_stop"
         tr = Trainer(compose(_overrides(data, str(stop_dir), **{"train.train_iters": 4})))
         msgs["nan_stop"] = _expect(NonFiniteLossError, "saved the last good step 2", tr.fit)
         assert latest_checkpoint(stop_dir).name == "step_0000002"
         verify_checkpoint(latest_checkpoint(stop_dir))
-        Trainer._nan_calls = 0
+        TrainModule._nan_calls = 0
         res = Trainer(compose(_overrides(data, str(root / "nan_skip"),
                                          **{"train.train_iters": 4, "train.nan_policy": "skip"}))).fit()
         assert math.isnan(res.losses[2]) and res.final_metrics["skipped_steps"] == 1
         assert all(math.isfinite(x) for i, x in enumerate(res.losses) if i != 2)
     finally:
-        Trainer._run_schedule = real
+        TrainModule.run_schedule = real
     intact()
     return msgs
 

@@ -112,8 +112,9 @@ def _plans(runs: list[list[str]], prefix: str, world: int) -> list[dict]:
     """jtok-plan's capacity figures for each run, the dedup ratio measured on every micro-batch the run trains on."""
     from jtok_train.compat import init_model_parallel
     from jtok_train.config import compose
-    from jtok_train.model.accounting import flops_per_token, formula_params
-    from jtok_train.model.planner import capacity_plan, load_cluster, measure_dedup
+    from jtok_train.planning.cluster import load_cluster
+    from jtok_train.planning.measure import measure_dedup
+    from jtok_train.planning.planner import capacity_plan
 
     init_model_parallel()
     out = []
@@ -124,7 +125,7 @@ def _plans(runs: list[list[str]], prefix: str, world: int) -> list[dict]:
         measured = measure_dedup(cfg, prefix, world, samples // t.micro_batch_size, train_samples=samples,
                                  valid_samples=t.eval_samples)
         cluster = load_cluster("cpu_2", [f"gpus={world}", f"gpus_per_node={world}"])
-        out.append(capacity_plan(cfg, cluster, flops_per_token(cfg, formula_params(cfg)), dedup_measured=measured))
+        out.append(capacity_plan(cfg, cluster, dedup_measured=measured))
     return out
 
 
@@ -245,14 +246,14 @@ def _measure_chunks(runs: list[list[str]]) -> list[dict]:
     for overrides in runs:
         tr = Trainer(compose(overrides))
         events: list[tuple[str, int]] = []
-        forward_step = tr._forward_step
+        forward_step = tr.module._forward_step
         chunk_of = {id(c): v for v, c in enumerate(tr.chunks)}
 
         def logged_forward(data_iterator, model):
             events.append(("F", chunk_of[id(model)]))
             return forward_step(data_iterator, model)
 
-        tr._forward_step = logged_forward
+        tr.module._forward_step = logged_forward
         for v, m in enumerate(tr.unwrapped_chunks):   # a chunk's backward reaches its layers' input last
             m.decoder.register_full_backward_hook(lambda mod, gi, go, v=v: events.append(("B", v)))
         tr.fit()
@@ -302,7 +303,7 @@ def test_planner_interleaved_stages_match_a_vpp2_run(small_dataset, tmp_path):
         "parallel.pipeline_model_parallel_size": 2, "parallel.virtual_pipeline_model_parallel_size": 2})]
     got = run_distributed(_measure_chunks, 2, runs, timeout=900)
     plan = run_distributed(_plans, 1, runs, small_dataset["prefix"], 2, timeout=300)[0][0]
-    from jtok_train.model.planner import schedule_events
+    from jtok_train.planning.layout import schedule_events
 
     mem, n = plan["memory"], plan["layout"]["num_micro"]
     assert n == 4 and len(mem["stages"]) == 2 and mem["total"] == max(mem["per_stage"])

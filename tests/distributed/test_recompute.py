@@ -81,15 +81,16 @@ def _nan_gradient(data: dict, root: str) -> dict:
 
     from jtok_train.config import compose
     from jtok_train.testing.state import global_state
-    from jtok_train.training.checkpoint import latest_checkpoint
+    from jtok_train.checkpoint import latest_checkpoint
     from jtok_train.training.errors import NonFiniteLossError
+    from jtok_train.training.train_module import TrainModule
     from jtok_train.training.trainer import Trainer
 
-    real = Trainer._run_schedule
+    real = TrainModule.run_schedule
     hits = []
 
-    def poisoned(self, batches, num_micro, forward_only):
-        loss = real(self, batches, num_micro, forward_only)
+    def poisoned(self, batches, forward_only):
+        loss = real(self, batches, forward_only)
         if not forward_only:
             self._calls = getattr(self, "_calls", 0) + 1
             if self._calls == 3:
@@ -98,7 +99,7 @@ def _nan_gradient(data: dict, root: str) -> dict:
                 hits.append(loss)
         return loss
 
-    Trainer._run_schedule = poisoned
+    TrainModule.run_schedule = poisoned
     out = {}
     prod = {"train.precision": "bf16", "parallel.use_distributed_optimizer": "true", "parallel.embedding": "sharded",
             "train.save": "true", "train.train_iters": 5}
@@ -117,15 +118,15 @@ def _nan_gradient(data: dict, root: str) -> dict:
 
         # a NaN *loss* skipped with sharded tables: that step's row gradients are collected, not carried into the
         # next step (the table holds no pending micro-batch when a step starts)
-        def nan_loss(self, batches, num_micro, forward_only):
-            loss = real(self, batches, num_micro, forward_only)
+        def nan_loss(self, batches, forward_only):
+            loss = real(self, batches, forward_only)
             if not forward_only:
                 self._calls2 = getattr(self, "_calls2", 0) + 1
                 if self._calls2 == 3:
                     return float("nan")
             return loss
 
-        Trainer._run_schedule = nan_loss
+        TrainModule.run_schedule = nan_loss
         tr = Trainer(compose(tiny_overrides(data, f"{root}/nanloss", **{**prod, "train.nan_policy": "skip"})))
         pending = []
         zero = tr.table.zero_grad
@@ -133,7 +134,7 @@ def _nan_gradient(data: dict, root: str) -> dict:
         res = tr.fit()
         out["nan_loss"] = {"skipped": res.final_metrics["skipped_steps"], "pending": pending}
     finally:
-        Trainer._run_schedule = real
+        TrainModule.run_schedule = real
     out["hits"] = hits
     return out
 

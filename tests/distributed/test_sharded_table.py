@@ -122,7 +122,7 @@ def _rows_and_bad_ids(vocab: int, seq: int) -> dict:
     """Direct provider checks: rows requested == unique (rank, id) pairs; bad ids fail on every rank."""
     import torch.distributed as dist
 
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.tables.sharded import ShardedTokenTable
 
     rank, world = dist.get_rank(), dist.get_world_size()
     table = ShardedTokenTable(vocab, 2, 3, 8, group=dist.group.WORLD, seed=7)
@@ -179,8 +179,8 @@ def _save_sharded(path: str) -> list:
     from megatron.core import dist_checkpointing
 
     from jtok_train.compat import init_model_parallel
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
-    from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+    from jtok_train.tables.sharded import ShardedTokenTable
+    from jtok_train.tables.optimizer import ShardedTableOptimizer
 
     init_model_parallel()
     table = ShardedTokenTable(300, 2, 3, 4, group=dist.group.WORLD, seed=9)
@@ -188,9 +188,9 @@ def _save_sharded(path: str) -> list:
     table.shard.add_(dist.get_rank())            # make every rank's rows distinguishable
     opt.exp_avg.normal_()
     sd = {**table.sharded_state_dict("token_table."), **opt.sharded_state_dict()}
-    from jtok_train.training.checkpoint import _save_strategy   # synchronous writer (no spawn manager)
+    from jtok_train.checkpoint import save_strategy   # synchronous writer (no spawn manager)
 
-    dist_checkpointing.save(sd, path, sharded_strategy=_save_strategy())
+    dist_checkpointing.save(sd, path, sharded_strategy=save_strategy())
     return [table.full_table().numpy(), _gather_moments(table, opt)]
 
 
@@ -208,8 +208,8 @@ def _load_sharded(path: str) -> list:
     from megatron.core import dist_checkpointing
 
     from jtok_train.compat import init_model_parallel
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
-    from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+    from jtok_train.tables.sharded import ShardedTokenTable
+    from jtok_train.tables.optimizer import ShardedTableOptimizer
 
     init_model_parallel()
     table = ShardedTokenTable(300, 2, 3, 4, group=dist.group.WORLD, seed=9)
@@ -239,8 +239,8 @@ def _big_table_peak_memory(vocab: int) -> dict:
 
     import torch.distributed as dist
 
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
-    from jtok_train.parallel.table_optimizer import ShardedTableOptimizer
+    from jtok_train.tables.sharded import ShardedTokenTable
+    from jtok_train.tables.optimizer import ShardedTableOptimizer
 
     rank = dist.get_rank()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -274,7 +274,7 @@ def _many_microbatches(vocab: int, seq: int, num_micro: int, early: bool) -> dic
     contributions computed directly."""
     import torch.distributed as dist
 
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.tables.sharded import ShardedTokenTable
 
     rank, world = dist.get_rank(), dist.get_world_size()
     table = ShardedTokenTable(vocab, 2, 3, 8, group=dist.group.WORLD, seed=7)
@@ -320,8 +320,8 @@ def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[di
     import torch
 
     from jtok_train.config import compose
-    from jtok_train.parallel import exchange
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.tables import exchange
+    from jtok_train.tables.sharded import ShardedTokenTable
     from jtok_train.testing.syncs import DeviceReads
     from jtok_train.training.trainer import Trainer
 
@@ -339,7 +339,7 @@ def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[di
                 reads.wrap(exchange.RowLookup, method, f"RowLookup.{method}")
             reads.wrap(tr.table_opt, "step", "table_optimizer.step")
             # host_ids turns the host batch into numpy (a CPU tensor by contract: it refuses a device tensor)
-            from jtok_train.parallel import sharded_table
+            from jtok_train.tables import sharded as sharded_table
 
             reads.exempt(exchange, "host_ids")
             reads.exempt(sharded_table, "host_ids")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 
 def _recorded_training(runs: list[tuple[list[str], bool]]) -> list[dict]:
     from jtok_train.config import compose
-    from jtok_train.parallel import exchange
+    from jtok_train.tables import exchange
     from jtok_train.testing.streams import RecordingStreams
     from jtok_train.training.trainer import Trainer
 

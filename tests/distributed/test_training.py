@@ -98,7 +98,7 @@ def test_one_rank_vs_two_ranks_same_weights_and_optimizer_states(small_dataset, 
     assert sharded["losses"] == pytest.approx(ref[1]["losses"], rel=1e-5)
     # the table and its Adam moments: stored in permuted row order by the sharded table, in token order by the
     # replicated one (row q of the permuted table is token perm[q])
-    from jtok_train.model.token_table import row_permutation
+    from jtok_train.tables.init import row_permutation
 
     from jtok_train.config import compose
 

@@ -18,9 +18,9 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def _torchrun(n: int) -> list[str]:
-    from jtok_train.testing.distributed import _free_port
+    from jtok_train.testing.distributed import free_port
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(_free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(free_port())]
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -23,10 +23,10 @@ def _train(args: list[str], nproc: int = 1) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", "jtok_train", *args]
     else:
-        from jtok_train.testing.distributed import _free_port
+        from jtok_train.testing.distributed import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "-m", "jtok_train", *args]
+               str(free_port()), "-m", "jtok_train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -178,7 +178,7 @@ def _loaded_vs_raw(run: str, out: str) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from jtok_train.inference import load_for_inference
-    from jtok_train.model.token_table import row_permutation
+    from jtok_train.tables.init import row_permutation
 
     loaded = load_for_inference(run, tables="device")
     dcp_to_torch_save(str(loaded.path), out)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from jtok_train.testing.faults import FAULT_MARK, KILL_AFTER_BYTES, KILL_IN_WRITE
 from jtok_train.testing.runs import logged_losses as _losses
 from tests.e2e.test_resume import STEPS, _args, _assert_same, _launch, _wait, _wait_for_step
 
@@ -77,18 +78,20 @@ def test_kill_inside_the_checkpoint_writer_keeps_the_previous_checkpoint(small_d
     ref = tmp_path / "ref" / "run"
     assert _wait(_launch(2, _args(small_dataset, ref, **extra), ref)) == [0, 0]
     run = tmp_path / "run"
-    procs = _launch(2, _args(small_dataset, run, **extra), run, env={"JTOK_FAULT_KILL_IN_WRITE": "3:0"})
+    procs = _launch(2, _args(small_dataset, run, **extra), run, faults={KILL_IN_WRITE: "3:0"})
     deadline = time.monotonic() + 600
     while procs[0].poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert procs[0].poll() == -signal.SIGKILL, "rank 0 was not killed in the writer"
+    assert f"{FAULT_MARK} {KILL_AFTER_BYTES} bytes into a shard file of step_0000003.partial" \
+        in (run.parent / "run.rank0.log").read_text(), "rank 0's SIGKILL is not the injected one"
     codes = _kill_all(procs)        # rank 1 fails (or waits) in the save's collectives: stop it
     assert codes[0] == -signal.SIGKILL
     ck = run / "checkpoints"
     partial = ck / "step_0000003.partial"
     # the fault landed mid-write: a shard file of exactly 4096 bytes, no .metadata, step 2 still latest
     sizes = {f.name: f.stat().st_size for f in partial.glob("*.distcp")}
-    assert 4096 in sizes.values(), sizes
+    assert KILL_AFTER_BYTES in sizes.values(), sizes
     assert not (partial / ".metadata").exists() and not (ck / "step_0000003").exists()
     assert (ck / "latest").read_text().strip() == "step_0000002"
     assert _wait(_launch(2, _args(small_dataset, run, **extra), run)) == [0, 0]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from jtok_train.testing.faults import FAULT_MARK, KILL_IN_SAVE
 from jtok_train.training.signals import REQUEUE_EXIT_CODE
 from jtok_train.testing.runs import assert_same_run, logged_losses
 from tests.conftest import tiny_overrides
@@ -29,17 +30,22 @@ def _args(data: dict, run: Path, **extra) -> list[str]:
                                              "train.train_iters": STEPS, "train.warmup_fraction": 0.2, **extra})
 
 
-def _launch(n: int, args: list[str], run: Path, env: dict | None = None) -> list[subprocess.Popen]:
-    from jtok_train.testing.distributed import _free_port
+def _launch(n: int, args: list[str], run: Path, env: dict | None = None,
+            faults: dict | None = None) -> list[subprocess.Popen]:
+    """One process per rank; ``faults`` (JTOK_FAULT_* variables): started through the fault-injection entry
+    point ``python -m jtok_train.testing.faults`` instead of ``python -m jtok_train``."""
+    from jtok_train.testing.distributed import free_port
 
-    port = str(_free_port())
+    port = str(free_port())
     run.mkdir(parents=True, exist_ok=True)
     procs = []
     for r in range(n):
         e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE=str(n),
-                 LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
+                 LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                 **(env or {}), **(faults or {}))
         log = open(run.parent / f"{run.name}.rank{r}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, "-m", "jtok_train", *args], cwd=ROOT, env=e, stdout=log,
+        entry = "jtok_train.testing.faults" if faults else "jtok_train"
+        procs.append(subprocess.Popen([sys.executable, "-m", entry, *args], cwd=ROOT, env=e, stdout=log,
                                       stderr=subprocess.STDOUT))
     return procs
 
@@ -76,7 +82,9 @@ def reference(small_dataset, tmp_path_factory) -> Path:
 def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_dataset, reference, tmp_path):
     run = tmp_path / "run"
     # 1) killed in the middle of saving step 3: the previous checkpoint stays complete and latest
-    assert _wait(_launch(1, _args(small_dataset, run), run, env={"JTOK_FAULT_KILL_IN_SAVE": "3"})) == [-9]
+    assert _wait(_launch(1, _args(small_dataset, run), run, faults={KILL_IN_SAVE: "3"})) == [-9]
+    assert f"{FAULT_MARK} after writing the torch_dist files of step_0000003.partial" in \
+        (run.parent / "run.rank0.log").read_text(), "the -9 is not the injected kill"
     ck = run / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_0000002"
     assert (ck / "step_0000003.partial").is_dir() and not (ck / "step_0000003").exists()

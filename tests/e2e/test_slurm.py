@@ -125,11 +125,11 @@ def _overrides(data: dict, run: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(small_dataset, tmp_path_factory) -> Path:
     """The same config on one node without SLURM: 2 ranks on 127.0.0.1."""
-    from jtok_train.testing.distributed import _free_port
+    from jtok_train.testing.distributed import free_port
 
     run = tmp_path_factory.mktemp("ref") / "run"
     run.mkdir()
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for r in range(2):
         e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2",

@@ -141,3 +141,26 @@ def test_pipeline_layouts_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match=r"virtual_pipeline_model_parallel_size=2 is invalid: interleaved stages "
                                           r"need parallel\.pipeline_model_parallel_size > 1"):
         validate(compose(["model=tiny", "parallel.virtual_pipeline_model_parallel_size=2"]))
+
+
+def test_a_saved_config_with_a_retired_key_still_loads():
+    """data.num_workers did nothing and was dropped; a checkpoint's saved config that holds it still merges
+    into the schema (and the key is gone), while a user override of it is refused as unknown."""
+    from omegaconf import OmegaConf
+
+    from jtok_train.config import ConfigError, compose
+    from jtok_train.config.schema import RunConfig, drop_retired_keys
+
+    saved = OmegaConf.to_container(compose(["model=tiny"]), resolve=True)
+    saved["data"]["num_workers"] = 4
+    try:
+        OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(saved))
+        raise AssertionError("the schema still accepts data.num_workers")
+    except Exception as e:   # noqa: BLE001 - OmegaConf's ConfigKeyError
+        assert "num_workers" in str(e)
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), drop_retired_keys(saved))
+    assert "num_workers" not in cfg.data and cfg.model.num_layers == saved["model"]["num_layers"]
+    import pytest
+
+    with pytest.raises((ConfigError, Exception), match="num_workers"):
+        compose(["model=tiny", "data.num_workers=2"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sysconfig
 from pathlib import Path
 
@@ -199,12 +198,6 @@ def test_cli(built, tmp_path, capsys):
 # ------------------------------------------------------------------------- Megatron datasets and batches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_blend_split_and_determinism(built, tmp_path):
     import torch.distributed as dist
     from megatron.core.datasets.blended_dataset import BlendedDataset
@@ -214,7 +207,9 @@ def test_blend_split_and_determinism(built, tmp_path):
     tok, pa, pb = built["tok"], built["ra"].prefix, built["rb"].prefix
     kw = dict(seq_length=64, seed=1234, train_samples=400, valid_samples=20, split="90,10")
     # 1) with a caller-owned 1-rank gloo group (free port), which build_datasets must leave alone
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    from jtok_train.testing.distributed import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         tr1, va1 = build_datasets([(pa, 0.75), (pb, 0.25)], tok, cache_dir=tmp_path / "c1", **kw)
         assert dist.is_initialized()
@@ -249,11 +244,11 @@ def test_blend_split_and_determinism(built, tmp_path):
 
 def test_batch_order_independent_of_dp_size(built):
     from jtok_train.data.datasets import (
-        MicroBatchSampler,
         build_datasets,
         global_batch_indices,
         make_batch,
         microbatch_indices,
+        num_microbatches,
     )
 
     G, m, steps = 16, 2, 3
@@ -263,7 +258,9 @@ def test_batch_order_independent_of_dp_size(built):
     assert ref.tolist() == list(range(G * steps))
     for W in (1, 2, 4):
         n = G // (m * W)
-        per_rank = [list(MicroBatchSampler(G * steps, m, G, r, W)) for r in range(W)]
+        # the trainer's order: step by step, micro-step by micro-step
+        per_rank = [[microbatch_indices(t, k, r, W, m, G).tolist() for t in range(steps)
+                     for k in range(num_microbatches(G, m, W))] for r in range(W)]
         assert all(len(p) == n * steps for p in per_rank)
         # order the rank-local micro-batches by (step, micro-step, rank): the global order, for every W
         merged = [i for t in range(n * steps) for r in range(W) for i in per_rank[r][t]]
@@ -278,7 +275,6 @@ def test_batch_order_independent_of_dp_size(built):
         want = make_batch([tr[int(i)] for i in global_batch_indices(1, G)])["tokens"]
         assert got.equal(want)
     # resume at another world size from the global consumed-sample count
-    s = MicroBatchSampler(G * steps, m, G, dp_rank=1, dp_size=2, consumed_samples=G)
-    assert next(iter(s)) == [G + 2, G + 3]
+    assert microbatch_indices(0, 0, 1, 2, m, G, G).tolist() == [G + 2, G + 3]
     with pytest.raises(ValueError, match="not a multiple"):
-        MicroBatchSampler(G * steps, 3, G, 0, 2)
+        num_microbatches(G, 3, 2)

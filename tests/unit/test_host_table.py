@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jtok_train.inference.host_table import HostTokenTable, bytes_per_token
-from jtok_train.model.token_table import ReplicatedTokenTable
+from jtok_train.tables.host import HostTokenTable, bytes_per_token
+from jtok_train.tables.replicated import ReplicatedTokenTable
 
 
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1), (3, 16)])

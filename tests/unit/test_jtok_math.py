@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from jtok_train.model.jtok import JTok, JTokM, load_balancing_loss
-from jtok_train.model.token_table import (
-    INIT_CHUNK,
-    ReplicatedTokenTable,
-    check_token_ids,
-    init_rows_for_permuted_range,
-    row_permutation,
-)
+from jtok_train.tables.init import INIT_CHUNK, init_rows_for_permuted_range, row_permutation
+from jtok_train.tables.replicated import ReplicatedTokenTable
+from jtok_train.tables.rows import check_token_ids
 
 
 def naive_normalize(u, eps):

@@ -15,7 +15,7 @@ def _save_and_load(root: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from jtok_train.training.checkpoint import _MetadataUnpickler, _save_strategy, load_sharded_state, read_meta
+    from jtok_train.checkpoint import load_sharded_state, read_dcp_metadata, read_meta, save_strategy
 
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(root) / "ckpt"
@@ -25,10 +25,9 @@ def _save_and_load(root: str) -> dict:
     local = torch.arange(4, dtype=torch.float32) + 4 * rank
     meta = {"format": 1, "step": 7}
     state = {"w": ShardedTensor.from_rank_offsets("w", local.clone(), (0, rank, world), replica_id=0), "meta": meta}
-    dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy())
+    dist_checkpointing.save(state, str(path), sharded_strategy=save_strategy())
     dist.barrier()
-    with open(path / ".metadata", "rb") as f:
-        keys = sorted(_MetadataUnpickler(f).load().state_dict_metadata)
+    keys = sorted(read_dcp_metadata(path).state_dict_metadata)
     target = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), (0, rank, world), replica_id=0)}
     loaded, missing, unexpected = load_sharded_state(target, path, "the test state")
     return {"files": sorted(p.name for p in path.iterdir()), "keys": keys, "meta": read_meta(path),

@@ -22,7 +22,7 @@ CASES = [
 def _count_all(cases):
     from jtok_train.compat import init_model_parallel
     from jtok_train.config import compose
-    from jtok_train.model.accounting import count_model, formula_params, plan
+    from jtok_train.planning.formulas import count_model, formula_params, plan
     from jtok_train.model.builder import build_model, build_transformer_config
 
     init_model_parallel()
@@ -93,7 +93,7 @@ def test_jtok_plan_cli_json():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Capacity planner (jtok_train/model/planner.py): arithmetic checked against hand-computed answers
+# Capacity planner (jtok_train/planning/): arithmetic checked against hand-computed answers
 # ----------------------------------------------------------------------------------------------------------------
 
 BIG = ["model=moe_17b_a2b", "jtok=jtokm", "train=default", "train.eval_samples=256", "parallel.embedding=sharded"]
@@ -106,8 +106,9 @@ def _compose(*overrides):
 
 
 def test_params_per_rank_sum_to_the_closed_form_and_split_by_tp_and_ep():
-    from jtok_train.model.accounting import formula_params
-    from jtok_train.model.planner import layout, params_per_rank
+    from jtok_train.planning.formulas import formula_params
+    from jtok_train.planning.layout import layout
+    from jtok_train.planning.memory import params_per_rank
 
     for model, jtok in CASES:
         cfg = _compose(f"model={model}", f"jtok={jtok}", "train.global_batch_size=16", "train.micro_batch_size=1",
@@ -129,7 +130,8 @@ def test_params_per_rank_sum_to_the_closed_form_and_split_by_tp_and_ep():
 
 
 def test_memory_bytes_per_parameter_by_precision_and_optimizer():
-    from jtok_train.model.planner import layout, memory_per_rank, params_per_rank
+    from jtok_train.planning.layout import layout
+    from jtok_train.planning.memory import memory_per_rank, params_per_rank
 
     base = ["model=tiny", "jtok=jtokm", "train.global_batch_size=16", "train.eval_samples=16"]
     for prec, (pb, gb, ob) in (("fp32", (4, 4, 8)), ("bf16", (2, 4, 12))):
@@ -173,7 +175,9 @@ def test_memory_bytes_per_parameter_by_precision_and_optimizer():
 
 
 def test_exchange_bytes_and_timing_against_hand_computation():
-    from jtok_train.model.planner import Cluster, exchange_per_step, layout, step_timing
+    from jtok_train.planning.cluster import Cluster
+    from jtok_train.planning.exchange import exchange_per_step, step_timing
+    from jtok_train.planning.layout import layout
 
     # tiny: L 4, n_e 5, d 128 -> row 10,240 B; micro-batch 4 x 256 = 1,024 positions; 16 ranks, 1 micro-batch/step
     cfg = _compose("model=tiny", "jtok=jtokm", "parallel.embedding=sharded", "train.global_batch_size=64",
@@ -214,7 +218,8 @@ def test_exchange_bytes_and_timing_against_hand_computation():
 
 
 def test_cluster_presets_overrides_and_errors():
-    from jtok_train.model.planner import PlanError, cluster_names, default_dedup_ratio, load_cluster
+    from jtok_train.planning.cluster import PlanError, cluster_names, load_cluster
+    from jtok_train.planning.exchange import default_dedup_ratio
 
     assert {"h100_8x8", "h200_8x8", "h100_1x8", "cpu_2"} <= set(cluster_names())
     c = load_cluster("h100_8x8", ["gpus=128", "mfu=0.35"])
@@ -237,7 +242,7 @@ def test_measured_dedup_counts_unique_ids_of_the_training_microbatches(small_dat
 
     from jtok_train.data.datasets import build_datasets
     from jtok_train.data.tokenizer import load_tokenizer
-    from jtok_train.model.planner import measure_dedup
+    from jtok_train.planning.measure import measure_dedup
     from tests.conftest import tiny_overrides
 
     cfg = _compose(*tiny_overrides(small_dataset, "unused"))

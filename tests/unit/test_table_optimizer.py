@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jtok_train.parallel.table_optimizer import ShardedTableOptimizer, fused_adamw_available
+from jtok_train.tables.optimizer import ShardedTableOptimizer, fused_adamw_available
 
 
 def _table(rows=37, shape=(2, 3, 5), seed=0):
@@ -59,7 +59,7 @@ def test_dense_adamw_equals_torch_adamw(fused):
 def _touched_rows_ops() -> dict:
     import torch.distributed as dist
 
-    from jtok_train.parallel.sharded_table import ShardedTokenTable
+    from jtok_train.tables.sharded import ShardedTokenTable
 
     out = {}
     for name, rows in (("few", [0, 5, 6, 40]), ("many", list(range(0, 97, 2)))):   # 4 and 49 of 97 rows

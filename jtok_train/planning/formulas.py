@@ -2,7 +2,8 @@
 
 Two independent paths that tests hold together:
 - ``count_model``: counts the instantiated model (built on the meta device, so 61B costs nothing);
-- ``formula_params``: the closed-form count from the config.
+- ``formula_params``: the closed-form count from the config, summed from ``param_roles`` (one layer's
+  parameters by role), which the capacity planner (``planning.memory.params_per_rank``) splits over ranks.
 
 Conventions (the paper does not define them precisely; ours, stated here and in the README):
 - token-indexed N_n: the JTok tables, L * n_e * V * d.
@@ -16,11 +17,12 @@ Conventions (the paper does not define them precisely; ours, stated here and in 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["ParamCounts", "count_model", "formula_params", "flops_per_token", "plan"]
+__all__ = ["ParamCounts", "ParamRoles", "param_roles", "count_model", "formula_params", "flops_per_token", "plan"]
 
 
 @dataclass
@@ -42,11 +44,60 @@ class ParamCounts:
         return self
 
 
+@dataclass(frozen=True)
+class ParamRoles:
+    """The closed-form parameter counts by role for the local layer spec (RMSNorm weights, no biases): per
+    decoder layer, and the parts the model holds once."""
+    # per decoder layer
+    attention: int          # QKV and output projections
+    norms: int              # the layer's two norms
+    dense_mlp: int          # 0 with MoE
+    moe_router: int         # 0 without MoE
+    shared_expert: int      # 0 without a shared expert
+    routed_experts: int     # all E routed experts of the layer
+    jtok_dense: int         # JTok scales, JTok-M routers and router norms
+    table_row: int          # one token's table row in one layer: n_e d (0 without JTok)
+    # once
+    embedding: int          # input embedding table, V d
+    position: int           # learned absolute position embedding (0 with RoPE)
+    output: int             # untied output layer, V d (0 when tied to the embedding)
+    final_norm: int
+
+
+def param_roles(cfg: Any) -> ParamRoles:
+    m, j = cfg.model, cfg.jtok
+    d, V = m.hidden_size, m.vocab_size
+    heads = m.num_attention_heads
+    head_dim = d // heads
+    groups = m.num_query_groups or heads
+    norm = d if m.normalization == "RMSNorm" else 2 * d
+    glu = 2 if m.gated_linear_unit else 1
+
+    def mlp(width: int) -> int:
+        return glu * d * width + width * d
+
+    moe = bool(m.num_experts)
+    return ParamRoles(
+        attention=d * (heads + 2 * groups) * head_dim + heads * head_dim * d,
+        norms=2 * norm,
+        dense_mlp=0 if moe else mlp(m.ffn_hidden_size),
+        moe_router=d * m.num_experts if moe else 0,
+        shared_expert=mlp(m.moe_shared_expert_intermediate_size) if moe and m.moe_shared_expert_intermediate_size else 0,
+        routed_experts=m.num_experts * mlp(m.moe_ffn_hidden_size) if moe else 0,
+        jtok_dense={"none": 0, "jtok": d, "jtokm": d * j.num_sets + 2 * d}[j.variant],
+        table_row=j.num_sets * d if j.variant != "none" else 0,
+        embedding=V * d,
+        position=m.seq_length * d if m.position_embedding_type == "learned_absolute" else 0,
+        output=V * d if m.untie_embeddings_and_output_weights else 0,
+        final_norm=norm,
+    )
+
+
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def count_model(model: nn.Module, cfg: Any) -> ParamCounts:
+def count_model(model: "nn.Module", cfg: Any) -> ParamCounts:
     """Count an instantiated (meta or real, world size 1) model by parameter role."""
     table = _numel(model.token_table.parameters()) if hasattr(model, "token_table") else 0
     jtok_dense = sum(_numel(layer.jtok.parameters()) for layer in model.decoder.layers if hasattr(layer, "jtok"))
@@ -61,36 +112,14 @@ def count_model(model: nn.Module, cfg: Any) -> ParamCounts:
 
 
 def formula_params(cfg: Any) -> ParamCounts:
-    """Closed-form count for the local layer spec (RMSNorm weights, no biases)."""
-    m, j = cfg.model, cfg.jtok
-    d, L, V = m.hidden_size, m.num_layers, m.vocab_size
-    heads = m.num_attention_heads
-    head_dim = d // heads
-    groups = m.num_query_groups or heads
-    norm = d if m.normalization == "RMSNorm" else 2 * d
-    attn = d * (heads + 2 * groups) * head_dim + heads * head_dim * d
-    glu = 2 if m.gated_linear_unit else 1
-
-    def mlp(width: int) -> int:
-        return glu * d * width + width * d
-
-    routed = 0
-    if m.num_experts:
-        routed = L * m.num_experts * mlp(m.moe_ffn_hidden_size)
-        shared = mlp(m.moe_shared_expert_intermediate_size) if m.moe_shared_expert_intermediate_size else 0
-        ffn = d * m.num_experts + shared  # router + shared expert; routed experts counted apart
-    else:
-        ffn = mlp(m.ffn_hidden_size)
-    embedding = V * d
-    position = m.seq_length * d if m.position_embedding_type == "learned_absolute" else 0
-    output = V * d if m.untie_embeddings_and_output_weights else 0
-    backbone = embedding + position + output + L * (attn + ffn + 2 * norm) + routed + norm
-    jtok_dense = token = 0
-    if j.variant == "jtok":
-        jtok_dense, token = L * d, L * V * d
-    elif j.variant == "jtokm":
-        jtok_dense, token = L * (d * j.num_sets + 2 * d), L * j.num_sets * V * d
-    return ParamCounts(backbone, jtok_dense, token, embedding, routed).finish(m.num_experts, m.moe_router_topk)
+    """Closed-form count for the local layer spec (RMSNorm weights, no biases): ``param_roles`` summed."""
+    m, r = cfg.model, param_roles(cfg)
+    L = m.num_layers
+    routed = L * r.routed_experts
+    per_layer = r.attention + r.norms + r.dense_mlp + r.moe_router + r.shared_expert
+    backbone = r.embedding + r.position + r.output + L * per_layer + routed + r.final_norm
+    jtok_dense, token = L * r.jtok_dense, L * m.vocab_size * r.table_row
+    return ParamCounts(backbone, jtok_dense, token, r.embedding, routed).finish(m.num_experts, m.moe_router_topk)
 
 
 def flops_per_token(cfg: Any, counts: ParamCounts) -> float:
@@ -100,7 +129,7 @@ def flops_per_token(cfg: Any, counts: ParamCounts) -> float:
     return 6.0 * counts.active_params + 12.0 * L * s * d + 3.0 * L * elementwise
 
 
-def plan(cfg: Any, model: nn.Module | None = None) -> dict[str, Any]:
+def plan(cfg: Any, model: "nn.Module | None" = None) -> dict[str, Any]:
     """The jtok-plan report. Counts ``model`` if given, else the closed form."""
     counts = count_model(model, cfg) if model is not None else formula_params(cfg)
     rho = (cfg.jtok.top_k / cfg.jtok.num_sets) if cfg.jtok.variant != "none" else 0.0

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from jtok_train.model.token_table import LayerSlice, TokenRows, init_rows_for_permuted_range
-from jtok_train.parallel.exchange import (ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
-                                          rows_with_grad_exchange)
-from jtok_train.parallel.placement import RowPlacement
+from jtok_train.tables.exchange import (ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
+                                        rows_with_grad_exchange)
+from jtok_train.tables.init import init_rows_for_permuted_range
+from jtok_train.tables.placement import RowPlacement
+from jtok_train.tables.rows import LayerSlice, TokenRows, positions, vocabulary_error
 
 __all__ = ["ShardedTokenTable"]
 
@@ -102,32 +103,10 @@ class ShardedTokenTable(nn.Module):
         self.deferred_sends = 0   # exchanges whose rows advance() sent (DEFER_ROWS)
 
     # -- provider interface --------------------------------------------------------------------------
-    def _local_positions(self, token_ids: np.ndarray) -> np.ndarray:
-        """Host ids [b, s] -> this rank's positions in the hidden states' [s, b] order."""
-        flat = np.ascontiguousarray(token_ids.T).reshape(-1)
-        if self.sequence_shard is not None:
-            r, n = self.sequence_shard
-            b, s = token_ids.shape
-            if s % n:
-                raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {n}")
-            flat = flat.reshape(s, b)[r * (s // n) : (r + 1) * (s // n)].reshape(-1)
-        return flat
-
-    def _bad_ids(self, flat: np.ndarray) -> str | None:
-        if flat.size == 0:
-            return None
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo >= 0 and hi < self.vocab_size:
-            return None
-        bad = lo if lo < 0 else hi
-        return (f"token id {bad} is outside the JTok table's vocabulary [0, {self.vocab_size}) on rank {self.rank}: "
-                f"the data was tokenised with a larger vocabulary than model.vocab_size={self.vocab_size}; rebuild "
-                f"the data or set model.vocab_size to at least {hi + 1}")
-
     def _start(self, token_ids: "Tensor | np.ndarray") -> RowLookup:
         """Plan on the host and send the counts (the first phase of a lookup); ``token_ids``: the host batch."""
-        flat = self._local_positions(host_ids(token_ids))
-        bad = self._bad_ids(flat)
+        flat = positions(host_ids(token_ids), self.sequence_shard)
+        bad = vocabulary_error(flat, self.vocab_size, where=f" on rank {self.rank}")
         plan = make_plan(flat if bad is None else flat.clip(0, self.vocab_size - 1), self.placement, self.dedup,
                          self.shard.device)
         return RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad,

@@ -1,7 +1,7 @@
 """Row placement of the sharded token tables.
 
 Token ids are visited in the order of a fixed seeded permutation (the same one that defines the
-tables' initial values, ``jtok_train.model.token_table.row_permutation``) and cut into contiguous
+tables' initial values, ``jtok_train.tables.init.row_permutation``) and cut into contiguous
 blocks, one per rank of the embedding-parallel group. The permutation spreads the Zipfian head of the
 vocabulary over all ranks (contiguous id ranges put most traffic on rank 0: DESIGN.md measured a
 max/mean load of 3.4-17.5 without it, 1.2-1.9 with it), and a table stored in permuted order reshards
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jtok_train.model.token_table import row_permutation
+from jtok_train.tables.init import row_permutation
 
 __all__ = ["RowPlacement"]
 

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from jtok_train.parallel.sharded_table import ShardedTokenTable
+from jtok_train.tables.sharded import ShardedTokenTable
 
 __all__ = ["ShardedTableOptimizer", "ChunkTableOptimizerState", "fused_adamw_available"]
 
@@ -59,6 +59,21 @@ class ShardedTableOptimizer:
             # torch's state holds this object's moment tensors (the checkpoint reads and writes them in place)
             self._step = torch.zeros((), dtype=torch.float32, device=shard.device)
             self._torch_opt.state[shard] = {"step": self._step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    # -- the step's gradient (the shard's, which arrives through the exchange) ------------------------
+    def finish_backward(self) -> None:
+        """Wait for every row gradient of the step and add them to the shard's gradient."""
+        self.table.finish_backward()
+
+    def zero_grad(self) -> None:
+        self.table.zero_grad()
+
+    def grad_norm_sq(self) -> float:
+        """Squared L2 norm of the whole table's gradient (over the embedding-parallel group and the stages)."""
+        return self.table.grad_norm_sq()
+
+    def scale_grad(self, coeff: float) -> None:
+        self.table.scale_grad(coeff)
 
     @torch.no_grad()
     def step(self, lr: float) -> None:

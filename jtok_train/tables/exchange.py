@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jtok_kernels.ops import segment_sum
-from jtok_train.parallel.placement import RowPlacement
+from jtok_train.tables.placement import RowPlacement
 
 __all__ = ["DedupPlan", "make_plan", "host_ids", "ExchangeStats", "SideStream", "CudaStreams", "RowLookup"]
 

@@ -1,6 +1,6 @@
 """JTok tables in host memory for inference: only the rows of the current tokens reach the compute device.
 
-``HostTokenTable`` is a token-row provider (``jtok_train.model.token_table.TokenRowProvider``) whose table,
+``HostTokenTable`` is a token-row provider (``jtok_train.tables.rows.TokenRowProvider``) whose table,
 ``[V, L, n_e, d]`` in token order, stays in host memory (pinned on CUDA, so copies can be asynchronous).
 Per forward it takes the unique ids of the current tokens (the prompt's unique ids at prefill, the new
 token at each decode step), gathers their rows of every layer on the host into a staging buffer, and copies
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jtok_train.model.token_table import TokenRows, check_token_ids
+from jtok_train.tables.rows import TokenRows, check_token_ids, dedup, positions
 
 __all__ = ["HostTokenTable", "TransferStats", "bytes_per_token"]
 
@@ -82,8 +82,8 @@ class HostTokenTable:
         """Gather the unique ids' rows on the host and start their copy to the device."""
         ids_host = token_ids.detach().to("cpu")
         check_token_ids(ids_host, self.vocab_size)
-        flat = ids_host.t().reshape(-1)          # [b, s] -> [s, b] order, matching the hidden states
-        unique_ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        flat = positions(ids_host)
+        unique_ids, inverse = dedup(flat)
         staging = torch.empty((unique_ids.numel(), *self.table.shape[1:]), dtype=self.table.dtype,
                               pin_memory=self.cuda)
         torch.index_select(self.table, 0, unique_ids, out=staging)
