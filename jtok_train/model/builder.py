@@ -159,11 +159,13 @@ def pipeline_stage_layers(cfg: Any, device: Any = None, vp_stage: Optional[int] 
 
 
 def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
-                      vp_stage: Optional[int] = None) -> ReplicatedTokenTable:
+                      vp_stage: Optional[int] = None, layers: Optional[LayerSlice] = None) -> ReplicatedTokenTable:
     """The replicated table of this pipeline stage's layers (of its model chunk ``vp_stage``): a model
-    parameter. ``device='meta'`` allocates nothing (accounting, or a table that parallelize replaces)."""
+    parameter. ``device='meta'`` allocates nothing (accounting, or a table that parallelize replaces);
+    ``layers``: the stage's layers (default: this rank's stage, or the whole model for a meta build)."""
     j, m = cfg.jtok, cfg.model
-    layers = pipeline_stage_layers(cfg, device, vp_stage)
+    if layers is None:
+        layers = pipeline_stage_layers(cfg, device, vp_stage)
     return ReplicatedTokenTable(
         vocab_size=m.vocab_size,
         num_layers=layers.count,
@@ -250,7 +252,10 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
         if device == "meta":
             table = build_token_table(cfg, device="meta")
         else:
-            table = build_token_table(cfg, device=table_device, vp_stage=vp_stage)
+            # this stage's layers even when the table is a meta placeholder (pipeline_stage_layers gives a meta
+            # *model* build the whole model's)
+            table = build_token_table(cfg, device=table_device, vp_stage=vp_stage,
+                                      layers=pipeline_stage_layers(cfg, None, vp_stage))
         model = JTokGPTModel(transformer_layer_spec=spec, token_table=table, token_context=token_context, **common)
     for p in model.token_table.parameters():
         p.sequence_parallel = bool(config.sequence_parallel)
