@@ -87,10 +87,30 @@ def _inference_config(meta: dict, path: Path) -> Any:
 
 
 def _table_in_token_order(table: Any) -> torch.Tensor:
-    """The whole table [V, L, n_e, d] in token order, from either provider."""
-    if hasattr(table, "full_table"):          # ShardedTokenTable (one rank owns every row)
-        return table.full_table().detach()
+    """The whole table [V, L, n_e, d] in token order (the model's replicated provider)."""
     return table.weight.detach()
+
+
+def _read_sharded_table_as_replicated(state: dict, cfg: Any, prefix: str) -> Any:
+    """A checkpoint of sharded tables stores them as one global [V, L, n_e, d] tensor in permuted row order
+    (key ``token_table.shard``, ``ShardedTokenTable.sharded_tensor``), while the plain model inference builds
+    holds a replicated table in token order (``token_table.weight``). Ask for the stored tensor instead of the
+    weight; the returned function puts a loaded state's rows back in token order under the weight's key."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from jtok_train.tables.placement import RowPlacement
+
+    wkey, skey = f"{prefix}token_table.weight", f"{prefix}token_table.shard"
+    weight = state.pop(wkey).data
+    state[skey] = ShardedTensor.from_rank_offsets(skey, torch.empty_like(weight))
+    position_of = RowPlacement(cfg.model.vocab_size, 1, cfg.jtok.table_seed).position_of
+
+    def to_token_order(loaded: dict) -> dict:
+        permuted = loaded.pop(skey)
+        loaded[wkey] = permuted[position_of]        # token t sits at permuted position position_of[t]
+        return loaded
+
+    return to_token_order
 
 
 def _model_key_prefix(path: Path) -> str:
@@ -172,6 +192,8 @@ def load_for_inference(
     model.eval()
     prefix = _model_key_prefix(path)
     state = {"model": model.sharded_state_dict(prefix=prefix)}
+    sharded = cfg.jtok.variant != "none" and cfg.parallel.embedding == "sharded"
+    from_sharded = _read_sharded_table_as_replicated(state["model"], cfg, prefix) if sharded else None
     loaded, missing, unexpected = load_sharded_state(state, path, "its own config's model")
     # unexpected: asked for by the model, absent from the checkpoint; missing: in the checkpoint, not asked for
     unexpected = sorted(unexpected)
@@ -180,6 +202,8 @@ def load_for_inference(
         what = (f"lacks {len(unexpected)} key(s) the model needs ({unexpected[0]}, ...)" if unexpected else
                 f"holds {len(extra)} model key(s) its config does not build ({extra[0]}, ...)")
         raise CheckpointError(f"checkpoint {path} {what}: it is incomplete or from another version of jtok-train")
+    if from_sharded is not None:
+        loaded["model"] = from_sharded(loaded["model"])
     model.load_state_dict({k[len(prefix):]: v for k, v in loaded["model"].items()}, strict=True)
 
     placement = place_tables(model, tables, dev, bf16=cfg.train.precision == "bf16")
