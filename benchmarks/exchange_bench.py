@@ -27,6 +27,10 @@ VARIANTS = {
     "jtokm_sharded_overlap": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.overlap=true"],
     "jtokm_sharded_no_dedup": ["jtok=jtokm", "parallel.embedding=sharded", "parallel.dedup=false"],
     "jtokm_sharded_overlap_sparse": ["jtok=jtokm", "parallel.embedding=sharded", "jtok.table_optimizer=sparse_adamw"],
+    # hot rows: the H most frequent ids of the data replicated (needs data/demo/text_document.counts.npy:
+    # `jtok-data stats data/demo --count-ids`)
+    **{f"jtokm_sharded_hot{h}": ["jtok=jtokm", "parallel.embedding=sharded", f"parallel.hot_rows={h}"]
+       for h in (256, 1024, 4096)},
 }
 CONFIGS = {
     # the demo model: d 128, 4 layers, 8 experts; micro-batch 4 x 256 tokens
@@ -61,7 +65,7 @@ def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
         rec = {"config": config, "variant": variant, "step_time_s": [r["step_time_s"] for r in steps],
                "loss": res.losses[-1]}
         for key in ("exchange/bytes_sent", "exchange/bytes_received", "exchange/wait_s", "exchange/positions",
-                    "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested"):
+                    "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested", "exchange/hot_hits"):
             vals = [r[key] for r in steps if key in r]
             if vals:
                 rec[key] = statistics.median(vals)
@@ -92,8 +96,8 @@ def main() -> None:
             agg["ranks"].append(rec)
 
     report = {}
-    lines = ["| config | variant | median step (s) | vs backbone | exch. bytes sent/rank/step | wait (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | variant | median step (s) | vs backbone | exch. bytes sent/rank/step | wait (s) | remote rows "
+             "/ token | served locally (hot) / unique |", "|---|---|---|---|---|---|---|---|"]
     for config in args.configs:
         base = statistics.median(results[(config, "backbone")]["step_time_s"])
         for variant in args.variants:
@@ -102,12 +106,17 @@ def main() -> None:
             sent = statistics.median([r.get("exchange/bytes_sent", 0) for r in agg["ranks"]])
             wait = statistics.median([r.get("exchange/wait_s", 0) for r in agg["ranks"]])
             entry = {"median_step_s": med, "ratio_vs_backbone": med / base, "bytes_sent": sent, "wait_s": wait}
-            for k in ("exchange/positions", "exchange/unique_ids", "exchange/rows_remote"):
+            for k in ("exchange/positions", "exchange/unique_ids", "exchange/rows_remote", "exchange/hot_hits"):
                 vals = [r[k] for r in agg["ranks"] if k in r]
                 if vals:
                     entry[k] = statistics.median(vals)
             report[f"{config}/{variant}"] = entry
-            lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} |")
+            pos = entry.get("exchange/positions")
+            remote = f"{entry['exchange/rows_remote'] / pos:.3f}" if pos and "exchange/rows_remote" in entry else "-"
+            hot = (f"{entry.get('exchange/hot_hits', 0) / entry['exchange/unique_ids']:.3f}"
+                   if entry.get("exchange/unique_ids") else "-")
+            lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} | "
+                         f"{remote} | {hot} |")
         if not all(f"{config}/{v}" in report for v in ("jtokm_sharded_overlap", "jtokm_sharded_no_overlap",
                                                         "jtokm_sharded_no_dedup")):
             continue

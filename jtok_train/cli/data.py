@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, action="append",
                    help="window size in tokens (repeatable; default 2048)")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--count-ids", action="store_true",
+                   help="write PREFIX.counts.npy (how often each token id occurs: parallel.hot_rows reads it) and "
+                   "print the share of tokens the most frequent ids cover")
 
     bl = sub.add_parser(
         "blend",
@@ -175,6 +178,15 @@ def _cmd_stats(a: argparse.Namespace) -> int:
         prefix = os.path.join(prefix, PREFIX_NAME)
     windows = a.window or [2048]
     all_stats = [dataset_stats(prefix, w) for w in windows]
+    if a.count_ids:
+        import numpy as np
+
+        from jtok_train.data.counts import write_token_counts
+
+        counts = np.load(write_token_counts(prefix))
+        top = np.sort(counts)[::-1].cumsum() / max(1, counts.sum())
+        all_stats[0]["hot_rows_token_share"] = {str(h): float(top[min(h, len(top)) - 1])
+                                                for h in (256, 1024, 4096) if len(top)}
     if a.json:
         print(json.dumps(all_stats if len(all_stats) > 1 else all_stats[0], indent=2))
         return 0
@@ -191,6 +203,9 @@ def _cmd_stats(a: argparse.Namespace) -> int:
                   f"p5 {u['p5']:.3f}, p50 {u['p50']:.3f}, p95 {u['p95']:.3f}")
         else:
             print(f"unique/total ids per {s['window']}-token window: dataset shorter than one window")
+    if "hot_rows_token_share" in s0:
+        share = ", ".join(f"top {h}: {v:.3f}" for h, v in s0["hot_rows_token_share"].items())
+        print(f"token counts written to {prefix}.counts.npy; share of tokens of the most frequent ids: {share}")
     return 0
 
 

@@ -121,6 +121,16 @@ def capacity_rows(c: dict) -> list[tuple[str, str]]:
         o = c["table_optimizer"]
         rows.append(("table optimizer traffic per step", f"adamw {_bytes(o['adamw_bytes'])} ({1e3 * o['adamw_s']:.2f} ms), "
                      f"sparse_adamw <= {_bytes(o['sparse_adamw_bytes'])} ({1e3 * o['sparse_adamw_s']:.2f} ms)"))
+    h = c.get("hot_rows")
+    if h:
+        rows.append((f"hot rows (parallel.hot_rows; {h['source']})",
+                     f"configured {h['configured']}, shortest step at {h['best']}"))
+        for o in h["options"]:
+            rows.append((f"  H = {o['hot_rows']}",
+                         f"{100 * o['hot_share_of_unique_ids']:.0f}% of unique ids local, "
+                         f"{o['remote_rows_per_microbatch']:.0f} remote rows per micro-batch, exchange "
+                         f"{_bytes(o['exchange_bytes_per_step'])} + all-reduce {_bytes(o['all_reduce_bytes_per_step'])} "
+                         f"per step, replicas {_gib(o['replica_bytes_per_gpu'])}, step {1e3 * o['step_s_overlap']:.1f} ms"))
     return rows
 
 

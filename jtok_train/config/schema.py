@@ -158,6 +158,10 @@ class ParallelConfig:
     "sharded: start each micro-batch's row exchange while the previous one computes."
     dedup: bool = True
     "sharded: exchange each distinct token id of a micro-batch once."
+    hot_rows: int = 0
+    "sharded: replicate the rows of the H most frequent token ids on every rank and exchange only the others (0: none). The ids come from the data's token counts (written by jtok-data build / stats) or from parallel.hot_rows_file."
+    hot_rows_file: Optional[str] = None
+    "sharded, hot_rows > 0: a file of token ids, most frequent first (.npy, or text with one id per line); its first hot_rows ids are the hot ones."
     backend: Optional[str] = None
     "torch.distributed backend; None picks nccl on GPU, gloo on CPU."
 
@@ -447,6 +451,13 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
               "sharded tables with tensor parallelism need sequence parallelism (each TP rank serves its own "
               "sequence shard): set parallel.sequence_parallel=true")
+    _need(p.hot_rows >= 0, "parallel.hot_rows", p.hot_rows, "must be >= 0")
+    if p.hot_rows:
+        _need(p.embedding == "sharded" and j.variant != "none", "parallel.hot_rows", p.hot_rows,
+              "hot rows are replicas of sharded JTok table rows: set parallel.embedding=sharded (and a jtok "
+              "variant) or parallel.hot_rows=0")
+        _need(p.hot_rows <= m.vocab_size, "parallel.hot_rows", p.hot_rows,
+              f"must be at most model.vocab_size={m.vocab_size}")
     if p.embedding == "replicated":
         _need(j.table_optimizer == "adamw", "jtok.table_optimizer", j.table_optimizer,
               "sparse_adamw needs parallel.embedding=sharded (replicated tables use Megatron's optimizer)")

@@ -6,6 +6,7 @@ Output directory layout (``--out DIR``)::
     DIR/tokenizer_config.json     {"eos_token": ...}: the end-of-document token, for a given tokenizer
     DIR/text_document.bin/.idx    token ids, one document per entry, EOD appended     (prefix: DIR/text_document)
       or DIR/text_document_00000.bin/.idx, _00001, ...  with --shard-tokens N           (one prefix per shard)
+    DIR/text_document.counts.npy  how often each token id occurs (per output prefix; parallel.hot_rows)
     DIR/manifest.json             fingerprint + settings + stats, written last
     DIR/parts/                    while building: finished parts (resume points); removed at the end
     DIR/cache/                    Megatron's index cache, filled by build_datasets()
@@ -44,6 +45,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jtok_train.data.counts import COUNTS_SUFFIX, counts_path, write_token_counts
 from jtok_train.data.corpus import DEFAULT_MAX_DOC_CHARS, CorpusError
 from jtok_train.data.indexed import DataFileError, token_dtype, validate_indexed
 from jtok_train.data.sources import (
@@ -162,6 +164,9 @@ def _up_to_date(out: Path, fp: str) -> Optional[Dict[str, Any]]:
     if (sum(i.num_tokens for i in infos) != m.get("tokens")
             or sum(i.num_documents for i in infos) != m.get("documents")):
         return None
+    for p in _output_prefixes(m):   # a build made before the counts existed gets them
+        if not counts_path(str(out / p)).is_file():
+            write_token_counts(str(out / p))
     return m
 
 
@@ -575,6 +580,8 @@ def build_dataset(
         _merge([_part_prefix(out, i, False) for i in range(len(parts))], out / PREFIX_NAME, dtype)
         names = [PREFIX_NAME]
     infos = [validate_indexed(out / n) for n in names]
+    for n in names:   # the token-id counts (the hot rows of parallel.hot_rows)
+        write_token_counts(str(out / n))
     t_end = time.perf_counter()
 
     manifest: Dict[str, Any] = {
@@ -593,6 +600,7 @@ def build_dataset(
         "characters": int(sum(p["chars"] for p in parts)),
         "max_token_id": int(max(max(p["max_id"] for p in parts), tok.eod)),
         "dtype": np.dtype(infos[0].dtype).name,
+        "token_counts": [n + COUNTS_SUFFIX for n in names],
         "bin_bytes": sum(i.bin_bytes for i in infos),
         "workers": workers,
         "resumed_parts": n_resumed,

@@ -24,9 +24,11 @@ def shards_tables(cfg: Any) -> bool:
     return cfg.jtok.variant != "none" and cfg.parallel.embedding == "sharded"
 
 
-def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | None = None) -> ShardedTokenTable:
+def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | None = None,
+                        hot_ids: Any = None) -> ShardedTokenTable:
     """The row-sharded provider of this rank's pipeline stage (its model chunk ``vp_stage``), over the
-    embedding-parallel group (the stage's ranks; collective: every rank calls it)."""
+    embedding-parallel group (the stage's ranks; collective: every rank calls it). ``hot_ids``: the token ids
+    whose rows every rank replicates (``parallel.hot_rows``; the caller reads them from the data)."""
     from megatron.core import parallel_state as ps
 
     from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
@@ -50,21 +52,24 @@ def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | No
         grad_scale=1.0 / ps.get_data_parallel_world_size(),
         sequence_shard=(ps.get_tensor_model_parallel_rank(), tp) if p.sequence_parallel and tp > 1 else None,
         device=device,
+        hot_ids=hot_ids,
     )
 
 
-def shard_token_tables(chunks: list, cfg: Any, device: torch.device | str) -> list:
+def shard_token_tables(chunks: list, cfg: Any, device: torch.device | str, hot_ids: Any = None) -> list:
     """Put the row-sharded provider in place of each model chunk's replicated table (in place; returns
     ``chunks``). A no-op unless ``cfg`` shards the tables."""
     if not shards_tables(cfg):
         return chunks
     for v, model in enumerate(chunks):
-        model.token_table = sharded_token_table(cfg, device, vp_stage=v if len(chunks) > 1 else None)
+        model.token_table = sharded_token_table(cfg, device, vp_stage=v if len(chunks) > 1 else None,
+                                                hot_ids=hot_ids)
     return chunks
 
 
-def build_parallel_model_chunks(cfg: Any, config: Any, device: torch.device | str, use_te: bool | None = None) -> list:
+def build_parallel_model_chunks(cfg: Any, config: Any, device: torch.device | str, use_te: bool | None = None,
+                                hot_ids: Any = None) -> list:
     """This rank's model chunks with the configured embedding parallelism: what training builds."""
     sharded = shards_tables(cfg)
     chunks = build_model_chunks(cfg, config, use_te, table_device="meta" if sharded else None)
-    return shard_token_tables(chunks, cfg, device)
+    return shard_token_tables(chunks, cfg, device, hot_ids)

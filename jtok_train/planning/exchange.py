@@ -23,7 +23,8 @@ from jtok_train.planning.cluster import Cluster
 from jtok_train.planning.layout import Layout
 from jtok_train.planning.memory import local_positions, row_bytes
 
-__all__ = ["default_dedup_ratio", "exchange_per_step", "step_timing", "table_optimizer_traffic"]
+__all__ = ["default_dedup_ratio", "exchange_per_step", "step_timing", "table_optimizer_traffic", "zipf_hot_share",
+           "hot_rows_options", "HOT_ROW_CANDIDATES"]
 
 
 _DESIGN_DEDUP = ((2048, 0.27), (4096, 0.22), (8192, 0.18), (16384, 0.14), (65536, 0.08))
@@ -136,3 +137,60 @@ def table_optimizer_traffic(cfg: Any, lay: Layout, cl: Cluster, ratio: float) ->
     bw = cl.hbm_GBps * 1e9
     return {"kind": cfg.jtok.table_optimizer, "rows_per_rank": rows, "touched_rows_upper_bound": touched,
             "adamw_bytes": dense, "sparse_adamw_bytes": sparse, "adamw_s": dense / bw, "sparse_adamw_s": sparse / bw}
+
+
+HOT_ROW_CANDIDATES = (0, 256, 1024, 4096, 16384, 65536)
+# Zipf exponent of the token-frequency model below: with it, a 2,048-token micro-batch of an 8K vocabulary has
+# 53-58% of its unique ids among the 1,024 most frequent and 87% among the 4,096 most frequent, close to what
+# DESIGN.md measured on the demo corpus (53-57%, 76-88%)
+ZIPF_EXPONENT = 1.1
+
+
+def zipf_hot_share(vocab: int, tokens: float, hot_rows: int, exponent: float = ZIPF_EXPONENT) -> float:
+    """Expected share of a micro-batch's unique ids among the ``hot_rows`` most frequent, for ``tokens`` draws
+    from a Zipf(``exponent``) distribution over ``vocab`` ids (used where no data's counts are measured)."""
+    import numpy as np
+
+    if hot_rows <= 0:
+        return 0.0
+    k = np.arange(1, vocab + 1, dtype=np.float64)
+    p = k ** -exponent
+    p /= p.sum()
+    seen = -np.expm1(tokens * np.log1p(-p))          # P(id k occurs at least once) = 1 - (1 - p_k)^T
+    return float(seen[: min(hot_rows, vocab)].sum() / seen.sum())
+
+
+def _ring_all_reduce_seconds(nbytes: float, cl: Cluster, W: int) -> float:
+    """A ring all-reduce over W GPUs: each sends and receives 2 (W - 1) / W of the buffer over its slowest link."""
+    if nbytes <= 0 or W <= 1:
+        return 0.0
+    link = cl.intra_node_GBps if W <= cl.gpus_per_node else cl.inter_node_GBps
+    return 2 * (W - 1) / W * nbytes / (link * 1e9) + 2 * (W - 1) * cl.latency_us * 1e-6
+
+
+def hot_rows_options(cfg: Any, lay: Layout, cl: Cluster, exch: dict, timing: dict, hot_share: dict) -> dict:
+    """parallel.hot_rows = H for each H of ``hot_share`` ({H: share of a micro-batch's unique ids among the H
+    most frequent}): per GPU the replicas' memory (the rows, their gradient and 2 Adam moments, fp32), the
+    exchange bytes and time of the tail, the all-reduce of the replicas' gradient (once per step; counted as
+    exposed, a bound: it overlaps with the tail's last gradient exchange), and the step time; ``best``: the H of
+    the shortest step."""
+    rb, W, n = exch["row_bytes"], lay.emb_world, lay.num_micro
+    d = exch["dedup"]
+    t_c = timing["compute_s_per_microbatch"]
+    fill = timing["pipeline_bubble_s"]
+    out = []
+    for H, share in sorted(hot_share.items()):
+        keep = 1.0 - share
+        f_bytes, b_bytes = d["forward_bytes_per_microbatch"] * keep, d["backward_bytes_per_microbatch"] * keep
+        t_f, t_b = _a2a_seconds(f_bytes, cl, W), _a2a_seconds(b_bytes, cl, W)
+        t_x = t_f + t_b
+        ar_bytes = H * rb
+        t_ar = _ring_all_reduce_seconds(ar_bytes, cl, W)
+        step = n * t_c + t_f + t_b + (n - 1) * max(0.0, t_x - t_c) + fill + t_ar
+        out.append({"hot_rows": H, "hot_share_of_unique_ids": share,
+                    "remote_rows_per_microbatch": d["remote_rows_per_microbatch"] * keep,
+                    "replica_bytes_per_gpu": 4 * H * rb, "exchange_bytes_per_step": (f_bytes + b_bytes) * n,
+                    "all_reduce_bytes_per_step": 2 * (W - 1) / W * ar_bytes if W > 1 else 0.0,
+                    "exchange_s_per_microbatch": t_x, "all_reduce_s": t_ar, "step_s_overlap": step})
+    best = min(out, key=lambda o: o["step_s_overlap"]) if out else None
+    return {"options": out, "best": best["hot_rows"] if best else None}

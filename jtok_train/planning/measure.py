@@ -41,7 +41,7 @@ def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, to
                                  split=cfg.data.split, cache_dir=cfg.data.cache_dir)
     placement = RowPlacement(cfg.model.vocab_size, lay.emb_world, cfg.jtok.table_seed)
     tp = lay.tp if lay.sequence_parallel else 1
-    ratios, remote, unique, positions = [], [], [], []
+    ratios, remote, unique, positions, uniques = [], [], [], [], []
     for jmb in range(micro_batches):
         ids = get_microbatch(train_ds, list(range(jmb * m, (jmb + 1) * m)))["tokens"]
         if int(ids.max()) >= cfg.model.vocab_size:
@@ -56,10 +56,29 @@ def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, to
             ratios.append(u.numel() / part.numel())
             remote.append(float((owners != requester).float().mean()))
             unique.append(u.numel())
+            uniques.append(u.numpy())
             positions.append(part.numel())
     ratios_a = np.array(ratios)
-    return {"prefix": str(prefix), "micro_batches": micro_batches, "tokens_per_microbatch": m * s // tp,
+    hot_share = _hot_share(cfg, prefix, [u for u in uniques])
+    return {"hot_share": hot_share, "prefix": str(prefix), "micro_batches": micro_batches, "tokens_per_microbatch": m * s // tp,
             "unique_ratio": float(np.sum(unique) / np.sum(positions)), "unique_ratio_p5": float(np.percentile(ratios_a, 5)),
             "unique_ratio_p95": float(np.percentile(ratios_a, 95)),
             "remote_fraction": float(np.dot(remote, unique) / np.sum(unique)), "world": lay.emb_world}
 
+
+
+def _hot_share(cfg: Any, prefix: str, uniques: list) -> Optional[dict]:
+    """{H: share of the micro-batches' unique ids among the data's H most frequent} for the planner's
+    candidates, from the dataset's token counts (``jtok-data stats --count-ids``); None without them."""
+    from jtok_train.data.counts import counts_path
+    from jtok_train.planning.exchange import HOT_ROW_CANDIDATES
+
+    path = counts_path(prefix)
+    if not path.is_file():
+        return None
+    counts = np.load(path)
+    rank = np.empty(len(counts), dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+    total = sum(len(u) for u in uniques)
+    cands = sorted({h for h in (*HOT_ROW_CANDIDATES, cfg.parallel.hot_rows) if h <= cfg.model.vocab_size})
+    return {h: float(sum(int((rank[u] < h).sum()) for u in uniques) / max(total, 1)) for h in cands}

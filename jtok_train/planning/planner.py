@@ -16,7 +16,8 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 from jtok_train.planning.cluster import Cluster, PlanError
-from jtok_train.planning.exchange import default_dedup_ratio, exchange_per_step, step_timing, table_optimizer_traffic
+from jtok_train.planning.exchange import (HOT_ROW_CANDIDATES, default_dedup_ratio, exchange_per_step,
+                                         hot_rows_options, step_timing, table_optimizer_traffic, zipf_hot_share)
 from jtok_train.planning.formulas import flops_per_token, formula_params
 from jtok_train.planning.layout import layout
 from jtok_train.planning.memory import local_positions, memory_per_rank
@@ -50,6 +51,17 @@ def capacity_plan(cfg: Any, cluster: Cluster, dedup_ratio: Optional[float] = Non
     fpt = flops_per_token(cfg, formula_params(cfg))
     timing = step_timing(cfg, lay, cluster, fpt, exch) if exch else None
     capacity = cluster.memory_gib * GiB
+    hot = None
+    if exch and cfg.jtok.variant != "none":
+        # parallel.hot_rows: each candidate H (and the configured one) evaluated; the share of unique ids each
+        # serves locally from the data's counts when measured, else from a Zipf model of token frequencies
+        shares = (dedup_measured or {}).get("hot_share")
+        source = f"measured on {dedup_measured['prefix']}" if shares else "Zipf model (planning/exchange.py)"
+        cands = sorted({h for h in (*HOT_ROW_CANDIDATES, cfg.parallel.hot_rows) if h <= cfg.model.vocab_size})
+        if not shares:
+            shares = {h: zipf_hot_share(cfg.model.vocab_size, T_local, h) for h in cands}
+        hot = {**hot_rows_options(cfg, lay, cluster, exch, timing, {int(h): v for h, v in shares.items()}),
+               "source": source, "configured": cfg.parallel.hot_rows}
     return {
         "cluster": asdict(cluster),
         "layout": asdict(lay),
@@ -61,5 +73,6 @@ def capacity_plan(cfg: Any, cluster: Cluster, dedup_ratio: Optional[float] = Non
         "exchange": exch,
         "timing": timing,
         "table_optimizer": table_optimizer_traffic(cfg, lay, cluster, ratio) if lay.sharded else None,
+        "hot_rows": hot,
     }
 

@@ -97,6 +97,7 @@ class ExchangeStats:
     bytes_received: int = 0
     wait_s: float = 0.0              # time compute waited on the exchange
     lookups: int = 0
+    hot_hits: int = 0                # ids served from this rank's replicas of the hot rows (parallel.hot_rows)
 
     def as_metrics(self, prefix: str = "exchange/") -> dict[str, float]:
         d = {k: float(v) for k, v in self.__dict__.items()}

@@ -10,6 +10,11 @@
   micro-batch touches a few thousand ids; but a row untouched for k steps skips k moment decays and k
   decay-of-weights, so it is not the same optimizer (TensorFlow's LazyAdam trade-off). Memory: 2 moments
   per table entry and one int64 step per row.
+
+Hot rows (``table.num_hot`` > 0): the replicas are a second tensor of the same optimizer (their own moments and
+per-row steps, the same update), stepped on every rank of the group with the same all-reduced gradient; after
+each step the owners copy replica values and moments into their shard rows (``table.write_hot``), so the
+checkpoint holds every row once, in the layout without hot rows. Memory: H rows x 2 moments more per rank.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ class ShardedTableOptimizer:
         self.exp_avg_sq = torch.zeros_like(table.shard)
         self.steps = torch.zeros(table.shard.shape[0], dtype=torch.int64, device=table.shard.device)
         self.num_steps = 0
+        self.hot = table.hot if getattr(table, "num_hot", 0) else None
+        if self.hot is not None:   # the replicas' moments and steps (filled from the owners' rows on load)
+            self.hot_exp_avg = torch.zeros_like(self.hot)
+            self.hot_exp_avg_sq = torch.zeros_like(self.hot)
+            self.hot_steps = torch.zeros(self.hot.shape[0], dtype=torch.int64, device=self.hot.device)
         self._torch_opt = None
         self.fused = False
         if kind == "adamw":
@@ -55,10 +65,16 @@ class ShardedTableOptimizer:
                 fused = fused_adamw_available(shard.device)
             self.fused = bool(fused)
             impl = {"fused": True} if self.fused else {"foreach": False}
-            self._torch_opt = torch.optim.AdamW([shard], lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, **impl)
-            # torch's state holds this object's moment tensors (the checkpoint reads and writes them in place)
+            params = [shard] if self.hot is None else [shard, self.hot]
+            self._torch_opt = torch.optim.AdamW(params, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, **impl)
+            # torch's state holds this object's moment tensors (the checkpoint reads and writes them in place);
+            # one step tensor per parameter (torch increments each)
             self._step = torch.zeros((), dtype=torch.float32, device=shard.device)
             self._torch_opt.state[shard] = {"step": self._step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+            if self.hot is not None:
+                self._hot_step = torch.zeros((), dtype=torch.float32, device=shard.device)
+                self._torch_opt.state[self.hot] = {"step": self._hot_step, "exp_avg": self.hot_exp_avg,
+                                                   "exp_avg_sq": self.hot_exp_avg_sq}
 
     # -- the step's gradient (the shard's, which arrives through the exchange) ------------------------
     def finish_backward(self) -> None:
@@ -81,23 +97,51 @@ class ShardedTableOptimizer:
         if self.kind == "adamw":
             self.num_steps += 1
             self.steps += 1
+            if self.hot is not None:
+                self.hot_steps += 1
             group = self._torch_opt.param_groups[0]
             group["lr"] = lr
             p.grad = g
+            if self.hot is not None:
+                self.hot.grad = self.table.hot_grad
             try:
                 self._torch_opt.step()
             finally:
                 p.grad = None
+                if self.hot is not None:
+                    self.hot.grad = None
+            self._write_hot()
             return
         rows = self.table.touched_rows()
-        if rows.numel() == 0:
+        slots = self.table.hot_touched_slots() if self.hot is not None else None
+        if rows.numel() == 0 and (slots is None or slots.numel() == 0):
             return
         self.num_steps += 1
-        self.steps[rows] += 1
-        pr, gr, m, v = p[rows], g[rows], self.exp_avg[rows], self.exp_avg_sq[rows]
-        step = self.steps[rows].to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
+        self._sparse_update(p, g, self.exp_avg, self.exp_avg_sq, self.steps, rows, lr)
+        if slots is not None:
+            self._sparse_update(self.hot, self.table.hot_grad, self.hot_exp_avg, self.hot_exp_avg_sq, self.hot_steps,
+                                slots, lr)
+            self._write_hot()
+
+    def _sparse_update(self, p, g, exp_avg, exp_avg_sq, steps, rows, lr) -> None:
+        if rows.numel() == 0:
+            return
+        steps[rows] += 1
+        pr, gr, m, v = p[rows], g[rows], exp_avg[rows], exp_avg_sq[rows]
+        step = steps[rows].to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
         self._update(pr, gr, m, v, lr, step)
-        p[rows], self.exp_avg[rows], self.exp_avg_sq[rows] = pr, m, v
+        p[rows], exp_avg[rows], exp_avg_sq[rows] = pr, m, v
+
+    def _pairs(self):
+        """(shard-sized tensor, its replicas) for the table and each optimizer state."""
+        t = self.table
+        return ((t.shard, self.hot), (self.exp_avg, self.hot_exp_avg), (self.exp_avg_sq, self.hot_exp_avg_sq),
+                (self.steps, self.hot_steps))
+
+    def _write_hot(self) -> None:
+        if self.hot is not None:
+            for shard_like, hot_like in self._pairs():
+                self.table.write_hot(shard_like, hot_like)
 
     def _update(self, p, g, m, v, lr, step) -> None:
         """torch.optim.AdamW's update (decoupled weight decay) with a step count per row."""
@@ -129,11 +173,16 @@ class ShardedTableOptimizer:
         rows = self.table.stop_row - self.table.start_row
         for name, x in self._moments():
             x[:rows].copy_(s[name])
+        if self.hot is not None:   # the replicas' moments from their owners (collective)
+            for shard_like, hot_like in self._pairs()[1:]:
+                self.table.refresh_hot(shard_like, hot_like)
 
     def set_num_steps(self, n: int) -> None:
         self.num_steps = int(n)
         if self._torch_opt is not None:
             self._step.fill_(self.num_steps)
+            if self.hot is not None:
+                self._hot_step.fill_(self.num_steps)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

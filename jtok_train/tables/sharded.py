@@ -12,6 +12,9 @@ steps it (clipped jointly with the backbone by the trainer).
 Overlap: ``prefetch(host ids)`` starts a micro-batch's exchange early (ids are known on the host before the
 forward), ``advance()`` (called by the model after each forward) sends its rows, ``lookup(ids)`` consumes it;
 without a prefetch the exchange runs synchronously at the lookup.
+
+Hot rows (``hot_ids``, ``parallel.hot_rows``): replicas of the most frequent ids' rows on every rank, served
+locally; only the other ids are exchanged (``jtok_train/tables/hot.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from jtok_train.tables.exchange import (ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
                                         rows_with_grad_exchange)
+from jtok_train.tables.hot import HotRows
 from jtok_train.tables.init import init_rows_for_permuted_range
 from jtok_train.tables.placement import RowPlacement
 from jtok_train.tables.rows import LayerSlice, TokenRows, positions, vocabulary_error
@@ -61,6 +65,7 @@ class ShardedTokenTable(nn.Module):
         layers: LayerSlice | None = None,
         pipeline_group: Any = None,
         id_group: Any = None,
+        hot_ids: "np.ndarray | list[int] | None" = None,
     ):
         """group: the EmbP process group (the ranks of this pipeline stage). grad_scale: factor on every row
         gradient sent (1/DP size, as Megatron's DDP averages the backbone's gradients). sequence_shard:
@@ -68,7 +73,8 @@ class ShardedTokenTable(nn.Module):
         sequence. layers: the pipeline stage's layers of the whole model (their rows only are stored);
         pipeline_group: the ranks holding the same rows of the other stages' layers (for the global norm).
         id_group: a host (gloo) group over the same ranks as ``group`` for the counts and ids (default: ``group``,
-        which is gloo on CPU)."""
+        which is gloo on CPU). hot_ids: token ids whose rows every rank of the group replicates (module docstring;
+        collective when not empty: the replicas are filled from their owners)."""
         super().__init__()
         self.layers = layers if layers is not None else LayerSlice(0, num_layers, num_layers)
         if self.layers.count != num_layers:
@@ -101,16 +107,54 @@ class ShardedTokenTable(nn.Module):
         self._prefetched: deque[tuple[np.ndarray, RowLookup | None]] = deque()
         self._in_backward: deque[RowLookup] = deque()
         self.deferred_sends = 0   # exchanges whose rows advance() sent (DEFER_ROWS)
+        hot = np.unique(np.asarray(hot_ids if hot_ids is not None else [], dtype=np.int64).reshape(-1))
+        self.hot_rows = HotRows(hot, vocab_size, self.placement.position_of_host, (self.start_row, self.stop_row),
+                                self.shard, group, self.id_group, grad_scale) if hot.size else None
+
+    # -- hot rows (jtok_train/tables/hot.py) ----------------------------------------------------------
+    @property
+    def num_hot(self) -> int:
+        return self.hot_rows.num if self.hot_rows is not None else 0
+
+    @property
+    def hot(self) -> Tensor | None:
+        return self.hot_rows.rows if self.hot_rows is not None else None
+
+    @property
+    def hot_grad(self) -> Tensor | None:
+        return self.hot_rows.grad if self.hot_rows is not None else None
+
+    @property
+    def hot_ids(self) -> np.ndarray:
+        return self.hot_rows.ids if self.hot_rows is not None else np.zeros(0, dtype=np.int64)
+
+    def refresh_hot(self, shard_like: Tensor, hot_like: Tensor) -> None:
+        self.hot_rows.refresh(shard_like, hot_like)
+
+    def write_hot(self, shard_like: Tensor, hot_like: Tensor) -> None:
+        self.hot_rows.write(shard_like, hot_like)
+
+    def hot_touched_slots(self) -> Tensor:
+        return self.hot_rows.touched_slots()
 
     # -- provider interface --------------------------------------------------------------------------
     def _start(self, token_ids: "Tensor | np.ndarray") -> RowLookup:
         """Plan on the host and send the counts (the first phase of a lookup); ``token_ids``: the host batch."""
         flat = positions(host_ids(token_ids), self.sequence_shard)
         bad = vocabulary_error(flat, self.vocab_size, where=f" on rank {self.rank}")
-        plan = make_plan(flat if bad is None else flat.clip(0, self.vocab_size - 1), self.placement, self.dedup,
-                         self.shard.device)
-        return RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad,
-                         id_group=self.id_group)
+        flat = flat if bad is None else flat.clip(0, self.vocab_size - 1)
+        split = None
+        if self.num_hot:    # only the tail goes through the exchange
+            split, flat = self.hot_rows.split(flat, self.dedup, self.shard.device)
+        plan = make_plan(flat, self.placement, self.dedup and split is None, self.shard.device)
+        lookup = RowLookup(plan, self.placement, self.group, self.rank, self.shard, self.stream, self.stats, bad,
+                           id_group=self.id_group)
+        lookup.hot = split
+        if split is not None:
+            plan.num_positions = split.num_positions
+            self.stats.unique_ids += split.num_hot
+            self.stats.hot_hits += split.num_hot
+        return lookup
 
     def prefetch(self, token_ids: Tensor) -> None:
         """Announce a coming micro-batch with its **host** token ids (before their copy to the device): the
@@ -153,6 +197,10 @@ class ShardedTokenTable(nn.Module):
             self._accumulate_arrived(keep=1)
             self._in_backward.append(pending)
             rows = rows_with_grad_exchange(self._anchor, rows, lambda g, p=pending: p.send_grads(g, self.grad_scale))
+        split = pending.hot
+        if split is not None:   # tail rows, then the replicas' rows, put in unique-id order
+            rows = torch.cat([rows, self.hot_rows.lookup(split, self._anchor)]).index_select(0, split.gather)
+            return TokenRows(unique_ids=split.unique_ids, unique_rows=rows, inverse=split.inverse)
         return TokenRows(unique_ids=pending.plan.unique_ids, unique_rows=rows, inverse=pending.plan.inverse)
 
     # -- gradients and optimizer hooks ---------------------------------------------------------------
@@ -164,7 +212,10 @@ class ShardedTokenTable(nn.Module):
         if any(p.state != "grads_sent" for p in self._in_backward):
             raise RuntimeError("token-row exchange: a micro-batch's rows were looked up but their backward never "
                                "ran (every training forward needs its backward before the optimizer step)")
-        self._accumulate_arrived(keep=0)
+        works = self.hot_rows.start_reduce() if self.num_hot else []
+        self._accumulate_arrived(keep=0)    # the tail's row gradients, while the replicas' are summed
+        if self.num_hot:
+            self.hot_rows.finish_reduce(works)
 
     def _accumulate_arrived(self, keep: int) -> None:
         """Add the row gradients of all but the ``keep`` latest backward-done micro-batches to ``shard_grad``,
@@ -212,6 +263,8 @@ class ShardedTokenTable(nn.Module):
         self.touched.zero_()
         self._touched_host[:] = False
         self._touched_rows = None
+        if self.num_hot:
+            self.hot_rows.zero_grad()
 
     def scale_grad(self, coeff: float) -> None:
         """Multiply the step's gradient by ``coeff`` (the joint clipping coefficient)."""
@@ -220,12 +273,16 @@ class ShardedTokenTable(nn.Module):
             self.shard_grad.mul_(coeff)
         else:
             self.shard_grad.index_copy_(0, rows, self.shard_grad.index_select(0, rows).mul_(coeff))
+        if self.num_hot:
+            self.hot_grad.mul_(coeff)
 
     def grad_norm_sq(self) -> float:
         """Squared L2 norm of the whole table's gradient (summed over the EmbP group and the stages)."""
         rows = self._row_ops()
         g = self.shard_grad if rows is None else self.shard_grad.index_select(0, rows)
         local = torch.linalg.vector_norm(g, dtype=torch.float32).square().reshape(1)
+        if self.num_hot and self.rank == 0:   # the replicas' gradient (the same on every rank) counted once
+            local += torch.linalg.vector_norm(self.hot_grad, dtype=torch.float32).square()
         dist.all_reduce(local, group=self.group)
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
             dist.all_reduce(local, group=self.pipeline_group)
@@ -285,5 +342,8 @@ class ShardedTokenTable(nn.Module):
             rows = self.stop_row - self.start_row
             with torch.no_grad():
                 self.shard[:rows].copy_(value.to(self.shard.dtype))
+            if self.num_hot:
+                self.refresh_hot(self.shard, self.hot)
         elif strict:
             missing_keys.append(key)
+

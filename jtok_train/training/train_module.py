@@ -44,7 +44,13 @@ class TrainModule:
 
         self.cfg, self.device, self.num_micro, self.dp_size = cfg, device, num_micro, dp_size
         self.tconfig = build_transformer_config(cfg)
-        self.unwrapped_chunks = build_parallel_model_chunks(cfg, self.tconfig, device)
+        hot_ids = None
+        if cfg.parallel.hot_rows:   # the most frequent ids' rows, replicated on every rank of the group
+            from jtok_train.data.counts import hot_token_ids
+
+            p = cfg.parallel
+            hot_ids = hot_token_ids(list(cfg.data.prefixes), p.hot_rows, cfg.model.vocab_size, p.hot_rows_file)
+        self.unwrapped_chunks = build_parallel_model_chunks(cfg, self.tconfig, device, hot_ids=hot_ids)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,

@@ -128,22 +128,34 @@ def test_sigterm_on_one_rank_all_save_exit_with_requeue_code_and_resume(small_da
 
 
 @pytest.mark.slow
-def test_sigkill_at_20_random_points(small_dataset, tmp_path):
-    """20 trials at 1 rank: kill at a random step (sometimes mid-save), resume, compare."""
-    ref = tmp_path / "ref" / "run"
-    assert _wait(_launch(1, _args(small_dataset, ref), ref)) == [0]
+def test_sigkill_at_20_random_points(small_dataset, reference, tmp_path):
+    """20 SIGKILLs at 1 rank at random points (sometimes mid-save), in chains: a run is killed, resumed, killed
+    again at a random point after the last step it logged, ... and finally resumes to the end; every chain ends
+    bitwise the uninterrupted run. Chains test more than single kills (a resume from a resumed run's
+    checkpoint) and start fewer processes (a process start is most of this test's time)."""
     seed = os.environ.get("JTOK_TEST_SEED") or str(random.SystemRandom().randrange(1 << 30))
     print(f"JTOK_TEST_SEED={seed}")
     rnd = random.Random(seed)
-    for trial in range(20):
-        run = tmp_path / f"t{trial}" / "run"
-        procs = _launch(1, _args(small_dataset, run), run)
-        _wait_for_step(run, rnd.randint(1, STEPS - 1), procs)
-        time.sleep(rnd.random() * 0.3)          # lands anywhere, saves included
-        procs[0].send_signal(signal.SIGKILL)
-        _wait(procs)
+    kills, chain = 0, 0
+    while kills < 20:
+        run = tmp_path / f"chain{chain}" / "run"
+        chain += 1
+        while kills < 20:
+            done = max((s for s, _ in logged_losses(run)), default=0)
+            if done >= STEPS - 1:
+                break
+            procs = _launch(1, _args(small_dataset, run), run)
+            _wait_for_step(run, min(done + 1 + (rnd.random() < 0.3), STEPS - 1), procs)
+            time.sleep(rnd.random() * 0.3)          # lands anywhere in a step or a save
+            procs[0].send_signal(signal.SIGKILL)
+            codes = _wait(procs)
+            assert codes in ([-9], [0]), codes
+            if codes == [0]:                        # it finished before the kill: not a kill
+                break
+            kills += 1
         assert _wait(_launch(1, _args(small_dataset, run), run)) == [0]
-        _assert_same(ref, run)
+        assert "resumed from" in (run.parent / "run.rank0.log").read_text()
+        _assert_same(reference, run)
 
 
 @pytest.mark.slow

@@ -281,3 +281,54 @@ def test_jtok_plan_cli_capacity_on_the_paper_config():
     bad = subprocess.run([sys.executable, "-m", "jtok_train.cli.plan", *BIG, "cluster=h100_8x8", "cluster.gpu=8"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "unknown cluster key cluster.gpu" in bad.stderr
+
+
+def test_hot_rows_options_against_hand_computation():
+    """parallel.hot_rows in the planner: the tail's exchange shrinks by the hot share, the replicas cost 4 fp32
+    copies of H rows (weights, gradient, 2 moments) and a ring all-reduce of H rows per step."""
+    import numpy as np
+
+    from jtok_train.planning.cluster import Cluster
+    from jtok_train.planning.exchange import exchange_per_step, hot_rows_options, step_timing, zipf_hot_share
+    from jtok_train.planning.layout import layout
+
+    cfg = _compose("model=tiny", "jtok=jtokm", "parallel.embedding=sharded", "train.global_batch_size=64",
+                   "train.eval_samples=64")
+    lay = layout(cfg, 16)
+    e = exchange_per_step(cfg, lay, 0.25)
+    cl = Cluster(gpus=16, gpus_per_node=8, intra_node_GBps=100, inter_node_GBps=10, peak_tflops=1.0, mfu=0.5,
+                 latency_us=0)
+    t = step_timing(cfg, lay, cl, 0.5e12 / 1024, e)
+    h = hot_rows_options(cfg, lay, cl, e, t, {0: 0.0, 1024: 0.5, 4096: 1.0})
+    by = {o["hot_rows"]: o for o in h["options"]}
+    rb = e["row_bytes"]
+    assert by[0]["exchange_bytes_per_step"] == pytest.approx(e["dedup"]["bytes_sent"])
+    assert by[0]["step_s_overlap"] == pytest.approx(t["dedup"]["step_s_overlap"])    # H = 0 is today's plan
+    assert by[1024]["exchange_bytes_per_step"] == pytest.approx(0.5 * e["dedup"]["bytes_sent"])
+    assert by[1024]["remote_rows_per_microbatch"] == pytest.approx(0.5 * e["dedup"]["remote_rows_per_microbatch"])
+    assert by[1024]["replica_bytes_per_gpu"] == 4 * 1024 * rb
+    assert by[1024]["all_reduce_bytes_per_step"] == pytest.approx(2 * 15 / 16 * 1024 * rb)
+    assert by[1024]["all_reduce_s"] == pytest.approx(2 * 15 / 16 * 1024 * rb / 10e9)   # 16 GPUs: over the network
+    assert by[4096]["exchange_bytes_per_step"] == 0
+    assert h["best"] == min(by, key=lambda k: by[k]["step_s_overlap"])
+    # the Zipf model: shares grow with H, reach 1 at the whole vocabulary; an 8K vocabulary and 2,048 tokens give
+    # about what DESIGN.md measured on the demo corpus (53-57% of unique ids among the top 1,024, 76-88% 4,096)
+    shares = [zipf_hot_share(8192, 2048, k) for k in (0, 256, 1024, 4096, 8192)]
+    assert shares[0] == 0 and np.all(np.diff(shares) > 0) and shares[-1] == pytest.approx(1.0)
+    assert 0.5 < shares[2] < 0.62 and 0.76 < shares[3] < 0.9
+
+
+def test_plan_evaluates_hot_rows_for_the_17b_model_on_64_gpus():
+    from jtok_train.planning.cluster import load_cluster
+    from jtok_train.planning.planner import capacity_plan
+
+    cfg = _compose(*BIG, "parallel.expert_model_parallel_size=8", "parallel.use_distributed_optimizer=true",
+                   "train.micro_batch_size=1", "train.global_batch_size=256", "parallel.hot_rows=2048")
+    c = capacity_plan(cfg, load_cluster("h100_8x8"), dedup_ratio=0.22)
+    h = c["hot_rows"]
+    assert h["configured"] == 2048 and "Zipf" in h["source"]
+    hs = [o["hot_rows"] for o in h["options"]]
+    assert 0 in hs and 2048 in hs and h["best"] in hs
+    remote = [o["remote_rows_per_microbatch"] for o in h["options"]]
+    assert all(a > b for a, b in zip(remote, remote[1:]))          # more hot rows, fewer remote rows
+    assert h["options"][0]["exchange_bytes_per_step"] == pytest.approx(c["exchange"]["dedup"]["bytes_sent"])
