@@ -98,6 +98,7 @@ class ExchangeStats:
     wait_s: float = 0.0              # time compute waited on the exchange
     lookups: int = 0
     hot_hits: int = 0                # ids served from this rank's replicas of the hot rows (parallel.hot_rows)
+    hot_reduce_bytes: int = 0        # bytes of the replicas' gradient all-reduced (the buffer; a ring moves ~2x)
 
     def as_metrics(self, prefix: str = "exchange/") -> dict[str, float]:
         d = {k: float(v) for k, v in self.__dict__.items()}
@@ -313,7 +314,7 @@ class RowLookup:
         # (segment_sum: a deterministic kernel on GPU, where index_add_ with repeated rows uses atomics), then
         # add each row once. The rows and segments were computed on the host at advance().
         n = len(self.recv_ids)
-        grads = self.grad_recv.to(shard_grad.dtype).reshape(n, -1)
+        grads = self.grad_recv.to(shard_grad.dtype).reshape(n, shard_grad[0].numel())   # n may be 0 (hot rows)
         summed = segment_sum(grads, self.grad_segments, len(self.grad_rows)).view(len(self.grad_rows),
                                                                                     *shard_grad.shape[1:])
         shard_grad.index_add_(0, self.grad_rows, summed)

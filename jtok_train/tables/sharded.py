@@ -216,6 +216,7 @@ class ShardedTokenTable(nn.Module):
         self._accumulate_arrived(keep=0)    # the tail's row gradients, while the replicas' are summed
         if self.num_hot:
             self.hot_rows.finish_reduce(works)
+            self.stats.hot_reduce_bytes += self.hot.numel() * self.hot.element_size()
 
     def _accumulate_arrived(self, keep: int) -> None:
         """Add the row gradients of all but the ``keep`` latest backward-done micro-batches to ``shard_grad``,

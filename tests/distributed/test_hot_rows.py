@@ -123,38 +123,45 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
     from jtok_train.data.counts import counts_path
 
     counts = np.load(counts_path(small_dataset["prefix"]))
-    top64 = np.sort(np.argsort(-counts, kind="stable")[:64])
+    counts = np.pad(counts, (0, 512 - len(counts)))     # ids the data never holds count 0
+    ranked = np.argsort(-counts, kind="stable")
     sparse = {"jtok.table_optimizer": "sparse_adamw"}
     jtok = {"jtok": "jtok", "jtok.scale_init": 0.5}
-    cases = {   # name: (ranks, overrides of both runs)
-        "m2": (2, {}), "j2": (2, jtok), "m2_sparse": (2, sparse), "j2_sparse": (2, {**jtok, **sparse}),
-        "m2_nodedup": (2, {"parallel.dedup": "false"}), "m4": (4, {}), "m4_sparse": (4, sparse),
+    cases = {   # name: (ranks, overrides of both runs, H); H = 512: every row replicated, nothing exchanged
+        "m2": (2, {}, 64), "j2": (2, jtok, 64), "m2_sparse": (2, sparse, 64), "j2_sparse": (2, {**jtok, **sparse}, 64),
+        "m2_nodedup": (2, {"parallel.dedup": "false"}, 64), "m2_all": (2, {}, 512), "m4": (4, {}, 64),
+        "m4_sparse": (4, sparse, 64),
     }
     results = {}
     for ranks in (2, 4):
-        names = [n for n, (r, _) in cases.items() if r == ranks]
+        names = [n for n, (r, _, _) in cases.items() if r == ranks]
         runs = []
         for n in names:
             extra = dict(cases[n][1])
             kw = {"jtok": extra.pop("jtok")} if "jtok" in extra else {}
             runs += [(_cfg(small_dataset, tmp_path, f"{n}_ref", **kw, **extra), None),
-                     (_cfg(small_dataset, tmp_path, f"{n}_hot", **kw, **extra, **{"parallel.hot_rows": 64}), None)]
+                     (_cfg(small_dataset, tmp_path, f"{n}_hot", **kw, **extra, **{"parallel.hot_rows": cases[n][2]}),
+                      None)]
         got = run_distributed(_train, ranks, runs, timeout=1200)
         for i, n in enumerate(names):
             results[n] = [rank[2 * i : 2 * i + 2] for rank in got]
     for n, per_rank in results.items():
+        H = cases[n][2]
         for ref, hot in per_rank:
-            assert ref["num_hot"] == 0 and hot["num_hot"] == 64, n
+            assert ref["num_hot"] == 0 and hot["num_hot"] == H, n
             assert hot["replicas_bitwise_equal"], f"{n}: the replicas differ between ranks"
             assert hot["owners_equal_replicas"], f"{n}: an owner's shard row or moment differs from the replica"
-            assert np.array_equal(hot["hot_ids"], top64), n
+            assert np.array_equal(hot["hot_ids"], np.sort(ranked[:H])), n
             assert hot["losses"] == pytest.approx(ref["losses"], rel=1e-6), n
             m_ref, m_hot = ref["metrics"], hot["metrics"]
             assert m_ref["exchange/hot_hits"] == 0 and m_hot["exchange/hot_hits"] > 0, n
+            assert m_hot["exchange/hot_reduce_bytes"] == H * 2 * 5 * 64 * 4, n    # H rows of L 2 x n_e 5 x d 64, fp32
             # the same ids looked up; the hot ones no longer travel
             assert m_hot["exchange/unique_ids"] == m_ref["exchange/unique_ids"], n
             assert m_hot["exchange/rows_requested"] == m_ref["exchange/rows_requested"] - m_hot["exchange/hot_hits"], n
             assert m_hot["exchange/bytes_sent"] < m_ref["exchange/bytes_sent"], n
+            if H == 512:    # nothing travels but the counts
+                assert m_hot["exchange/rows_requested"] == 0 and m_hot["exchange/hot_hits"] == m_hot["exchange/unique_ids"]
         _assert_close_states(checkpoint_state(tmp_path / f"{n}_ref", STEPS)["tensors"],
                              checkpoint_state(tmp_path / f"{n}_hot", STEPS)["tensors"], n)
     # the 64 most frequent of 512 ids serve a large share of each micro-batch's unique ids locally
