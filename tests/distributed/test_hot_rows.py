@@ -79,6 +79,13 @@ def _train(runs: list[tuple[list[str], int | None]]) -> list[dict]:
     return out
 
 
+def _inference_table(run: str) -> np.ndarray:
+    """The JTok table jtok-generate's loader builds from a run's checkpoint (world size 1, token order)."""
+    from jtok_train.inference import load_for_inference
+
+    return load_for_inference(run, tables="device").provider.weight.detach().float().numpy().copy()
+
+
 def _cfg(data, tmp, name, **kw):
     return tiny_overrides(data, str(tmp / name), **{"parallel.embedding": "sharded", "train.train_iters": STEPS,
                                                     "train.save": "true", "train.warmup_fraction": 0.2, **kw})
@@ -130,7 +137,7 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
     cases = {   # name: (ranks, overrides of both runs, H); H = 512: every row replicated, nothing exchanged
         "m2": (2, {}, 64), "j2": (2, jtok, 64), "m2_sparse": (2, sparse, 64), "j2_sparse": (2, {**jtok, **sparse}, 64),
         "m2_nodedup": (2, {"parallel.dedup": "false"}, 64), "m2_all": (2, {}, 512), "m4": (4, {}, 64),
-        "m4_sparse": (4, sparse, 64),
+        "j4": (4, jtok, 64), "m4_sparse": (4, sparse, 64),
     }
     results = {}
     for ranks in (2, 4):
@@ -155,7 +162,8 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
             assert hot["losses"] == pytest.approx(ref["losses"], rel=1e-6), n
             m_ref, m_hot = ref["metrics"], hot["metrics"]
             assert m_ref["exchange/hot_hits"] == 0 and m_hot["exchange/hot_hits"] > 0, n
-            assert m_hot["exchange/hot_reduce_bytes"] == H * 2 * 5 * 64 * 4, n    # H rows of L 2 x n_e 5 x d 64, fp32
+            # H rows of L 2 x d 64 x (n_e 5 for JTok-M, 1 for JTok), fp32
+            assert m_hot["exchange/hot_reduce_bytes"] == H * 2 * (1 if n.startswith("j") else 5) * 64 * 4, n
             # the same ids looked up; the hot ones no longer travel
             assert m_hot["exchange/unique_ids"] == m_ref["exchange/unique_ids"], n
             assert m_hot["exchange/rows_requested"] == m_ref["exchange/rows_requested"] - m_hot["exchange/hot_hits"], n
@@ -164,6 +172,14 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
                 assert m_hot["exchange/rows_requested"] == 0 and m_hot["exchange/hot_hits"] == m_hot["exchange/unique_ids"]
         _assert_close_states(checkpoint_state(tmp_path / f"{n}_ref", STEPS)["tensors"],
                              checkpoint_state(tmp_path / f"{n}_hot", STEPS)["tensors"], n)
+    # jtok-generate reads a hot-row run's checkpoint like any other: its table is the checkpoint's, in token order
+    from jtok_train.config import compose
+    from jtok_train.tables.placement import RowPlacement
+
+    seed = compose(_cfg(small_dataset, tmp_path, "m2_hot")).jtok.table_seed
+    permuted = checkpoint_state(tmp_path / "m2_hot", STEPS)["tensors"]["module.token_table.shard"]
+    loaded = run_distributed(_inference_table, 1, str(tmp_path / "m2_hot"), timeout=300)[0]
+    assert np.array_equal(loaded, permuted[RowPlacement(512, 1, seed).position_of].numpy())
     # the 64 most frequent of 512 ids serve a large share of each micro-batch's unique ids locally
     m = results["m2"][0][1]["metrics"]
     assert m["exchange/hot_hits"] > 0.2 * m["exchange/unique_ids"], m
