@@ -44,8 +44,8 @@ def _replicas(tr) -> dict:
         return {"num_hot": 0}
     mine = torch.cat([x.reshape(len(x), -1).double() for x in
                       (table.hot, opt.hot_exp_avg, opt.hot_exp_avg_sq, opt.hot_steps)], 1)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
+    every = [torch.empty_like(mine) for _ in range(table.world)]     # the ranks of this pipeline stage
+    dist.all_gather(every, mine, group=table.group)
     ids = torch.from_numpy(table.hot_ids)
 
     def full(t):
@@ -138,6 +138,11 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
         "m2": (2, {}, 64), "j2": (2, jtok, 64), "m2_sparse": (2, sparse, 64), "j2_sparse": (2, {**jtok, **sparse}, 64),
         "m2_nodedup": (2, {"parallel.dedup": "false"}, 64), "m2_all": (2, {}, 512), "m4": (4, {}, 64),
         "j4": (4, jtok, 64), "m4_sparse": (4, sparse, 64),
+        # what users run: bf16, the distributed optimizer, EP 2, full recompute; and 2 pipeline stages x 2 ranks
+        "prod2": (2, {"train.precision": "bf16", "parallel.use_distributed_optimizer": "true",
+                      "parallel.expert_model_parallel_size": 2, "model.recompute_granularity": "full",
+                      "model.recompute_method": "uniform", "model.recompute_num_layers": 1}, 64),
+        "pp4": (4, {"parallel.pipeline_model_parallel_size": 2}, 64),
     }
     results = {}
     for ranks in (2, 4):
@@ -162,8 +167,9 @@ def test_hot_rows_train_like_the_sharded_table_on_2_and_4_ranks(small_dataset, t
             assert hot["losses"] == pytest.approx(ref["losses"], rel=1e-6), n
             m_ref, m_hot = ref["metrics"], hot["metrics"]
             assert m_ref["exchange/hot_hits"] == 0 and m_hot["exchange/hot_hits"] > 0, n
-            # H rows of L 2 x d 64 x (n_e 5 for JTok-M, 1 for JTok), fp32
-            assert m_hot["exchange/hot_reduce_bytes"] == H * 2 * (1 if n.startswith("j") else 5) * 64 * 4, n
+            # H rows of the stage's layers (2, or 1 of 2 stages) x d 64 x (n_e 5 for JTok-M, 1 for JTok), fp32
+            layers = 1 if n == "pp4" else 2
+            assert m_hot["exchange/hot_reduce_bytes"] == H * layers * (1 if n.startswith("j") else 5) * 64 * 4, n
             # the same ids looked up; the hot ones no longer travel
             assert m_hot["exchange/unique_ids"] == m_ref["exchange/unique_ids"], n
             assert m_hot["exchange/rows_requested"] == m_ref["exchange/rows_requested"] - m_hot["exchange/hot_hits"], n
