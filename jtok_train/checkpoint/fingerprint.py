@@ -62,13 +62,23 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _schema_defaults(sec: str) -> dict[str, Any]:
+    from jtok_train.config.schema import JTokConfig, ModelConfig
+
+    node = {"model": ModelConfig, "jtok": JTokConfig}.get(sec)
+    return _flat(OmegaConf.to_container(OmegaConf.structured(node)), f"{sec}.") if node else {}
+
+
 def config_differences(saved_yaml: str, cfg: Any, sections: tuple[str, ...] = MODEL_SECTIONS) -> list[str]:
-    """``key: saved -> now`` for every differing key of the given sections (NOT_MODEL_KEYS aside)."""
+    """``key: saved -> now`` for every differing key of the given sections (NOT_MODEL_KEYS aside). A key the
+    saved config lacks (a checkpoint from before the key existed) counts as the schema's default: a key is
+    added with the default that keeps the earlier behaviour."""
     saved = OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True)
     now = OmegaConf.to_container(cfg, resolve=True)
     diffs = []
     for sec in sections:
         a, b = _flat(saved.get(sec) or {}, f"{sec}."), _flat(now.get(sec) or {}, f"{sec}.")
+        a = {**{k: v for k, v in _schema_defaults(sec).items() if k in b}, **a}
         for key in sorted(set(a) | set(b)):
             if key not in NOT_MODEL_KEYS and a.get(key, "<absent>") != b.get(key, "<absent>"):
                 diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

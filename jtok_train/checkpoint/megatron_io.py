@@ -61,25 +61,31 @@ def save_strategy() -> Any:
 @contextmanager
 def param_groups_in_order() -> Iterator[None]:
     """Megatron matches loaded parameter groups to the current ones by (wd_mult, lr_mult, is_expert_parallel,
-    is_decoupled_lr); two groups with equal keys (the token-table group has lr_mult 1 and its own max_lr)
-    collide there. The groups are saved in the optimizer's (deterministic) order, so when keys repeat, match
+    is_decoupled_lr); two groups with equal keys (the token-table group has lr_mult 1 and its own max_lr; so
+    has the scales' group of jtok.scale_lr_mult) collide there, in the optimizers' group filter and inside the
+    distributed optimizer's load. The groups are saved in the optimizer's (deterministic) order, so when keys repeat, match
     them by position instead, checking each pair's keys."""
     keys = megatron_compat.param_group_identifier_keys()
 
     def ident(g):
         return tuple(g.get(k, g.get(f"pre_{k}")) for k in keys)
 
-    def filter_groups(original, current_groups, state_dict_groups):
-        if len({ident(g) for g in current_groups}) == len(current_groups):
-            return original(current_groups, state_dict_groups)
+    def check(current_groups, state_dict_groups):
         if [ident(g) for g in current_groups] != [ident(g) for g in state_dict_groups]:
             raise CheckpointError("the checkpoint's optimizer parameter groups do not match this model's "
                                   f"({[ident(g) for g in state_dict_groups]} vs "
                                   f"{[ident(g) for g in current_groups]})")
+
+    def filter_groups(original, current_groups, state_dict_groups):
+        if len({ident(g) for g in current_groups}) == len(current_groups):
+            return original(current_groups, state_dict_groups)
+        check(current_groups, state_dict_groups)
         return list(state_dict_groups)
 
+    # the distributed optimizer pairs the groups by the same keys in its own code: by position there too
     with megatron_compat.replace_param_group_matching(
-            lambda original: lambda cur, saved: filter_groups(original, cur, saved)):
+            lambda original: lambda cur, saved: filter_groups(original, cur, saved)), \
+            megatron_compat.distributed_optimizer_groups_by_position(check):
         yield
 
 

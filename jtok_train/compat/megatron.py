@@ -30,6 +30,7 @@ __all__ = [
     "replace_load_bytes",
     "param_group_identifier_keys",
     "replace_param_group_matching",
+    "distributed_optimizer_groups_by_position",
     "allocate_distributed_optimizer_state",
     "attach_aux_loss",
     "per_token_aux_loss_factor",
@@ -268,6 +269,55 @@ def replace_param_group_matching(
         yield
     finally:
         MegatronOptimizer._filter_and_reorder_param_groups = old
+
+
+# DistributedOptimizer.load_state_dict (checked on 0.16.1 and 0.19.2: optimizer/distrib_optimizer.py) pairs the
+#   saved parameter groups with the current ones through a dict keyed by the identifier keys, read from the module
+#   global ``param_group_identifier_keys`` it imported: groups with equal keys collapse onto one saved group, and its
+#   hyperparameters (max_lr, min_lr) go to both. On 0.16.1 the keys are (wd_mult, lr_mult, ...), so a group with
+#   its own max_lr (the scales' with jtok.scale_lr_mult, the replicated table's with jtok.lr_mult) collides with the
+#   group of the same weight decay. Within the block, when the keys repeat, a position key is added to the keys
+#   and to both sides' groups (the groups are built in one deterministic order), and removed after the load.
+_POSITION_KEY = "_jtok_group_position"
+
+
+@contextlib.contextmanager
+def distributed_optimizer_groups_by_position(check: Callable[[list, list], None]) -> Iterator[None]:
+    """``check(current_groups, saved_groups)`` runs first when keys repeat (raise there on a mismatch)."""
+    from megatron.core.optimizer import distrib_optimizer as dmod
+
+    cls = dmod.DistributedOptimizer
+    original = cls.__dict__["load_state_dict"]
+    keys = tuple(dmod.param_group_identifier_keys)
+
+    def ident(g):
+        return tuple(g.get(k, g.get(f"pre_{k}")) for k in keys)
+
+    def load_state_dict(self, state_dict):
+        saved = (state_dict.get("optimizer") or {}).get("param_groups") if isinstance(state_dict, dict) else None
+        current = self.optimizer.param_groups
+        if not saved or len({ident(g) for g in current}) == len(current):
+            return original(self, state_dict)
+        check(current, saved)
+        for i, g in enumerate(saved):
+            g[_POSITION_KEY] = i
+        for i, g in enumerate(current):
+            g[_POSITION_KEY] = i
+        dmod.param_group_identifier_keys = keys + (_POSITION_KEY,)
+        try:
+            return original(self, state_dict)
+        finally:
+            dmod.param_group_identifier_keys = keys
+            for g in self.optimizer.param_groups:
+                g.pop(_POSITION_KEY, None)
+            for g in saved:
+                g.pop(_POSITION_KEY, None)
+
+    cls.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        cls.load_state_dict = original
 
 
 def allocate_distributed_optimizer_state(optimizer: Any) -> None:

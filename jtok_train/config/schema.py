@@ -130,6 +130,9 @@ class JTokConfig:
     "Seed of the tables' init and row permutation (independent of the training seed and world size)."
     lr_mult: float = 1.0
     "Learning-rate multiplier of the token tables' parameter group."
+    scale_lr_mult: float = 1.0
+    ("Learning-rate multiplier of the per-dimension scales s_l (their own parameter group when != 1; no weight "
+     "decay either way). benchmarks/quality/README.md, pilot of static JTok's init: see the jtok/*.yaml files.")
     weight_decay: float = 0.1
     "Weight decay of the token tables' parameter group."
     table_optimizer: str = "adamw"
@@ -441,6 +444,7 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(j.aux_loss_coeff >= 0, "jtok.aux_loss_coeff", j.aux_loss_coeff, "must be >= 0")
         _need(j.aux_prob in ("sigmoid", "softmax"), "jtok.aux_prob", j.aux_prob, "sigmoid or softmax")
         _need(j.lr_mult > 0, "jtok.lr_mult", j.lr_mult, "must be > 0")
+        _need(j.scale_lr_mult > 0, "jtok.scale_lr_mult", j.scale_lr_mult, "must be > 0")
 
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")

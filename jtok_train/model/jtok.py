@@ -38,6 +38,7 @@ class JTok(nn.Module):
         self.eps = eps
         # s_l = 0 makes the module an exact identity at init (PAPER.md default).
         self.scale = nn.Parameter(torch.full((hidden_size,), float(scale_init)))
+        self.scale.jtok_scale = True    # its own LR when jtok.scale_lr_mult != 1 (training/optim.py)
 
     def forward(self, ffn_increment: Tensor, unique_rows: Tensor, inverse: Tensor) -> Tensor:
         """ffn_increment: [T, d] (or [s, b, d]); unique_rows: [U, 1, d] or [U, d]; inverse: [T]."""
@@ -109,6 +110,7 @@ class JTokM(nn.Module):
         self.router = nn.Parameter(torch.empty(hidden_size, num_sets))
         nn.init.normal_(self.router, std=router_init_std)
         self.scale = nn.Parameter(torch.full((hidden_size,), float(scale_init)))
+        self.scale.jtok_scale = True    # its own LR when jtok.scale_lr_mult != 1 (training/optim.py)
 
     def route(self, layer_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (top-K router logits [T, K], top-K set ids [T, K], router logits g [T, n_e]).

@@ -37,6 +37,11 @@ def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
             "min_lr": t.min_lr * j.lr_mult,
             "wd_mult": wd_mult,
         }
+        if j.scale_lr_mult != 1.0:
+            # the scales s_l are 1-D, so the standard overrides already give them no weight decay; Megatron
+            # combines the two overrides. At 1 no group is added: checkpoints keep the groups they had.
+            overrides[ParamKey(attr="jtok_scale")] = {"max_lr": t.lr * j.scale_lr_mult,
+                                                      "min_lr": t.min_lr * j.scale_lr_mult}
     return overrides
 
 

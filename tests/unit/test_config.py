@@ -164,3 +164,26 @@ def test_a_saved_config_with_a_retired_key_still_loads():
 
     with pytest.raises((ConfigError, Exception), match="num_workers"):
         compose(["model=tiny", "data.num_workers=2"])
+
+
+def test_a_key_a_checkpoint_lacks_counts_as_its_default_and_a_changed_one_is_named():
+    """A checkpoint written before a config key existed resumes (the key is added with the default that keeps
+    the earlier behaviour); a value that differs from the saved one is named in the refusal."""
+    from omegaconf import OmegaConf
+
+    from jtok_train.checkpoint.fingerprint import config_differences
+    from jtok_train.config import compose
+
+    cfg = compose(["model=tiny", "jtok=jtok"])
+    saved = OmegaConf.to_yaml(cfg)
+    older = saved.replace("  scale_lr_mult: 1.0\n", "")
+    assert older != saved and "scale_lr_mult" not in older
+    assert config_differences(older, cfg) == []
+    assert config_differences(older, compose(["model=tiny", "jtok=jtok", "jtok.scale_lr_mult=10"])) == [
+        "jtok.scale_lr_mult: 1.0 -> 10.0"]
+    # a key the saved config has and the current one lacks is still a difference
+    assert config_differences(saved.replace("  scale_lr_mult: 1.0\n", "  scale_lr_mult: 1.0\n  extra_key: 3\n"),
+                              cfg) == ["jtok.extra_key: 3 -> '<absent>'"]
+    with pytest.raises(Exception, match=r"jtok.scale_lr_mult=0"):
+        from jtok_train.config.schema import validate
+        validate(compose(["model=tiny", "jtok=jtok", "jtok.scale_lr_mult=0"]), world_size=1)
