@@ -42,6 +42,7 @@ MCORE019_TESTS = \
 	"tests/e2e/test_export.py::test_exported_model_matches_megatron[moe_jtokm]" \
 	tests/e2e/test_export.py::test_export_bad_input_one_line \
 	tests/e2e/test_eval.py::test_loglikelihood_rolling_and_generation_match_the_model \
-	tests/distributed/test_hot_rows.py::test_resume_with_another_hot_row_count_and_world_size
+	tests/distributed/test_hot_rows.py::test_resume_with_another_hot_row_count_and_world_size \
+	"tests/distributed/test_scale_lr.py::test_own_scale_lr_resumes_bitwise_in_production_config_and_a_change_is_refused[scales]"
 test-mcore019:    ## every Megatron-dependent test on megatron-core 0.19.2 / Python 3.12
 	VENV=$$(bash scripts/setup312.sh | tail -1) && $$VENV/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(MCORE019_TESTS)

@@ -211,6 +211,98 @@ def analyze(records: list[dict]) -> dict[str, Any]:
             sw["backbone_alone_val_loss"] = _spread([float(r["val_loss"]) for r in (ref_same or ref)])
             sw["backbone_alone_seeds"] = sorted({int(r["seed"]) for r in (ref_same or ref)})
         out["eta_sweep"] = sw
+    pilot = pilot_table(records)
+    if pilot:
+        out["pilot"] = pilot
+    table = table_sweep(records)
+    if table:
+        out["table_sweep"] = table
+    demo = demo_losses(records)
+    if demo:
+        out["demo"] = demo
+    return out
+
+
+def _by_seed_ratio(rs: list[dict], ref: dict[int, float]) -> list[float]:
+    return [float(r["val_loss"]) / ref[int(r["seed"])] - 1.0 for r in rs if int(r["seed"]) in ref]
+
+
+def pilot_table(records: list[dict]) -> list[dict]:
+    """Static JTok's init pilot: per backbone and setting (scale_init, table_init_std, scale_lr_mult), the
+    validation loss over seeds and its ratio to the backbone alone of the same seed (paired)."""
+    pil = [r for r in records if r.get("group") == "pilot"]
+    rows = []
+    for bb in sorted({r.get("backbone", "moe") for r in pil}, key=lambda b: b != "moe"):
+        rs = [r for r in pil if r.get("backbone", "moe") == bb]
+        ref = {int(r["seed"]): float(r["val_loss"]) for r in rs if r["variant"] == "none"}
+        settings: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rs:
+            if r["variant"] != "none":
+                ji = r["jtok_init"]
+                settings[(ji["scale_init"], ji["table_init_std"], ji["scale_lr_mult"])].append(r)
+        if ref:
+            rows.append({"backbone": bb, "setting": None, "val_loss": _spread(list(ref.values())),
+                         "vs_backbone": None, "seeds": sorted(ref)})
+        for key in sorted(settings):
+            srs = settings[key]
+            ratio = _by_seed_ratio(srs, ref)
+            rows.append({"backbone": bb, "setting": dict(zip(("scale_init", "table_init_std", "scale_lr_mult"), key)),
+                         "val_loss": _spread([float(r["val_loss"]) for r in srs]),
+                         "vs_backbone": _spread(ratio) if ratio else None,
+                         "seeds": sorted(int(r["seed"]) for r in srs)})
+    return rows
+
+
+def table_sweep(records: list[dict]) -> dict[str, Any] | None:
+    """The long table-size sweep: loss vs log2 N_n at a fixed backbone and tokens, fitted on the seed means and
+    per seed (the spread of the slope), with the backbone alone at the same tokens."""
+    tab = [r for r in records if r.get("group") == "table_sweep"]
+    jm = [r for r in tab if r["variant"] == "jtokm"]
+    if not jm:
+        return None
+    by_n: dict[int, list[dict]] = defaultdict(list)
+    for r in jm:
+        by_n[int(r["token_params"])].append(r)
+    pts = [{"token_params": n, "num_sets": rs[0]["num_sets"], "top_k": rs[0]["top_k"], "eta": rs[0]["eta"],
+            "val_loss_mean": float(np.mean([r["val_loss"] for r in rs])),
+            "val_loss_min": float(min(r["val_loss"] for r in rs)), "val_loss_max": float(max(r["val_loss"] for r in rs)),
+            "seeds": sorted(int(r["seed"]) for r in rs)} for n, rs in sorted(by_n.items())]
+    out: dict[str, Any] = {"points": pts, "tokens": jm[0]["tokens"], "hidden_size": jm[0]["hidden_size"],
+                           "rho": jm[0]["rho"], "paper_slope_per_doubling": PAPER["eta_slope_per_doubling"],
+                           "paper_r2": PAPER["eta_r2"]}
+    if len(pts) >= 2:
+        out["fit"] = fit_loglinear([p["token_params"] for p in pts], [p["val_loss_mean"] for p in pts])
+    per_seed = {}
+    for seed in sorted({int(r["seed"]) for r in jm}):
+        rs = sorted((r for r in jm if int(r["seed"]) == seed), key=lambda r: r["token_params"])
+        if len({r["token_params"] for r in rs}) >= 2:
+            per_seed[str(seed)] = fit_loglinear([r["token_params"] for r in rs], [r["val_loss"] for r in rs])
+    out["per_seed"] = per_seed
+    if per_seed:
+        out["slope_spread"] = _spread([f["slope_per_doubling"] for f in per_seed.values()])
+        out["r2_spread"] = _spread([f["r2"] for f in per_seed.values()])
+    base = [float(r["val_loss"]) for r in tab if r["variant"] == "none"]
+    if base:
+        out["backbone_alone_val_loss"] = _spread(base)
+    return out
+
+
+def demo_losses(records: list[dict]) -> dict[str, Any] | None:
+    """The demo recipe with the configs' defaults: validation loss per variant over seeds."""
+    demo = [r for r in records if r.get("group") == "demo"]
+    if not demo:
+        return None
+    out = {}
+    for v in ("none", "jtok", "jtokm"):
+        rs = [r for r in demo if r["variant"] == v]
+        if rs:
+            out[v] = {**_spread([float(r["val_loss"]) for r in rs]), "seeds": sorted(int(r["seed"]) for r in rs),
+                      "init": rs[0].get("jtok_init")}
+    ref = {int(r["seed"]): float(r["val_loss"]) for r in demo if r["variant"] == "none"}
+    for v in ("jtok", "jtokm"):
+        if v in out:
+            ratio = _by_seed_ratio([r for r in demo if r["variant"] == v], ref)
+            out[v]["vs_backbone"] = _spread(ratio) if ratio else None
     return out
 
 
@@ -296,4 +388,59 @@ def summary_markdown(out: dict[str, Any]) -> str:
         if "backbone_alone_val_loss" in sw:
             b0 = sw["backbone_alone_val_loss"]
             lines.append(f"| backbone alone | | | 0 | 0 | {sw['backbone_alone_seeds']} | {b0['mean']:.4f} (mean) |")
+    lines += _pilot_markdown(out.get("pilot")) + _table_markdown(out.get("table_sweep")) + _demo_markdown(out.get("demo"))
     return "\n".join(lines) + "\n"
+
+
+def _ls(s: dict[str, float]) -> str:
+    return f"{s['mean']:.4f} ({s['min']:.3f}..{s['max']:.3f})"
+
+
+def _pilot_markdown(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Pilot: static JTok's init (validation loss, mean over seeds, min..max)", "",
+             "| backbone | scale_init | table_init_std | scale_lr_mult | val loss | vs backbone (paired by seed) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["setting"]
+        if st is None:
+            lines.append(f"| {r['backbone']} | backbone alone | | | {_ls(r['val_loss'])} | | {r['seeds']} |")
+            continue
+        vs = r["vs_backbone"]
+        lines.append(f"| {r['backbone']} | {st['scale_init']:g} | {st['table_init_std']:g} | {st['scale_lr_mult']:g} | "
+                     f"{_ls(r['val_loss'])} | {_pct(vs['mean']) + ' (' + _pct(vs['min']) + '..' + _pct(vs['max']) + ')' if vs else '-'} "
+                     f"| {r['seeds']} |")
+    return lines
+
+
+def _table_markdown(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    lines = ["", f"## JTok-M table size, long runs (d = {t['hidden_size']}, {t['tokens']:,} tokens, rho {t['rho']:g})", "",
+             "| n_e | K | eta | N_n | val loss (seed mean, min..max) | seeds |", "|---|---|---|---|---|---|"]
+    for p in t["points"]:
+        lines.append(f"| {p['num_sets']} | {p['top_k']} | {p['eta']:.3g} | {p['token_params']:.3g} | "
+                     f"{p['val_loss_mean']:.4f} ({p['val_loss_min']:.3f}..{p['val_loss_max']:.3f}) | {p['seeds']} |")
+    if "backbone_alone_val_loss" in t:
+        lines.append(f"| backbone alone | | 0 | 0 | {_ls(t['backbone_alone_val_loss'])} | |")
+    if "fit" in t:
+        f = t["fit"]
+        sp = t.get("slope_spread")
+        per = (f"; per seed {sp['mean']:+.4f} ({sp['min']:+.4f}..{sp['max']:+.4f}), R^2 "
+               f"{t['r2_spread']['min']:.3f}..{t['r2_spread']['max']:.3f}") if sp else ""
+        lines += ["", f"Loss per doubling of N_n: {f['slope_per_doubling']:+.4f} (R^2 {f['r2']:.3f}, seed means, "
+                  f"{f['points']} sizes){per}; paper {t['paper_slope_per_doubling']:+.4f} (R^2 {t['paper_r2']})."]
+    return lines
+
+
+def _demo_markdown(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    lines = ["", "## The demo recipe with the configs' defaults (validation loss)", "",
+             "| variant | val loss (mean, min..max) | vs backbone (paired by seed) | seeds |", "|---|---|---|---|"]
+    for v, label in (("none", "backbone"), ("jtok", "+ JTok"), ("jtokm", "+ JTok-M")):
+        if v in d:
+            vs = d[v].get("vs_backbone")
+            lines.append(f"| {label} | {_ls(d[v])} | {_pct(vs['mean']) if vs else ''} | {d[v]['seeds']} |")
+    return lines

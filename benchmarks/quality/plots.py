@@ -166,6 +166,49 @@ def eta_plot(out: dict[str, Any] | None, path: Path) -> Path | None:
     return path
 
 
+def table_plot(out: dict[str, Any] | None, path: Path) -> Path | None:
+    """The long table-size sweep: loss vs N_n with its fit, and the paper's slope drawn through the fit's
+    middle (the paper's losses are at another scale: only the slope compares)."""
+    import matplotlib.pyplot as plt
+
+    t = (out or {}).get("table_sweep")
+    if not t:
+        return None
+    pts = t["points"]
+    x = np.array([p["token_params"] for p in pts], dtype=float)
+    y = np.array([p["val_loss_mean"] for p in pts])
+    err = np.array([[p["val_loss_mean"] - p["val_loss_min"] for p in pts],
+                    [p["val_loss_max"] - p["val_loss_mean"] for p in pts]])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar(x, y, yerr=err, fmt="o", color=COLORS["jtokm"], ms=5, capsize=3,
+                label=f"+ JTok-M, rho {t['rho']:g} (seed mean, min..max)")
+    for p in pts:
+        ax.annotate(f"{p['num_sets']}/{p['top_k']}", (p["token_params"], p["val_loss_mean"]), fontsize=6,
+                    xytext=(4, -8), textcoords="offset points")
+    xx = np.geomspace(x.min() / 1.15, x.max() * 1.15, 20)
+    if "fit" in t:
+        f = t["fit"]
+        ax.plot(xx, f["intercept"] + f["slope_per_doubling"] * np.log2(xx), "-", color=COLORS["jtokm"], lw=1,
+                label=f"fit: {f['slope_per_doubling']:+.4f} per doubling (R^2 {f['r2']:.2f})")
+        mid = np.exp(np.mean(np.log(x)))
+        y_mid = f["intercept"] + f["slope_per_doubling"] * np.log2(mid)
+        ax.plot(xx, y_mid + t["paper_slope_per_doubling"] * np.log2(xx / mid), ":", color="black", lw=1,
+                label=f"paper's slope {t['paper_slope_per_doubling']:+.4f} (through the fit's middle)")
+    if "backbone_alone_val_loss" in t:
+        ax.axhline(t["backbone_alone_val_loss"]["mean"], color=COLORS["none"], ls="--", lw=1, label="backbone alone")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("JTok-M table parameters N_n (labels: n_e/K)", fontsize=8)
+    ax.set_ylabel("validation loss", fontsize=8)
+    ax.set_title(f"loss vs table size: d={t['hidden_size']} MoE, {t['tokens'] / 1e6:.1f}M tokens per run", fontsize=8)
+    ax.legend(fontsize=6.5)
+    ax.grid(alpha=0.3, which="both")
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def make_plots(records: list[dict], out: dict[str, Any] | None, plots_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -173,5 +216,6 @@ def make_plots(records: list[dict], out: dict[str, Any] | None, plots_dir: Path)
     plots_dir.mkdir(parents=True, exist_ok=True)
     made = [loss_curves(records, plots_dir / "loss_curves.png"),
             isoflop(records, out, plots_dir / "isoflop.png"),
-            eta_plot(out, plots_dir / "loss_vs_eta.png")]
+            eta_plot(out, plots_dir / "loss_vs_eta.png"),
+            table_plot(out, plots_dir / "loss_vs_table_size.png")]
     return [p for p in made if p is not None]

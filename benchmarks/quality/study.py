@@ -63,6 +63,29 @@ ETA_SETS = ((4, 1, (1, 2)), (8, 2, (1, 2)), (16, 4, (1, 2)), (4, 2, (1,)), (16, 
 VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": ["jtok.table_init_std=0.02"],
                                           "jtokm": ["jtok.table_init_std=0.02"]}
 
+# Pilot of static JTok's init (issue: static JTok barely helps), one factor at a time around the defaults, on a
+# MoE and a dense backbone at d = 32 for 216 steps (442k tokens, the iso-FLOP top budget of that width):
+#   A: scale_init in PILOT_SCALES (table std 0.02, s at the model's LR);
+#   B: table_init_std in PILOT_STDS at scale_init PILOT_SCALE (A's best);
+#   C: s with its own LR (jtok.scale_lr_mult = PILOT_SCALE_LR) at scale_init 0 and PILOT_SCALE.
+PILOT_WIDTH, PILOT_STEPS = 32, 216
+PILOT_BACKBONES = ("moe", "dense")
+PILOT_SCALES = (0.0, 0.1, 0.5, 1.0)
+PILOT_SCALE = 1.0
+PILOT_STDS = (0.005, 0.1)
+PILOT_SCALE_LR = 10.0
+
+# Table-size sweep with trained rows: the d = 16 MoE (the iso-FLOP optimum's width) for TABLE_STEPS steps
+# (2.1M tokens, 0.69 epochs of the training split), JTok-M at rho = 0.25 with n_e = 8 ... 64 (K = 2 ... 16;
+# K = 1 would leave the router without a gradient from the loss). At these tokens the median token id occurs
+# ~145 times, so each of its n_e rows is selected ~36 times (rho of its occurrences); the old sweep (108 steps)
+# gave 4. See BENCHMARKS.md for the figures.
+TABLE_WIDTH, TABLE_STEPS = 16, 1024
+TABLE_SETS = ((8, 2), (16, 4), (32, 8), (64, 16))
+
+# The CPU demo's recipe (model=tiny train=demo: d 128, 150 steps of 16 x 256 tokens) on one process.
+DEMO_STEPS = 150
+
 
 def model_overrides(d: int) -> list[str]:
     """The tiny MoE of jtok_train/configs/model/tiny.yaml at width d: the FFN widths scale with d as in tiny.yaml."""
@@ -76,11 +99,16 @@ def model_overrides(d: int) -> list[str]:
     ]
 
 
-def train_overrides(steps: int, seed: int, run_dir: Path) -> list[str]:
+def dense_overrides(d: int) -> list[str]:
+    """jtok_train/configs/model/tiny_dense.yaml (the demo's dense twin) at width d."""
+    return ["model=tiny_dense", f"model.hidden_size={d}", f"model.ffn_hidden_size={4 * d}", f"model.seq_length={SEQ}"]
+
+
+def train_overrides(steps: int, seed: int, run_dir: Path, demo: bool = False) -> list[str]:
+    batch = [] if demo else [f"train.micro_batch_size={GBS}", f"train.global_batch_size={GBS}"]
     return [
         "train=demo",
-        f"train.micro_batch_size={GBS}",
-        f"train.global_batch_size={GBS}",
+        *batch,
         f"train.train_iters={steps}",
         f"train.lr={LR}",
         f"train.min_lr={MIN_LR}",
@@ -157,9 +185,64 @@ def grid(runs_dir: Path, only: str | None = None) -> list[dict]:
                             "overrides": model_overrides(ETA_WIDTH) + jtok_overrides("jtokm", ne, k, seed)})
     seeds = sorted(iso)
     specs = (iso[seeds[0]] if seeds else []) + eta + [s for seed in seeds[1:] for s in iso[seed]]
+    if only in (None, "pilot"):
+        specs += pilot_specs()
+    if only in (None, "table"):
+        specs += table_specs()
+    if only in (None, "demo"):
+        specs += demo_specs()
     for s in specs:
         s["run_dir"] = str(runs_dir / s["name"])
-        s["overrides"] = s["overrides"] + train_overrides(s["steps"], s["seed"], Path(s["run_dir"]))
+        s["overrides"] = s["overrides"] + train_overrides(s["steps"], s["seed"], Path(s["run_dir"]),
+                                                          demo=s["group"] == "demo")
+    return specs
+
+
+def _pilot_settings() -> list[tuple[float, float, float]]:
+    """(scale_init, table_init_std, scale_lr_mult) of the pilot's JTok runs, parts A, B, C (see above)."""
+    out = [(si, 0.02, 1.0) for si in PILOT_SCALES]
+    out += [(PILOT_SCALE, std, 1.0) for std in PILOT_STDS]
+    out += [(si, 0.02, PILOT_SCALE_LR) for si in sorted({0.0, PILOT_SCALE})]
+    return list(dict.fromkeys(out))
+
+
+def pilot_specs() -> list[dict]:
+    specs = []
+    for seed in SEEDS:
+        for bb in PILOT_BACKBONES:
+            mo = (model_overrides if bb == "moe" else dense_overrides)(PILOT_WIDTH)
+            base = {"group": "pilot", "seed": seed, "hidden_size": PILOT_WIDTH, "budget": None,
+                    "steps": PILOT_STEPS, "backbone": bb}
+            specs.append({**base, "name": f"pilot_{bb}_none_s{seed}", "variant": "none", "overrides": mo + ["jtok=none"]})
+            for si, std, slr in _pilot_settings():
+                jo = ["jtok=jtok", f"jtok.table_seed={1000 + seed}", f"jtok.scale_init={si}",
+                      f"jtok.table_init_std={std}", f"jtok.scale_lr_mult={slr}"]
+                specs.append({**base, "name": f"pilot_{bb}_jtok_si{si:g}_std{std:g}_slr{slr:g}_s{seed}",
+                              "variant": "jtok", "overrides": mo + jo,
+                              "setting": {"scale_init": si, "table_init_std": std, "scale_lr_mult": slr}})
+    return specs
+
+
+def table_specs() -> list[dict]:
+    specs = []
+    for seed in SEEDS:
+        base = {"group": "table_sweep", "seed": seed, "hidden_size": TABLE_WIDTH, "budget": None, "steps": TABLE_STEPS}
+        specs.append({**base, "name": f"table_none_d{TABLE_WIDTH}_s{seed}", "variant": "none",
+                      "overrides": model_overrides(TABLE_WIDTH) + jtok_overrides("none", seed=seed)})
+        for ne, k in TABLE_SETS:
+            specs.append({**base, "name": f"table_ne{ne}_k{k}_d{TABLE_WIDTH}_s{seed}", "variant": "jtokm",
+                          "overrides": model_overrides(TABLE_WIDTH) + jtok_overrides("jtokm", ne, k, seed)})
+    return specs
+
+
+def demo_specs() -> list[dict]:
+    """The demo recipe with the configs' defaults (no study overrides: what a user gets)."""
+    specs = []
+    for seed in SEEDS:
+        for variant in VARIANTS:
+            jo = [f"jtok={variant}"] + ([f"jtok.table_seed={1000 + seed}"] if variant != "none" else [])
+            specs.append({"group": "demo", "seed": seed, "hidden_size": 128, "budget": None, "steps": DEMO_STEPS,
+                          "name": f"demo_{variant}_s{seed}", "variant": variant, "overrides": ["model=tiny"] + jo})
     return specs
 
 
@@ -230,6 +313,9 @@ def run_one(spec: dict) -> dict:
         "budget": spec["budget"], "budget_index": spec.get("budget_index"), "steps": int(t.train_iters),
         "seq_length": cfg.model.seq_length, "global_batch_size": t.global_batch_size, "lr": t.lr,
         "eval_samples": EVAL_SAMPLES, "train_losses": [round(x, 4) for x in res.losses],
+        "backbone": spec.get("backbone", "moe"),
+        "jtok_init": ({"scale_init": float(j.scale_init), "table_init_std": float(j.table_init_std),
+                       "scale_lr_mult": float(j.scale_lr_mult)} if j.variant != "none" else None),
     }
     _write_json(run_dir / "result.json", rec)
     return rec
@@ -286,12 +372,28 @@ def cmd_run(args) -> None:
     _write_json(spec_file, todo)
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else float("inf")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    for attempt in range(3):    # a crashed worker is restarted; finished runs are skipped
-        rc = subprocess.call([sys.executable, __file__, "_worker", str(spec_file), str(deadline)], env=env, cwd=ROOT)
-        if rc == 0:
-            return
-        print(f"study: the worker exited with {rc} (attempt {attempt + 1})", flush=True)
-    raise SystemExit("study: the worker failed 3 times; see the log above")
+    jobs = max(1, min(args.jobs, len(todo)))
+    # each worker takes every jobs-th run (one thread each: --jobs up to the cores; losses do not depend on it)
+    files = [spec_file] if jobs == 1 else []
+    if jobs > 1:
+        for i in range(jobs):
+            files.append(runs_dir / f"pending_{i}.json")
+            _write_json(files[-1], todo[i::jobs])
+
+    def attempt_all(f: Path) -> int:
+        for attempt in range(3):    # a crashed worker is restarted; finished runs are skipped
+            rc = subprocess.call([sys.executable, __file__, "_worker", str(f), str(deadline)], env=env, cwd=ROOT)
+            if rc == 0:
+                return 0
+            print(f"study: the worker of {f.name} exited with {rc} (attempt {attempt + 1})", flush=True)
+        return rc
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:
+        rcs = list(pool.map(attempt_all, files))
+    if any(rcs):
+        raise SystemExit("study: a worker failed 3 times; see the log above")
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -317,7 +419,10 @@ def _records_for(args) -> list[dict]:
     if args.records:
         return load_records(Path(args.records))
     if any(DEFAULT_RUNS.glob("*/result.json")):
-        recs = sorted(load_records(DEFAULT_RUNS, recursive=False), key=lambda r: r["name"])
+        # the committed records, with this directory's runs over them (a rerun replaces its record)
+        old = {r["name"]: r for r in load_records(RESULTS_JSONL)} if RESULTS_JSONL.is_file() else {}
+        old.update({r["name"]: r for r in load_records(DEFAULT_RUNS, recursive=False)})
+        recs = sorted(old.values(), key=lambda r: r["name"])
         tmp = RESULTS_JSONL.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
         os.replace(tmp, RESULTS_JSONL)
@@ -354,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train the runs that have no result.json yet")
-    r.add_argument("--only", choices=["isoflop", "eta"], default=None)
+    r.add_argument("--only", choices=["isoflop", "eta", "pilot", "table", "demo"], default=None)
+    r.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (at most the cores)")
     r.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
     r.add_argument("--runs", default=str(DEFAULT_RUNS), help="study directory (one sub-directory per run)")
     r.add_argument("--dry-run", action="store_true", help="list the runs still to do")

@@ -287,7 +287,10 @@ def distributed_optimizer_groups_by_position(check: Callable[[list, list], None]
     from megatron.core.optimizer import distrib_optimizer as dmod
 
     cls = dmod.DistributedOptimizer
-    original = cls.__dict__["load_state_dict"]
+    original = cls.__dict__.get("load_state_dict")
+    if original is None or not hasattr(dmod, "param_group_identifier_keys"):   # another layout: Megatron's own
+        yield
+        return
     keys = tuple(dmod.param_group_identifier_keys)
 
     def ident(g):
