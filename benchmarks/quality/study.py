@@ -60,20 +60,24 @@ ETA_STEPS = 108
 ETA_SETS = ((4, 1, (1, 2)), (8, 2, (1, 2)), (16, 4, (1, 2)), (4, 2, (1,)), (16, 2, (1,)))
 # Settings of the token tables on top of jtok_train/configs/jtok/*.yaml (empty: the configs' defaults). See the README
 # section of the study for the pilot that chose them.
-VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": ["jtok.table_init_std=0.02"],
-                                          "jtokm": ["jtok.table_init_std=0.02"]}
+# JTok: the configs' defaults since the pilot below chose them (the runs before it used table_init_std 0.02 and
+# scale_init 0: their records are in the git history of results.jsonl).
+VARIANT_OVERRIDES: dict[str, list[str]] = {"none": [], "jtok": [], "jtokm": ["jtok.table_init_std=0.02"]}
 
 # Pilot of static JTok's init (issue: static JTok barely helps), one factor at a time around the defaults, on a
 # MoE and a dense backbone at d = 32 for 216 steps (442k tokens, the iso-FLOP top budget of that width):
 #   A: scale_init in PILOT_SCALES (table std 0.02, s at the model's LR);
 #   B: table_init_std in PILOT_STDS at scale_init PILOT_SCALE (A's best);
-#   C: s with its own LR (jtok.scale_lr_mult = PILOT_SCALE_LR) at scale_init 0 and PILOT_SCALE.
+#   C: s with its own LR (jtok.scale_lr_mult = PILOT_SCALE_LR) at scale_init 0 and PILOT_SCALE;
+#   D: A, B and C put their best at the grid's edge (scale_init 1, std 0.005, scale_lr_mult 10): one step
+#      beyond each, and the two helpful changes together (PILOT_EDGE).
 PILOT_WIDTH, PILOT_STEPS = 32, 216
 PILOT_BACKBONES = ("moe", "dense")
 PILOT_SCALES = (0.0, 0.1, 0.5, 1.0)
 PILOT_SCALE = 1.0
 PILOT_STDS = (0.005, 0.1)
 PILOT_SCALE_LR = 10.0
+PILOT_EDGE = ((2.0, 0.02, 1.0), (1.0, 0.02, 30.0), (1.0, 0.005, 10.0))
 
 # Table-size sweep with trained rows: the d = 16 MoE (the iso-FLOP optimum's width) for TABLE_STEPS steps
 # (2.1M tokens, 0.69 epochs of the training split), JTok-M at rho = 0.25 with n_e = 8 ... 64 (K = 2 ... 16;
@@ -203,6 +207,7 @@ def _pilot_settings() -> list[tuple[float, float, float]]:
     out = [(si, 0.02, 1.0) for si in PILOT_SCALES]
     out += [(PILOT_SCALE, std, 1.0) for std in PILOT_STDS]
     out += [(si, 0.02, PILOT_SCALE_LR) for si in sorted({0.0, PILOT_SCALE})]
+    out += list(PILOT_EDGE)
     return list(dict.fromkeys(out))
 
 
@@ -352,7 +357,9 @@ def cmd_run(args) -> None:
         WIDTHS = tuple(int(w) for w in args.widths.split(","))
     specs = grid(runs_dir, args.only)
     if args.filter:
-        specs = [s for s in specs if args.filter in s["name"]]
+        import re
+
+        specs = [s for s in specs if re.search(args.filter, s["name"])]
     for s in specs:
         s["overrides"] += list(args.extra or [])
     todo = [s for s in specs if not (Path(s["run_dir"]) / "result.json").is_file()]
@@ -464,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
     r.add_argument("--runs", default=str(DEFAULT_RUNS), help="study directory (one sub-directory per run)")
     r.add_argument("--dry-run", action="store_true", help="list the runs still to do")
-    r.add_argument("--filter", default=None, help="only the runs whose name contains this string")
+    r.add_argument("--filter", default=None, help="only the runs whose name matches this regular expression")
     r.add_argument("--extra", action="append", help="an override added to every run (ablations; use another --runs)")
     r.add_argument("--widths", default=None, help="comma-separated backbone widths instead of the grid's (pilots)")
     for name, hlp in (("analyze", "fit the frontiers"), ("plot", "write the PNGs")):

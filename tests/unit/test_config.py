@@ -19,7 +19,10 @@ def test_every_model_and_variant_composes_and_validates():
 def test_jtokm_defaults_follow_the_paper():
     j = compose(["jtok=jtokm"]).jtok
     assert (j.num_sets, j.top_k, j.aux_loss_coeff, j.aux_prob, j.depth_scaling) == (5, 2, 1e-4, "sigmoid", True)
-    assert compose(["jtok=jtok"]).jtok.scale_init == 0.0
+    # static JTok: the pilot's defaults (benchmarks/quality/README.md), JTok-M's scale keeps the model's LR
+    j = compose(["jtok=jtok"]).jtok
+    assert (j.scale_init, j.table_init_std, j.scale_lr_mult) == (1.0, 0.005, 10.0)
+    assert compose(["jtok=jtokm"]).jtok.scale_lr_mult == 1.0
     t = compose([]).train
     assert (t.weight_decay, t.clip_grad) == (0.1, 1.0)
 
@@ -174,12 +177,12 @@ def test_a_key_a_checkpoint_lacks_counts_as_its_default_and_a_changed_one_is_nam
     from jtok_train.checkpoint.fingerprint import config_differences
     from jtok_train.config import compose
 
-    cfg = compose(["model=tiny", "jtok=jtok"])
+    cfg = compose(["model=tiny", "jtok=jtokm"])      # scale_lr_mult at its schema default, 1
     saved = OmegaConf.to_yaml(cfg)
     older = saved.replace("  scale_lr_mult: 1.0\n", "")
     assert older != saved and "scale_lr_mult" not in older
     assert config_differences(older, cfg) == []
-    assert config_differences(older, compose(["model=tiny", "jtok=jtok", "jtok.scale_lr_mult=10"])) == [
+    assert config_differences(older, compose(["model=tiny", "jtok=jtokm", "jtok.scale_lr_mult=10"])) == [
         "jtok.scale_lr_mult: 1.0 -> 10.0"]
     # a key the saved config has and the current one lacks is still a difference
     assert config_differences(saved.replace("  scale_lr_mult: 1.0\n", "  scale_lr_mult: 1.0\n  extra_key: 3\n"),

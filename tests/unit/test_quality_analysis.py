@@ -162,3 +162,54 @@ def test_seed_mean_uses_the_seeds_with_a_whole_grid():
     truth = {(r["budget"], r["hidden_size"]): r["val_loss"] for r in recs if r["variant"] == "jtokm" and r["seed"] == 1}
     for row in cells:
         assert row["val_loss_mean"] == pytest.approx(truth[(row["budget"], row["hidden_size"])])
+
+
+def _rec(**kw) -> dict:
+    base = {"variant": "jtokm", "seed": 1, "hidden_size": 16, "num_layers": 4, "tokens": 2_097_152, "rho": 0.25,
+            "eta": 1.0, "active_params": 88_700.0}
+    return {**base, **kw}
+
+
+def test_table_sweep_fits_the_slope_per_doubling_on_seed_means_and_per_seed():
+    """Losses on an exact line in log2 N_n, the seeds offset by +-0.01: the slope comes back on the seed means
+    and per seed, R^2 1, and the backbone alone is reported beside it."""
+    from analysis import table_sweep
+
+    rng = np.random.default_rng(0)
+    slope = float(rng.uniform(-0.05, -0.01))
+    recs = []
+    for seed, off in ((1, -0.01), (2, 0.01)):
+        recs.append(_rec(name=f"b{seed}", group="table_sweep", variant="none", seed=seed, token_params=0, val_loss=5.0 + off))
+        for ne in (8, 16, 32, 64):
+            n = 262_144 * ne
+            recs.append(_rec(name=f"t{ne}_{seed}", group="table_sweep", seed=seed, num_sets=ne, top_k=ne // 4,
+                             token_params=n, val_loss=4.9 + off + slope * math.log2(n / 2**21)))
+    recs.append(_rec(name="other", group="eta_sweep", num_sets=4, top_k=1, token_params=1, val_loss=9.0))
+    t = table_sweep(recs)
+    assert len(t["points"]) == 4 and t["points"][0]["seeds"] == [1, 2]
+    assert t["fit"]["slope_per_doubling"] == pytest.approx(slope, abs=1e-9) and t["fit"]["r2"] == pytest.approx(1.0)
+    assert t["slope_spread"]["min"] == pytest.approx(slope, abs=1e-9) == t["slope_spread"]["max"]
+    assert t["backbone_alone_val_loss"]["mean"] == pytest.approx(5.0)
+    md = summary_markdown({**analyze(recs), "table_sweep": t})
+    assert f"{slope:+.4f}" in md and "-0.0118" in md
+
+
+def test_pilot_table_pairs_each_setting_with_the_backbone_of_its_seed():
+    from analysis import pilot_table
+
+    recs = [
+        {"name": "b1", "group": "pilot", "backbone": "moe", "variant": "none", "seed": 1, "val_loss": 5.0},
+        {"name": "b2", "group": "pilot", "backbone": "moe", "variant": "none", "seed": 2, "val_loss": 6.0},
+        {"name": "j1", "group": "pilot", "backbone": "moe", "variant": "jtok", "seed": 1, "val_loss": 4.9,
+         "jtok_init": {"scale_init": 1.0, "table_init_std": 0.005, "scale_lr_mult": 10.0}},
+        {"name": "j2", "group": "pilot", "backbone": "moe", "variant": "jtok", "seed": 2, "val_loss": 5.7,
+         "jtok_init": {"scale_init": 1.0, "table_init_std": 0.005, "scale_lr_mult": 10.0}},
+        {"name": "d1", "group": "pilot", "backbone": "dense", "variant": "none", "seed": 1, "val_loss": 5.5},
+    ]
+    rows = pilot_table(recs)
+    assert [r["backbone"] for r in rows] == ["moe", "moe", "dense"]
+    j = rows[1]
+    assert j["setting"] == {"scale_init": 1.0, "table_init_std": 0.005, "scale_lr_mult": 10.0}
+    # per seed: 4.9/5.0 - 1 = -2%, 5.7/6.0 - 1 = -5% (not the ratio of the means, -3.6%)
+    assert j["vs_backbone"]["min"] == pytest.approx(-0.05) and j["vs_backbone"]["max"] == pytest.approx(-0.02)
+    assert j["vs_backbone"]["mean"] == pytest.approx(-0.035)
