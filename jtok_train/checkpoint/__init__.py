@@ -144,6 +144,12 @@ def _check_optimizer_layout(path: Path, saved: dict, cfg: Any) -> None:
                               f"parallel.use_distributed_optimizer={str(saved['distributed']).lower()}")
     now = optimizer_layout(cfg).get("model_parallel")
     was = saved.get("model_parallel")
+    if not saved["distributed"] and was is not None and was[2] != now[2]:
+        # measured on megatron-core 0.16.1: the plain optimizer's expert states, saved at one EP size, fail to
+        # merge at another (apply_factory_merges: different dict keys); a PP change loads (tested)
+        raise CheckpointError(f"checkpoint {path} holds the plain optimizer's states at expert-parallel size "
+                              f"{was[2]}, which do not reshard to another: resume with "
+                              f"parallel.expert_model_parallel_size={was[2]} (now {now[2]})")
     if saved.get("format") == "dp_reshardable" and was is not None and was != now:
         what = "TP/PP/EP/VPP" if max(len(was), len(now)) > 3 else "TP/PP/EP"
         raise CheckpointError(f"checkpoint {path} holds the distributed optimizer as dp_reshardable at {what} = "

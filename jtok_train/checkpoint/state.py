@@ -36,12 +36,12 @@ def optimizer_layout(cfg: Any) -> dict:
     """How Megatron's optimizer is checkpointed: plain (states per parameter) or the distributed optimizer
     with its ``distrib_optim_sharding_type`` (train.ckpt_optim_format). Stored in the checkpoint's meta; a
     load uses the checkpoint's layout, not the current config's."""
-    if not cfg.parallel.use_distributed_optimizer:
-        return {"distributed": False, "format": None}
     p = cfg.parallel
     sizes = [int(p.tensor_model_parallel_size), int(p.pipeline_model_parallel_size), int(p.expert_model_parallel_size)]
     if (p.virtual_pipeline_model_parallel_size or 1) > 1:
         sizes.append(int(p.virtual_pipeline_model_parallel_size))
+    if not p.use_distributed_optimizer:
+        return {"distributed": False, "format": None, "model_parallel": sizes}
     return {"distributed": True, "format": str(cfg.train.ckpt_optim_format), "model_parallel": sizes}
 
 
