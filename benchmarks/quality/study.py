@@ -82,7 +82,7 @@ PILOT_EDGE = ((2.0, 0.02, 1.0), (1.0, 0.02, 30.0), (1.0, 0.005, 10.0))
 # Table-size sweep with trained rows: the d = 16 MoE (the iso-FLOP optimum's width) for TABLE_STEPS steps
 # (2.1M tokens, 0.69 epochs of the training split), JTok-M at rho = 0.25 with n_e = 8 ... 64 (K = 2 ... 16;
 # K = 1 would leave the router without a gradient from the loss). At these tokens the median token id occurs
-# ~145 times, so each of its n_e rows is selected ~36 times (rho of its occurrences); the old sweep (108 steps)
+# ~148 times, so each of its n_e rows is selected ~37 times (rho of its occurrences); the old sweep (108 steps)
 # gave 4. See BENCHMARKS.md for the figures.
 TABLE_WIDTH, TABLE_STEPS = 16, 1024
 TABLE_SETS = ((8, 2), (16, 4), (32, 8), (64, 16))
