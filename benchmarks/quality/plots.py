@@ -153,10 +153,18 @@ def eta_plot(out: dict[str, Any] | None, path: Path) -> Path | None:
     if "backbone_alone_val_loss" in sw:
         ax.axhline(sw["backbone_alone_val_loss"]["mean"], color=COLORS["none"], ls="--", lw=1,
                    label=f"backbone alone (seeds {sw['backbone_alone_seeds']})")
+    return _save_table_axes(fig, ax, path, "validation loss (seed mean, min..max)",
+                            "loss vs table size, fixed backbone (d=32) and tokens; paper: -0.0118 per doubling")
+
+
+def _save_table_axes(fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    """The axes both table-size plots share (log2 N_n), then save and close."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_xlabel("JTok-M table parameters N_n (labels: n_e/K)", fontsize=8)
-    ax.set_ylabel("validation loss (seed mean, min..max)", fontsize=8)
-    ax.set_title("loss vs table size, fixed backbone (d=32) and tokens; paper: -0.0118 per doubling", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=6.5)
     ax.grid(alpha=0.3, which="both")
     ax.tick_params(labelsize=7)
@@ -196,17 +204,8 @@ def table_plot(out: dict[str, Any] | None, path: Path) -> Path | None:
                 label=f"paper's slope {t['paper_slope_per_doubling']:+.4f} (through the fit's middle)")
     if "backbone_alone_val_loss" in t:
         ax.axhline(t["backbone_alone_val_loss"]["mean"], color=COLORS["none"], ls="--", lw=1, label="backbone alone")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("JTok-M table parameters N_n (labels: n_e/K)", fontsize=8)
-    ax.set_ylabel("validation loss", fontsize=8)
-    ax.set_title(f"loss vs table size: d={t['hidden_size']} MoE, {t['tokens'] / 1e6:.1f}M tokens per run", fontsize=8)
-    ax.legend(fontsize=6.5)
-    ax.grid(alpha=0.3, which="both")
-    ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save_table_axes(fig, ax, path, "validation loss",
+                            f"loss vs table size: d={t['hidden_size']} MoE, {t['tokens'] / 1e6:.1f}M tokens per run")
 
 
 def make_plots(records: list[dict], out: dict[str, Any] | None, plots_dir: Path) -> list[Path]:
