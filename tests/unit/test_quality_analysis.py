@@ -213,3 +213,16 @@ def test_pilot_table_pairs_each_setting_with_the_backbone_of_its_seed():
     # per seed: 4.9/5.0 - 1 = -2%, 5.7/6.0 - 1 = -5% (not the ratio of the means, -3.6%)
     assert j["vs_backbone"]["min"] == pytest.approx(-0.05) and j["vs_backbone"]["max"] == pytest.approx(-0.02)
     assert j["vs_backbone"]["mean"] == pytest.approx(-0.035)
+
+
+def test_demo_losses_pair_each_variant_with_the_backbone_of_its_seed():
+    from analysis import demo_losses
+
+    recs = [{"name": f"{v}{s}", "group": "demo", "variant": v, "seed": s, "val_loss": x}
+            for v, s, x in (("none", 1, 5.0), ("none", 2, 4.0), ("jtok", 1, 4.5), ("jtok", 2, 3.8),
+                            ("jtokm", 1, 4.0))]
+    d = demo_losses(recs + [{"name": "x", "group": "pilot", "variant": "none", "seed": 1, "val_loss": 9.0}])
+    assert d["none"]["mean"] == pytest.approx(4.5) and d["none"]["seeds"] == [1, 2]
+    # -10% and -5% per seed
+    assert d["jtok"]["vs_backbone"]["min"] == pytest.approx(-0.10) and d["jtok"]["vs_backbone"]["max"] == pytest.approx(-0.05)
+    assert d["jtokm"]["vs_backbone"]["mean"] == pytest.approx(-0.20) and d["jtokm"]["seeds"] == [1]
