@@ -10,7 +10,7 @@ kept in host memory for inference (``host.py``) is the provider's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -79,10 +79,21 @@ class TokenRows:
     unique_rows: Tensor   # [U, L, n_e, d] rows of every layer of this stage (autograd-connected)
     inverse: Tensor       # [T] position -> index into unique_ids
     replay_sink: "ReplayGradSink | None" = None   # set when the layers may be replayed by full recompute
+    _layers: "tuple[Tensor, ...] | None" = field(default=None, init=False, repr=False, compare=False)
 
     def layer(self, index: int) -> Tensor:
-        """Rows of one layer (0-based index within the stage): [U, n_e, d]."""
-        return self.unique_rows[:, index]
+        """Rows of one layer (0-based index within the stage): [U, n_e, d].
+
+        With autograd the L layers' rows are one ``unbind`` of the buffer, made once per micro-batch: its
+        backward stacks the L gradients into the [U, L, n_e, d] gradient in one pass. Indexing ``[:, i]`` per
+        layer would give every layer a backward that zero-fills a whole [U, L, n_e, d] gradient and adds it to
+        the others': L full-size fills and adds per micro-batch, quadratic in the layers (the results are the
+        same bitwise: each entry of the gradient is one layer's gradient or zero either way)."""
+        if not (torch.is_grad_enabled() and self.unique_rows.requires_grad):
+            return self.unique_rows[:, index]
+        if self._layers is None:
+            self._layers = self.unique_rows.unbind(1)
+        return self._layers[index]
 
 
 @runtime_checkable
