@@ -10,7 +10,7 @@ import torch
 from jtok_train.model.jtok import JTok, JTokM, load_balancing_loss
 from jtok_train.tables.init import INIT_CHUNK, init_rows_for_permuted_range, row_permutation
 from jtok_train.tables.replicated import ReplicatedTokenTable
-from jtok_train.tables.rows import check_token_ids
+from jtok_train.tables.rows import TokenRows, check_token_ids
 
 
 def naive_normalize(u, eps):
@@ -153,3 +153,24 @@ def test_replicated_lookup_dedups_in_sb_order_and_checks_ids():
         table.lookup(torch.tensor([[0, 50]]))
     with pytest.raises(ValueError, match=r"token id -1"):
         check_token_ids(torch.tensor([-1, 2]), 10)
+
+
+def test_layer_rows_share_one_unbind_and_give_the_per_slice_gradient_bitwise():
+    """TokenRows.layer: with autograd every layer's rows come out of one unbind (one backward node stacks the
+    L gradients), without autograd plain slices; the buffer's gradient is bitwise that of indexing [:, i] per
+    layer (every entry is one layer's gradient either way). Fresh random rows, weights and layers used."""
+    g = torch.Generator().manual_seed(7)
+    U, L, n_e, d = 13, 5, 3, 8
+    buffer = torch.randn(U, L, n_e, d, generator=g, requires_grad=True)
+    weights = [torch.randn(U, n_e, d, generator=g) for _ in range(L)]
+    used = [0, 2, 3]   # a layer may go unused (its gradient is zero), as under partial recompute
+    rows = TokenRows(unique_ids=torch.arange(U), unique_rows=buffer, inverse=torch.arange(U))
+    views = [rows.layer(i) for i in used]
+    assert len({id(v.grad_fn) for v in views}) == 1 and type(views[0].grad_fn).__name__.startswith("Unbind")
+    sum((v.sin() * weights[i]).sum() for i, v in zip(used, views)).backward()
+    got, buffer.grad = buffer.grad.clone(), None
+    sum((buffer[:, i].sin() * weights[i]).sum() for i in used).backward()
+    assert torch.equal(got, buffer.grad)
+    assert torch.count_nonzero(got[:, [1, 4]]) == 0
+    with torch.no_grad():
+        assert rows.layer(1).grad_fn is None and torch.equal(rows.layer(1), buffer[:, 1])
