@@ -4,8 +4,11 @@
     .venv/bin/python benchmarks/exchange_bench.py --steps 8 --repeats 1 --configs tiny
 
 Needs the demo data (`make demo`, or `jtok-data build --source python-docs --out data/demo`).
-Every variant runs on the same 2 gloo ranks, in the order A B C D A B C D ... (repeats), and the
-figures are medians over steps after the first two. Results: a markdown table on stdout and a JSON file
+Every variant runs on 2 gloo ranks, in the order A B C D A B C D ... (repeats), each run in fresh
+processes, and the figures are medians over steps after the first two. Fresh processes because runs that
+share a process are not alike: every Trainer leaves its process groups (and their gloo threads) behind, and
+later runs in one process measured backbone ops several times slower than the same ops in a process of
+their own. Results: a markdown table on stdout and a JSON file
 (benchmarks/results/exchange.json).
 """
 
@@ -50,6 +53,17 @@ def interleaved_runs(configs: list[str], variants: dict[str, list[str]], repeats
         for config in configs for rep in range(repeats) for variant, ov in variants.items()]
 
 
+def fresh_process_runs(measure, ranks: int, runs: list) -> list[list]:
+    """measure([run]) for every run in its own ``ranks`` fresh processes; per rank, the records of all runs."""
+    from jtok_train.testing import run_distributed
+
+    per_rank: list[list] = [[] for _ in range(ranks)]
+    for run in runs:
+        for rank, recs in enumerate(run_distributed(measure, ranks, [run], timeout=3600)):
+            per_rank[rank] += recs
+    return per_rank
+
+
 def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
@@ -83,10 +97,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = ap.parse_args()
 
-    from jtok_train.testing import run_distributed
-
     runs = interleaved_runs(args.configs, {v: VARIANTS[v] for v in args.variants}, args.repeats, args.steps)
-    per_rank = run_distributed(_measure, 2, runs, timeout=3600)
+    per_rank = fresh_process_runs(_measure, 2, runs)
     results: dict[tuple[str, str], dict] = {}
     for rank_res in per_rank:
         for rec in rank_res:
@@ -105,7 +117,9 @@ def main() -> None:
             med = statistics.median(agg["step_time_s"])
             sent = statistics.median([r.get("exchange/bytes_sent", 0) for r in agg["ranks"]])
             wait = statistics.median([r.get("exchange/wait_s", 0) for r in agg["ranks"]])
-            entry = {"median_step_s": med, "ratio_vs_backbone": med / base, "bytes_sent": sent, "wait_s": wait}
+            entry = {"median_step_s": med, "ratio_vs_backbone": med / base, "bytes_sent": sent, "wait_s": wait,
+                     # the spread: each run's (repeat's) median on rank 0, in run order
+                     "run_medians_s": [statistics.median(r["step_time_s"]) for r in agg["ranks"][: len(agg["ranks"]) // 2]]}
             for k in ("exchange/positions", "exchange/unique_ids", "exchange/rows_remote", "exchange/hot_hits"):
                 vals = [r[k] for r in agg["ranks"] if k in r]
                 if vals:

@@ -5,7 +5,8 @@
 
 1. training step time on 2 gloo ranks: backbone alone vs + JTok-M replicated / sharded / sharded + overlap
    (and sharded without dedup), variants interleaved A B C D E A B C D E ... so that machine noise hits all
-   of them alike; medians over the steps after the first two of every repeat;
+   of them alike, each run in fresh processes (see benchmarks/exchange_bench.py); medians over the steps after
+   the first two of every repeat;
 2. exchange bytes per step vs the unique-row floor (every remote unique id once: its id, its row forward, its
    gradient back) and vs the exchange without dedup;
 3. exposed exchange time (the time the compute waited on rows) with and without overlap;
@@ -44,7 +45,7 @@ VARIANTS = {
                                "parallel.dedup=false"],
 }
 # the demo model ("tiny") and a wider one ("bench"): the same configs as the exchange benchmark
-from benchmarks.exchange_bench import CONFIGS  # noqa: E402
+from benchmarks.exchange_bench import CONFIGS, fresh_process_runs  # noqa: E402
 
 EXCHANGE_KEYS = ("exchange/bytes_sent", "exchange/bytes_received", "exchange/wait_s", "exchange/positions",
                  "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested")
@@ -138,8 +139,6 @@ def _measure(runs: list[tuple[str, list[str]]]) -> list[dict]:
 
 
 def _training_section(args) -> dict:
-    from jtok_train.testing import run_distributed
-
     runs = []
     for rep in range(args.repeats):
         for variant, ov in VARIANTS.items():
@@ -153,7 +152,7 @@ def _training_section(args) -> dict:
                 "data=demo", "train=demo", f"train.train_iters={args.steps}", "train.save=false",
                 "train.progress=false", "logging.wandb=false", "train.eval_samples=8",
                 f"train.run_dir={args.work}/{args.config}_{variant}_profile"]))
-    per_rank = run_distributed(_measure, args.ranks, runs, timeout=3600)
+    per_rank = fresh_process_runs(_measure, args.ranks, runs)
     report: dict = {}
     prof = {r["variant"].split(":", 1)[1]: r for r in per_rank[0] if r["variant"].startswith("profile:")}
     if prof:
