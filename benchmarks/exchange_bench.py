@@ -8,7 +8,10 @@ Every variant runs on 2 gloo ranks, in the order A B C D A B C D ... (repeats), 
 processes, and the figures are medians over steps after the first two. Fresh processes because runs that
 share a process are not alike: every Trainer leaves its process groups (and their gloo threads) behind, and
 later runs in one process measured backbone ops several times slower than the same ops in a process of
-their own. Results: a markdown table on stdout and a JSON file
+their own. Next to the ratio of medians: the per-repeat ratio (each repeat's variant run over its backbone run,
+so that the drift of a shared machine between repeats cancels; median, min and max over the repeats) and the
+CPU seconds per step (user + system of the rank's process: the work, without the waits on the other rank).
+Results: a markdown table on stdout and a JSON file
 (benchmarks/results/exchange.json).
 """
 
@@ -64,6 +67,37 @@ def fresh_process_runs(measure, ranks: int, runs: list) -> list[list]:
     return per_rank
 
 
+def _count_cpu_time(module) -> list[float]:
+    """The process's CPU seconds (user + system, all threads) of every ``module.train_step``: the work a step
+    costs, which the wall time mixes with waits on the other rank."""
+    import resource
+
+    out: list[float] = []
+    step = module.train_step
+
+    def timed(*args, **kwargs):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            out.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+
+    module.train_step = timed
+    return out
+
+
+def paired_ratios(results: dict, config: str, variant: str) -> list[float]:
+    """Per repeat: the variant's median step over the backbone's median step of the same repeat (both ranks'
+    steps), so that the drift of a shared machine between repeats cancels."""
+    def run_medians(key):
+        recs = results[key]["ranks"]
+        half = len(recs) // 2   # rank 0's records in run order, then rank 1's
+        return [statistics.median(a["step_time_s"] + b["step_time_s"]) for a, b in zip(recs[:half], recs[half:])]
+
+    return [v / b for v, b in zip(run_medians((config, variant)), run_medians((config, "backbone")))]
+
+
 def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
@@ -73,11 +107,12 @@ def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     out = []
     for config, variant, overrides in runs:
         tr = Trainer(compose(overrides))
+        cpu = _count_cpu_time(tr.module)
         res = tr.fit()
         rows = [json.loads(l) for l in (Path(tr.run_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "step_time_s" in r][2:]
         rec = {"config": config, "variant": variant, "step_time_s": [r["step_time_s"] for r in steps],
-               "loss": res.losses[-1]}
+               "cpu_s": cpu[2:], "loss": res.losses[-1]}
         for key in ("exchange/bytes_sent", "exchange/bytes_received", "exchange/wait_s", "exchange/positions",
                     "exchange/unique_ids", "exchange/rows_remote", "exchange/rows_requested", "exchange/hot_hits"):
             vals = [r[key] for r in steps if key in r]
@@ -108,16 +143,22 @@ def main() -> None:
             agg["ranks"].append(rec)
 
     report = {}
-    lines = ["| config | variant | median step (s) | vs backbone | exch. bytes sent/rank/step | wait (s) | remote rows "
-             "/ token | served locally (hot) / unique |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | variant | median step (s) | vs backbone | per-repeat ratio: median (min..max) | CPU s / step "
+             "vs backbone | exch. bytes sent/rank/step | wait (s) | remote rows "
+             "/ token | served locally (hot) / unique |", "|---|---|---|---|---|---|---|---|---|---|"]
     for config in args.configs:
         base = statistics.median(results[(config, "backbone")]["step_time_s"])
+        base_cpu = statistics.median([c for r in results[(config, "backbone")]["ranks"] for c in r["cpu_s"]])
         for variant in args.variants:
             agg = results[(config, variant)]
             med = statistics.median(agg["step_time_s"])
             sent = statistics.median([r.get("exchange/bytes_sent", 0) for r in agg["ranks"]])
             wait = statistics.median([r.get("exchange/wait_s", 0) for r in agg["ranks"]])
+            paired = paired_ratios(results, config, variant)
+            cpu = statistics.median([c for r in agg["ranks"] for c in r["cpu_s"]])
             entry = {"median_step_s": med, "ratio_vs_backbone": med / base, "bytes_sent": sent, "wait_s": wait,
+                     "paired_ratios": paired, "paired_ratio_median": statistics.median(paired),
+                     "median_cpu_s": cpu, "cpu_ratio_vs_backbone": cpu / base_cpu,
                      # the spread: each run's (repeat's) median on rank 0, in run order
                      "run_medians_s": [statistics.median(r["step_time_s"]) for r in agg["ranks"][: len(agg["ranks"]) // 2]]}
             for k in ("exchange/positions", "exchange/unique_ids", "exchange/rows_remote", "exchange/hot_hits"):
@@ -129,7 +170,8 @@ def main() -> None:
             remote = f"{entry['exchange/rows_remote'] / pos:.3f}" if pos and "exchange/rows_remote" in entry else "-"
             hot = (f"{entry.get('exchange/hot_hits', 0) / entry['exchange/unique_ids']:.3f}"
                    if entry.get("exchange/unique_ids") else "-")
-            lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} | "
+            lines.append(f"| {config} | {variant} | {med:.3f} | {med / base:.3f} | {statistics.median(paired):.3f} "
+                         f"({min(paired):.3f}..{max(paired):.3f}) | {cpu / base_cpu:.3f} | {sent / 1e6:.2f} MB | {wait:.3f} | "
                          f"{remote} | {hot} |")
         if not all(f"{config}/{v}" in report for v in ("jtokm_sharded_overlap", "jtokm_sharded_no_overlap",
                                                         "jtokm_sharded_no_dedup")):
