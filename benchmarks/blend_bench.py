@@ -11,6 +11,10 @@ normalisation and scale) in two formulations of each of its two parts:
 - the layers' rows out of the micro-batch's [U, L, n_e, d] buffer: ``rows[:, i]`` per layer (every layer's
   backward zero-fills and adds a whole [U, L, n_e, d] gradient) vs one ``unbind`` (``TokenRows.layer`` now).
 
+Next to them, what JTok-M's module costs a micro-batch in all: ``JTokM`` itself (the router's RMSNorm and
+[T, d] x [d, n_e] product, the top-K, the blend, the aux loss) over the L layers, forward + backward, the
+gradient reaching the hidden states too.
+
 One thread, cases interleaved, medians of ``--repeats`` x ``--inner``. Results: a markdown table and
 benchmarks/results/blend.json. Every case's gradients are checked against the current formulation's first.
 """
@@ -32,6 +36,7 @@ sys.path.insert(0, str(ROOT / "kernels"))
 
 from jtok_kernels.ops import _l2n, jtokm_blend_reference  # noqa: E402
 
+from jtok_train.model.jtok import JTokM  # noqa: E402
 from jtok_train.tables.rows import TokenRows  # noqa: E402
 
 
@@ -83,6 +88,17 @@ def main() -> None:
         "broadcast sum, rows[:, i] per layer": (jtokm_blend_reference, True),
         "broadcast sum, one unbind (now)": (jtokm_blend_reference, False),
     }
+    modules = [JTokM(d, n_e, K, L) for _ in range(L)]
+    hidden = torch.randn(T, d, generator=g, requires_grad=True)
+
+    def module_step():
+        rows = TokenRows(unique_ids=unique_ids, unique_rows=buffer, inverse=inverse)
+        total = 0.0
+        for i, m in enumerate(modules):
+            out = m(hidden, rows.layer(i), inverse)
+            total = total + (out.residual * grad_out).sum() + out.aux_loss
+        total.backward()
+
     grads = {}
     for name, (blend, per_layer) in cases.items():
         buffer.grad = scale.grad = None
@@ -93,12 +109,15 @@ def main() -> None:
     for name, (gb, gs) in grads.items():
         for got, want in ((gb, ref[0]), (gs, ref[1])):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    module_case = "the whole JTokM module (router, top-K, blend, aux loss), one unbind (now)"
+    runs = {name: (lambda b=blend, p=per_layer: step(b, p)) for name, (blend, per_layer) in cases.items()}
+    runs[module_case] = module_step
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, (blend, per_layer) in cases.items():
+        for name, run in runs.items():
             t0 = time.perf_counter()
             for _ in range(args.inner):
-                step(blend, per_layer)
+                run()
             times[name].append((time.perf_counter() - t0) / args.inner * 1e3)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base = med["einsum, rows[:, i] per layer (before)"]

@@ -42,15 +42,24 @@ __all__ = ["DedupPlan", "make_plan", "host_ids", "ExchangeStats", "SideStream", 
 @dataclass
 class DedupPlan:
     """What one rank asks for in one micro-batch: built on the host (numpy), with the device copies the
-    compute needs made once."""
+    compute needs made once.
 
-    host_unique_ids: np.ndarray   # [U] ids to fetch (sorted unique ids; all positions' ids without dedup)
-    host_order: np.ndarray        # [U] indices into unique_ids, grouped by owner rank (the send order)
+    The rows arrive grouped by owner (an all-to-all's output is), and the plan hands them to the layers in
+    that order: ``unique_ids`` and ``inverse`` are made for it on the host, so no pass over the [U, L, n_e, d]
+    rows puts them back in id order (forward) or their gradient in owner order (backward). Every row's values
+    and gradient are the same whatever its place in the buffer, so the order changes no result."""
+
+    host_unique_ids: np.ndarray   # [U] ids to fetch, sorted (all positions' ids without dedup)
+    host_order: np.ndarray        # [U] indices into host_unique_ids, grouped by owner rank (the send order)
+    host_position: np.ndarray     # [U] the place of host_unique_ids[j] in the send order (host_order's inverse)
     send_counts: list[int]        # ids sent to each owner
     num_positions: int
-    unique_ids: Tensor            # device copies: the unique ids, the inverse index [T] (position -> index into
-    inverse: Tensor               # unique_ids) and the send order
-    order: Tensor
+    unique_ids: Tensor            # device copies: the ids in the send order (the rows' order) and the inverse
+    inverse: Tensor               # index [T] (position -> index into unique_ids)
+
+    @property
+    def host_send_ids(self) -> np.ndarray:
+        return np.ascontiguousarray(self.host_unique_ids[self.host_order], dtype=np.int64)
 
 
 def host_ids(ids: "Tensor | np.ndarray") -> np.ndarray:
@@ -74,14 +83,16 @@ def make_plan(flat_ids: "Tensor | np.ndarray", placement: RowPlacement, dedup: b
         unique_ids, inverse = ids, np.arange(ids.size)
     owner = placement.owner_host(unique_ids)
     order = np.argsort(owner, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
     counts = np.bincount(owner, minlength=placement.world_size).tolist()
     dev = torch.device(device)
 
     def to_dev(a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev, non_blocking=True)
 
-    return DedupPlan(unique_ids, order, counts, int(ids.size), to_dev(unique_ids), to_dev(inverse.reshape(-1)),
-                     to_dev(order))
+    return DedupPlan(unique_ids, order, position, counts, int(ids.size), to_dev(unique_ids[order]),
+                     to_dev(position[inverse.reshape(-1)]))
 
 
 @dataclass
@@ -237,7 +248,7 @@ class RowLookup:
             raise ValueError(f"token ids outside the vocabulary on rank(s) {peers} of the embedding-parallel group "
                              f"(see that rank's error); no rows were exchanged")
         self.recv_counts = recv_counts
-        send_ids = np.ascontiguousarray(plan.host_unique_ids[plan.host_order], dtype=np.int64)
+        send_ids = plan.host_send_ids
         recv_ids = np.empty(sum(recv_counts), dtype=np.int64)
         _host_a2a(recv_ids, send_ids, recv_counts, plan.send_counts, self.id_group).wait()
         self.stats.wait_s += time.perf_counter() - t0
@@ -253,7 +264,7 @@ class RowLookup:
         shard, row_shape = self.shard, tuple(self.shard.shape[1:])
         # compute -> side: the device indices (copied on the compute stream) and the shard (the optimizer writes
         # it there)
-        with self.stream.run(self.served_rows, plan.order, shard):
+        with self.stream.run(self.served_rows, shard):
             served = shard.index_select(0, self.served_rows)
             self.rows = torch.empty((len(plan.host_unique_ids), *row_shape), dtype=shard.dtype, device=dev)
             self.work = _a2a(self.rows, served, plan.send_counts, recv_counts, self.group, async_op=True)
@@ -273,7 +284,7 @@ class RowLookup:
         self.state = "rows_sent"
 
     def wait_rows(self) -> Tensor:
-        """Rows of the unique ids [U, ...] in unique-id order (on the compute stream)."""
+        """Rows of the unique ids [U, ...] in the plan's order (``plan.unique_ids``; on the compute stream)."""
         if self.state == "ids_sent":
             self.advance()
         self._expect("rows_sent", "wait for rows")
@@ -282,8 +293,7 @@ class RowLookup:
         self.stats.wait_s += time.perf_counter() - t0
         # side -> compute: the received rows
         self.stream.handoff(self.rows)
-        rows = torch.empty_like(self.rows)
-        rows[self.plan.order] = self.rows          # owner-grouped order -> unique-id order
+        rows = self.rows      # in the send order, which the plan's ids and inverse index follow
         self.work, self._served, self.rows = None, None, None
         self.state = "rows_ready"
         return rows
@@ -291,9 +301,10 @@ class RowLookup:
     def send_grads(self, grad_rows: Tensor, scale: float) -> None:
         """Start sending d(unique rows) [U, ...] back to their owners (asynchronous)."""
         self._expect("rows_ready", "send gradients")
-        # compute -> side: autograd's row gradients (freed by autograd once this returns) and the send order
-        with self.stream.run(grad_rows, self.plan.order):
-            send = (grad_rows.index_select(0, self.plan.order) * scale).contiguous()
+        # compute -> side: autograd's row gradients (freed by autograd once this returns), already in the send
+        # order. Scaled before the owners' sum, as Megatron's DDP scales before its all-reduce.
+        with self.stream.run(grad_rows):
+            send = grad_rows.contiguous() if scale == 1.0 else grad_rows * scale
             self.grad_recv = torch.empty((len(self.recv_ids), *send.shape[1:]), dtype=send.dtype, device=send.device)
             self.work = _a2a(self.grad_recv, send, self.recv_counts, self.plan.send_counts, self.group, async_op=True)
             self._sent = send

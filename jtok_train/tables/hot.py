@@ -36,7 +36,15 @@ class HotSplit:
     slots: Tensor            # the same on the device
     unique_ids: Tensor       # [U] the lookup's unique ids (every position's id without dedup), device
     inverse: Tensor          # [T] position -> index into unique_ids
-    gather: Tensor           # [U] index into cat(tail rows, hot rows) of each unique id
+    host_gather: np.ndarray  # [U] index into cat(tail rows in the tail's id order, hot rows) of each unique id
+    gather: "Tensor | None" = None   # the same into cat(tail rows as they arrive, hot rows), device: place_tail
+
+    def place_tail(self, tail_position: np.ndarray, device) -> None:
+        """The tail's rows arrive in the exchange's order: tail row i at ``tail_position[i]`` (its plan's)."""
+        g = self.host_gather.copy()
+        tail = g < tail_position.size
+        g[tail] = tail_position[g[tail]]
+        self.gather = torch.from_numpy(g).to(device, non_blocking=True)
 
 
 class _ReplicaRows(torch.autograd.Function):
@@ -110,7 +118,7 @@ class HotRows:
 
         host_slots = slot[hot]
         return HotSplit(int(flat.size), int(hot.size), host_slots, dev(host_slots), dev(uniq),
-                        dev(inverse.reshape(-1)), dev(gather)), uniq[tail]
+                        dev(inverse.reshape(-1)), gather), uniq[tail]
 
     def lookup(self, split: HotSplit, anchor: Tensor) -> Tensor:
         """The replicas' rows of a lookup's hot ids (autograd-connected to ``grad`` through ``anchor``)."""

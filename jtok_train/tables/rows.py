@@ -75,7 +75,7 @@ class RowGradJoin(torch.autograd.Function):
 class TokenRows:
     """The rows a micro-batch needs. Positions are in Megatron's [s, b] order (T = s*b)."""
 
-    unique_ids: Tensor    # [U] sorted unique token ids
+    unique_ids: Tensor    # [U] the unique token ids, in the provider's order (sorted, or grouped by owner rank)
     unique_rows: Tensor   # [U, L, n_e, d] rows of every layer of this stage (autograd-connected)
     inverse: Tensor       # [T] position -> index into unique_ids
     replay_sink: "ReplayGradSink | None" = None   # set when the layers may be replayed by full recompute

@@ -151,6 +151,7 @@ class ShardedTokenTable(nn.Module):
                            id_group=self.id_group)
         lookup.hot = split
         if split is not None:
+            split.place_tail(plan.host_position, self.shard.device)
             plan.num_positions = split.num_positions
             self.stats.unique_ids += split.num_hot
             self.stats.hot_hits += split.num_hot

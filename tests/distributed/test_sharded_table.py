@@ -133,7 +133,11 @@ def _rows_and_bad_ids(vocab: int, seq: int) -> dict:
     unique = torch.unique(ids)
     full = table.full_table()
     out = {
-        "rows_ok": torch.equal(rows.unique_rows, full[rows.unique_ids]) and torch.equal(rows.unique_ids, unique),
+        # the rows come in the exchange's order (grouped by owner): every id once, each with its own row, and
+        # the inverse index takes every position to its id
+        "rows_ok": torch.equal(rows.unique_rows, full[rows.unique_ids]) and torch.equal(rows.unique_ids.sort().values,
+                                                                                       unique)
+                   and torch.equal(rows.unique_ids[rows.inverse], ids.t().reshape(-1)),
         "requested": table.stats.rows_requested,
         "unique": int(unique.numel()),
     }
@@ -291,11 +295,12 @@ def _many_microbatches(vocab: int, seq: int, num_micro: int, early: bool) -> dic
             weight = torch.randn(len(uniq), 2, 3, 8, generator=g)
             expected.index_add_(0, uniq, weight.double())
             if r == rank:
-                my_ids, my_weight = ids, weight
+                my_ids, my_uniq, my_weight = ids, uniq, weight
         table.prefetch(my_ids)
         rows = table.lookup(my_ids)
         held.append(len(table._in_backward))
-        (rows.unique_rows * my_weight).sum().backward()
+        # the rows come in the exchange's order: each id's weight found by its id
+        (rows.unique_rows * my_weight[torch.searchsorted(my_uniq, rows.unique_ids)]).sum().backward()
     table.finish_backward()
     own = table.placement.owner(torch.arange(vocab)) == rank
     own_ids = torch.arange(vocab)[own]
