@@ -11,7 +11,7 @@ the table optimizer and the zeroing. It is the demo's table exactly (``ShardedTo
 the shuffled loader: its dedup ratio), and a fixed random gradient in place of the layers' one. Measured: the wall time and the CPU
 seconds (user + system of the rank's process, all threads) per step, medians over the steps after the first
 ``--warmup``; ``--profile``: the ops that take the time (torch's profiler, rank 0). Results: printed, and
-benchmarks/results/table_path.json. Needs the demo data (`make demo`).
+benchmarks/results/table_path.json. Needs the demo data (`make demo`) or `--data-prefix` of another dataset.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ def _run(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from jtok_train.compat import init_model_parallel
+    from jtok_train.data.indexed import read_documents
     from jtok_train.tables.optimizer import ShardedTableOptimizer
     from jtok_train.tables.sharded import ShardedTokenTable
 
     init_model_parallel()
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokens = np.fromfile(Path(args.data) / "text_document.bin", dtype=np.uint16).astype(np.int64)
-    if tokens.size == 0 or int(tokens.max()) >= args.vocab:
-        raise SystemExit(f"{args.data}/text_document.bin: no tokens or ids >= --vocab {args.vocab}; build the demo "
-                         "data (`make demo`) or pass --data/--vocab")
+    tokens = np.concatenate(read_documents(args.data_prefix)).astype(np.int64)
+    if tokens.size <= args.seq or int(tokens.max()) >= args.vocab:
+        raise SystemExit(f"{args.data_prefix}: {tokens.size} tokens, largest id {int(tokens.max())}: needs more than "
+                         f"--seq {args.seq} tokens and ids below --vocab {args.vocab}; build the demo data (`make "
+                         "demo`) or pass --data-prefix/--vocab")
     table = ShardedTokenTable(args.vocab, args.layers, args.sets, args.hidden, group=dist.group.WORLD, seed=1,
                               init_std=0.02, grad_scale=1.0 / world)
     opt = ShardedTableOptimizer(table, 0.1, (0.9, 0.95), 1e-8, kind=args.optimizer)
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--data", default=str(ROOT / "data" / "demo"))
+    ap.add_argument("--data-prefix", default=str(ROOT / "data" / "demo" / "text_document"))
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "table_path.json"))
