@@ -28,10 +28,9 @@ def test_paired_ratio_divides_each_repeat_by_the_backbone_run_of_the_same_repeat
         ("tiny", "v"): {"ranks": [rec([1.1, 1.3]), rec([2.0, 2.4]), rec([1.2, 1.2]), rec([2.2, 2.2])]},
     }
     got = paired_ratios(results, "tiny", "v")
-    # repeat 1: median of both ranks' steps (1.1, 1.3, 1.2, 1.2) = 1.2 over 1.0; repeat 2: 2.2 over 2.0
+    # repeat 1: median of both ranks' steps (1.1, 1.3, 1.2, 1.2) = 1.2 over 1.0; repeat 2 (a machine twice as
+    # slow for both runs): 2.2 over 2.0, not over the backbone's median of all repeats
     assert got == pytest.approx([1.2, 1.1])
-    # a slow machine in repeat 2 (the backbone 2x slower too) does not move the pairing
-    assert paired_ratios(results, "tiny", "backbone") == [1.0, 1.0]
 
 
 def test_table_path_bench_runs_the_table_and_its_optimizer_on_2_ranks(small_dataset, tmp_path):
