@@ -89,8 +89,12 @@ def _run(args: argparse.Namespace) -> dict:
             for _ in range(args.profile_steps):
                 step()
         if rank == 0:
-            rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+            averages = prof.key_averages()
+            rows = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:15]
             out["profile_ms_per_step"] = {e.key: e.self_cpu_time_total / 1e3 / args.profile_steps for e in rows}
+            # every op the profile saw, with its calls: which ops ran does not depend on how busy the machine
+            # is (the top 15 by time does: on a loaded machine the waits on the other rank fill it)
+            out["profile_calls"] = {e.key: e.count for e in averages}
     return out
 
 

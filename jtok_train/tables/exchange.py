@@ -23,6 +23,7 @@ consuming rows before they arrived, a second backward) fails loudly instead of c
 
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,6 +111,12 @@ class ExchangeStats:
     lookups: int = 0
     hot_hits: int = 0                # ids served from this rank's replicas of the hot rows (parallel.hot_rows)
     hot_reduce_bytes: int = 0        # bytes of the replicas' gradient all-reduced (the buffer; a ring moves ~2x)
+    # The overlap, by the order of events (``EVENT_CLOCK``), which no machine load can change: lookups whose
+    # exchange was started before the compute that precedes them began (the previous micro-batch's lookup in
+    # the step), and lookups whose rows were already on their way when the compute asked for them. With
+    # overlap on, every lookup but a step's first is ahead; with it off, none is.
+    lookups_ahead: int = 0
+    lookups_in_flight: int = 0
 
     def as_metrics(self, prefix: str = "exchange/") -> dict[str, float]:
         d = {k: float(v) for k, v in self.__dict__.items()}
@@ -187,6 +194,11 @@ class SideStream:
             api.record(t, current)   # the caching allocator must not reuse it while compute reads it
 
 
+# One process-wide sequence of exchange events (counts sent, rows sent, rows asked for): comparing two events'
+# numbers tells which came first.
+EVENT_CLOCK = itertools.count()
+
+
 def _a2a(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool):
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
@@ -227,6 +239,7 @@ class RowLookup:
         self._send_counts = np.array(plan.send_counts if bad_ids is None else [-1] * world, dtype=np.int64)
         self._recv_counts = np.empty(world, dtype=np.int64)
         self.work = _host_a2a(self._recv_counts, self._send_counts, [1] * world, [1] * world, self.id_group)
+        self.started_at, self.rows_sent_at = next(EVENT_CLOCK), None
         self.state = "ids_sent"
 
     def _expect(self, state: str, action: str) -> None:
@@ -269,6 +282,7 @@ class RowLookup:
             self.rows = torch.empty((len(plan.host_unique_ids), *row_shape), dtype=shard.dtype, device=dev)
             self.work = _a2a(self.rows, served, plan.send_counts, recv_counts, self.group, async_op=True)
             self._served = served   # keep the send buffer alive until the collective completed
+        self.rows_sent_at = next(EVENT_CLOCK)
         stats = self.stats
         remote_req = sum(c for r, c in enumerate(plan.send_counts) if r != self.rank)
         remote_srv = sum(c for r, c in enumerate(recv_counts) if r != self.rank)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from jtok_train.tables.exchange import (ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
+from jtok_train.tables.exchange import (EVENT_CLOCK, ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
                                         rows_with_grad_exchange)
 from jtok_train.tables.hot import HotRows
 from jtok_train.tables.init import init_rows_for_permuted_range
@@ -107,6 +107,7 @@ class ShardedTokenTable(nn.Module):
         self._prefetched: deque[tuple[np.ndarray, RowLookup | None]] = deque()
         self._in_backward: deque[RowLookup] = deque()
         self.deferred_sends = 0   # exchanges whose rows advance() sent (DEFER_ROWS)
+        self._previous_lookup_at: int | None = None   # EVENT_CLOCK at this step's previous lookup
         hot = np.unique(np.asarray(hot_ids if hot_ids is not None else [], dtype=np.int64).reshape(-1))
         self.hot_rows = HotRows(hot, vocab_size, self.placement.position_of_host, (self.start_row, self.stop_row),
                                 self.shard, group, self.id_group, grad_scale) if hot.size else None
@@ -190,6 +191,7 @@ class ShardedTokenTable(nn.Module):
                 pending = self._start(ids)
         else:   # a caller that did not prefetch: its ids are read back from the device (a sync on GPU)
             pending = self._start(token_ids.cpu())
+        self._record_order(pending)
         rows = pending.wait_rows()
         if torch.is_grad_enabled():
             # Row gradients of micro-batches two or more back have had a whole forward and backward to
@@ -204,6 +206,16 @@ class ShardedTokenTable(nn.Module):
             return TokenRows(unique_ids=split.unique_ids, unique_rows=rows, inverse=split.inverse)
         return TokenRows(unique_ids=pending.plan.unique_ids, unique_rows=rows, inverse=pending.plan.inverse)
 
+    def _record_order(self, pending: RowLookup) -> None:
+        """The overlap by the order of events (ExchangeStats.lookups_ahead / lookups_in_flight): was this
+        lookup's exchange started before the previous micro-batch's compute, and were its rows sent before now."""
+        asked = next(EVENT_CLOCK)
+        previous, self._previous_lookup_at = self._previous_lookup_at, asked
+        if previous is not None and pending.started_at < previous:
+            self.stats.lookups_ahead += 1
+        if pending.rows_sent_at is not None and pending.rows_sent_at < asked:
+            self.stats.lookups_in_flight += 1
+
     # -- gradients and optimizer hooks ---------------------------------------------------------------
     def finish_backward(self) -> None:
         """Wait for every row gradient of the step and add the owned ones to ``shard_grad``, in
@@ -213,6 +225,7 @@ class ShardedTokenTable(nn.Module):
         if any(p.state != "grads_sent" for p in self._in_backward):
             raise RuntimeError("token-row exchange: a micro-batch's rows were looked up but their backward never "
                                "ran (every training forward needs its backward before the optimizer step)")
+        self._previous_lookup_at = None    # the next lookup is the first of a step
         works = self.hot_rows.start_reduce() if self.num_hot else []
         self._accumulate_arrived(keep=0)    # the tail's row gradients, while the replicas' are summed
         if self.num_hot:

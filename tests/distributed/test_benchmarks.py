@@ -48,6 +48,8 @@ def test_table_path_bench_runs_the_table_and_its_optimizer_on_2_ranks(small_data
     for rank in rep["ranks"]:
         # real text repeats ids: dedup leaves fewer unique ids than positions, and some remain
         assert 0 < rank["unique_ids_per_step"] < positions, rank
-    # the dense table optimizer ran through torch's fused AdamW, and the profile saw it
-    assert "aten::_fused_adamw_" in rep["ranks"][0]["profile_ms_per_step"]
+    # the dense table optimizer ran through torch's fused AdamW, once per profiled step, and the profile saw it
+    # (by its calls: whether it is among the top ops by time depends on the machine's load)
+    assert rep["ranks"][0]["profile_calls"].get("aten::_fused_adamw_") == 2, rep["ranks"][0]["profile_calls"]
+    assert rep["ranks"][0]["profile_ms_per_step"]
     assert "table path per step (adamw)" in proc.stdout
