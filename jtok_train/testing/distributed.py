@@ -11,14 +11,25 @@
     def test_allreduce():
         assert run_distributed(_check_allreduce, 2, 3.0) == [6.0, 6.0]
 
-Each rank runs in a fresh "spawn" process with the torchrun environment (MASTER_ADDR, MASTER_PORT, RANK,
+Each rank runs in a fresh process with the caller's environment plus torchrun's (MASTER_ADDR, MASTER_PORT, RANK,
 WORLD_SIZE, LOCAL_RANK), the CPU compatibility layer installed, and torch.distributed initialised. An exception
 on any rank fails the call with that rank's traceback; a hang fails it after `timeout` seconds. Megatron's
 parallel_state and the process group are torn down when func returns.
+
+Start-up: the ranks are forked from a server process that has imported torch, megatron.core and jtok_train's
+training stack once (multiprocessing's "forkserver" with ``PRELOAD``): a rank starts in a fraction of a second
+instead of paying the imports (7.5 s) again. Every rank is still a new process, forked from a server that never
+ran a test, so nothing one call leaves behind (process groups, Megatron's parallel state, environment variables,
+RNG seeds, threads) reaches the next. The server's environment is the one it started with; a call whose
+environment differs from it in a variable read at import time (``IMPORT_TIME_ENV``: Triton's interpreter, the
+kernel backend) starts its ranks with "spawn" instead. ``JTOK_TEST_START=spawn`` forces spawn everywhere.
+``JTOK_TEST_TIMING=<file>``: each call appends one JSON line (start-up, func and total seconds) for the
+suite's timing report (jtok_train/testing/timing.py).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -26,7 +37,36 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["DistributedTestError", "run_distributed", "fill_params_by_global_position", "free_port"]
+__all__ = ["DistributedTestError", "run_distributed", "fill_params_by_global_position", "free_port", "PRELOAD"]
+
+# What the fork server imports once: everything a rank of the tests imports to train, evaluate, save and load
+# (measured: importing these is the 7.5 s a spawned rank paid before its first line of work).
+PRELOAD = [
+    "torch", "torch.distributed", "torch.distributed.checkpoint", "numpy",
+    "megatron.core", "megatron.core.parallel_state", "megatron.core.models.gpt", "megatron.core.optimizer",
+    "megatron.core.distributed", "megatron.core.dist_checkpointing", "megatron.core.pipeline_parallel",
+    "megatron.core.transformer.moe.moe_layer",
+    "jtok_train.compat", "jtok_train.compat.megatron", "jtok_train.config", "jtok_train.training.trainer",
+    "jtok_train.training.train_module", "jtok_train.model.builder", "jtok_train.tables.sharded",
+    "jtok_train.checkpoint", "jtok_train.data.datasets", "jtok_train.data.tokenizer",
+]
+# Environment variables a preloaded module reads when it is imported (so the server's value would win).
+IMPORT_TIME_ENV = ("TRITON_INTERPRET", "JTOK_KERNELS", "CUDA_VISIBLE_DEVICES")
+_server_env: dict[str, str] | None = None     # the environment the fork server started with
+
+
+def _context(force_spawn: bool = False):
+    """multiprocessing's forkserver context with PRELOAD (started on first use), or spawn."""
+    global _server_env
+    if force_spawn or os.environ.get("JTOK_TEST_START", "forkserver") == "spawn":
+        return mp.get_context("spawn")
+    now = {k: os.environ.get(k) for k in IMPORT_TIME_ENV}
+    if _server_env is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        _server_env = now
+        return ctx
+    return mp.get_context("forkserver") if now == _server_env else mp.get_context("spawn")
 
 
 class DistributedTestError(AssertionError):
@@ -56,7 +96,8 @@ def run_distributed(
     if threads_per_rank is None:
         threads_per_rank = 1 if world_size > 1 else max(1, os.cpu_count() or 1)
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = _context()
+    t_start = time.time()
     results: "mp.Queue[tuple[int, str, Any]]" = ctx.Queue()
     procs = []
     for rank in range(world_size):
@@ -72,7 +113,7 @@ def run_distributed(
         }
         p = ctx.Process(
             target=_rank_main,
-            args=(func, args, kwargs, rank_env, backend, threads_per_rank, results),
+            args=(func, args, kwargs, {**os.environ, **rank_env}, backend, threads_per_rank, results),
             name=f"run_distributed-rank{rank}",
             daemon=True,
         )
@@ -80,6 +121,7 @@ def run_distributed(
         procs.append(p)
 
     out: dict[int, Any] = {}
+    phases: dict[int, tuple[float, float]] = {}
     deadline = time.monotonic() + timeout
     try:
         while len(out) < world_size:
@@ -90,13 +132,13 @@ def run_distributed(
                     f"{getattr(func, '__name__', func)}: ranks {missing} did not finish within {timeout:.0f} s"
                 )
             try:
-                rank, status, value = results.get(timeout=min(remaining, 1.0))
+                rank, status, value, phase = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
                 if dead:
                     # give a dying rank's queued traceback a moment to arrive before blaming the exit code
                     try:
-                        rank, status, value = results.get(timeout=2.0)
+                        rank, status, value, phase = results.get(timeout=2.0)
                     except queue.Empty:
                         codes = {r: procs[r].exitcode for r in dead}
                         raise DistributedTestError(
@@ -107,6 +149,7 @@ def run_distributed(
             if status == "error":
                 raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
             out[rank] = value
+            phases[rank] = phase
     finally:
         for p in procs:
             p.join(timeout=10 if len(out) == world_size else 0.5)
@@ -115,7 +158,25 @@ def run_distributed(
                 p.kill()
                 p.join(timeout=5)
         results.close()
+    _record_timing(func, world_size, ctx.get_start_method(), t_start, phases)
     return [out[r] for r in range(world_size)]
+
+
+def _record_timing(func: Callable[..., Any], world_size: int, method: str, t_start: float,
+                   phases: dict[int, tuple[float, float]]) -> None:
+    """One JSON line in $JTOK_TEST_TIMING: start-up (the last rank ready to run func), func (until the last rank
+    finished it) and the whole call, in seconds."""
+    path = os.environ.get("JTOK_TEST_TIMING")
+    if not path or len(phases) < world_size:
+        return
+    ready = max(p[0] for p in phases.values())
+    done = max(p[1] for p in phases.values())
+    rec = {"kind": "run_distributed", "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0],
+           "func": getattr(func, "__name__", str(func)), "world": world_size, "start": method,
+           "startup_s": round(ready - t_start, 3), "func_s": round(done - ready, 3),
+           "total_s": round(time.time() - t_start, 3)}
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def _rank_main(
@@ -127,8 +188,10 @@ def _rank_main(
     threads: int,
     results: "mp.Queue[tuple[int, str, Any]]",
 ) -> None:
+    os.environ.clear()         # the caller's environment, not the fork server's
     os.environ.update(rank_env)
     rank = int(rank_env["RANK"])
+    t_ready = t_done = time.time()
     try:
         import torch
         import torch.distributed as dist
@@ -141,16 +204,18 @@ def _rank_main(
             use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
             backend = "nccl" if use_nccl else "gloo"
         init_distributed(backend)
+        t_ready = time.time()
         try:
             value = func(*args, **kwargs)
         finally:
+            t_done = time.time()
             destroy_model_parallel()
         # every rank returns before any tears down the group (a peer may still be in a collective)
         dist.barrier()
         dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", value, (t_ready, t_done)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent as a test failure
-        results.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc(), (t_ready, t_done)))
 
 
 def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02, skip: tuple[str, ...] = ()) -> None:
