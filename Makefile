@@ -1,5 +1,5 @@
 # jtok-train: the two commands of the README, plus helpers.
-.PHONY: setup demo test test-fast test-slow test-mcore019
+.PHONY: setup demo check test test-fast test-mcore019
 
 setup:            ## create .venv and install jtok-train (CPU build of torch)
 	bash scripts/setup.sh
@@ -9,11 +9,13 @@ demo: setup       ## build the demo data and train tiny MoE + JTok-M on 2 CPU ra
 
 test:             ## the whole test suite (what CI runs); nothing may be skipped (JTOK_ALLOW_SKIPS=1 allows it)
 	bash scripts/setup.sh --test
-	.venv/bin/python -m pytest -p no:cacheprovider
+	.venv/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-test-fast:        ## skip the slow end-to-end tests
+check:            ## the fast tier, after every edit (at most 3 min): unit tests + one 2-rank smoke per room
 	bash scripts/setup.sh --test-fast
-	.venv/bin/python -m pytest -p no:cacheprovider -m "not slow"
+	.venv/bin/python -m pytest -p no:cacheprovider -m check $(PYTEST_ARGS)
+
+test-fast: check  ## the old name of `make check`
 
 # megatron-core 0.19.2 on Python 3.12 (scripts/setup312.sh): one test per journey whose code path runs Megatron
 # APIs that changed between 0.16 and 0.19 (checkpoint layout and loading, the distributed optimizer's sharded

@@ -52,6 +52,7 @@ class ShardedTableOptimizer:
         self.exp_avg_sq = torch.zeros_like(table.shard)
         self.steps = torch.zeros(table.shard.shape[0], dtype=torch.int64, device=table.shard.device)
         self.num_steps = 0
+        self.rows_stepped = 0   # shard rows the last step updated (all of them for adamw, the touched ones sparse)
         self.hot = table.hot if getattr(table, "num_hot", 0) else None
         if self.hot is not None:   # the replicas' moments and steps (filled from the owners' rows on load)
             self.hot_exp_avg = torch.zeros_like(self.hot)
@@ -99,6 +100,7 @@ class ShardedTableOptimizer:
             self.steps += 1
             if self.hot is not None:
                 self.hot_steps += 1
+            self.rows_stepped = p.shape[0]
             group = self._torch_opt.param_groups[0]
             group["lr"] = lr
             p.grad = g
@@ -114,6 +116,7 @@ class ShardedTableOptimizer:
             return
         rows = self.table.touched_rows()
         slots = self.table.hot_touched_slots() if self.hot is not None else None
+        self.rows_stepped = rows.numel()
         if rows.numel() == 0 and (slots is None or slots.numel() == 0):
             return
         self.num_steps += 1

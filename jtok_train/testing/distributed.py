@@ -148,6 +148,17 @@ def run_distributed(
                 else:
                     continue
             if status == "error":
+                # a peer that died makes the others fail in their next collective: name the dead rank first
+                for _ in range(20):
+                    dead = {r: p.exitcode for r, p in enumerate(procs)
+                            if r != rank and r not in out and p.exitcode not in (None, 0)}
+                    if dead or all(p.exitcode is not None for r, p in enumerate(procs) if r != rank):
+                        break
+                    time.sleep(0.05)
+                if dead:
+                    raise DistributedTestError(
+                        f"{getattr(func, '__name__', func)}: rank(s) died without a result, exit codes {dead}; "
+                        f"rank {rank} then failed:\n{value}")
                 raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
             out[rank] = value
             phases[rank] = phase
@@ -199,6 +210,12 @@ def _rank_main(
 
         from jtok_train.compat import destroy_model_parallel, init_distributed
 
+        import numpy as np
+
+        # a forked rank would otherwise start from the fork server's RNG states, the same in every rank: draw
+        # fresh default seeds, as a newly started process does (Python's random reseeds itself at fork)
+        torch.seed()
+        np.random.seed()
         torch.set_num_threads(threads)
         world_size = int(rank_env["WORLD_SIZE"])
         if backend is None:

@@ -6,7 +6,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["logged_losses", "checkpoint_state", "assert_same_run"]
+__all__ = ["logged_losses", "checkpoint_state", "assert_same_run", "train_run"]
+
+
+def _fit(overrides: list[str]) -> None:
+    from jtok_train.config import compose
+    from jtok_train.training.trainer import Trainer
+
+    Trainer(compose(overrides)).fit()
+
+
+def train_run(overrides: list[str], world_size: int = 1, timeout: float = 600) -> None:
+    """Train (and save, as the overrides say) on run_distributed's preloaded ranks: for tests whose subject is
+    what a run leaves behind (its checkpoint, its metrics), not the command line that starts it (the command
+    line's own tests start it as users do: tests/e2e/test_cli.py, test_launch.py, test_resume.py)."""
+    from jtok_train.testing.distributed import run_distributed
+
+    run_distributed(_fit, world_size, overrides, timeout=timeout, threads_per_rank=1)
 
 
 def logged_losses(run: Path) -> list[tuple[int, float]]:

@@ -222,12 +222,42 @@ class TrainModule:
             out["jtokm/load_imbalance_mean"] = sum(imb) / len(imb)
             for i, v in enumerate(imb):
                 out[f"jtokm/load_imbalance_layer{i}"] = v
+        out.update(self._effect_metrics())
         stats = [pop() for tb in self.tables if (pop := getattr(tb, "pop_stats", None)) is not None]
         if stats:   # the exchange counters of every chunk's table, added
             merged = {k: sum(s[k] for s in stats) for k in stats[0]}
             if "exchange/unique_ratio" in merged:
                 merged["exchange/unique_ratio"] = merged["exchange/unique_ids"] / max(1.0, merged["exchange/positions"])
             out.update(merged)
+        return out
+
+    def _effect_metrics(self) -> dict[str, float]:
+        """What the parallel and memory settings did, read from the objects they built (so a setting that the
+        config accepts but nothing applies shows): the share of this rank's backbone parameters whose Adam
+        moments it holds (1 with Megatron's plain optimizer, about 1/DP with the distributed one), the expert
+        parallel group's size, the share of model weights held in bf16, the layers replayed by full recompute in
+        this step, and the table rows its own optimizer updated (all rows for adamw, the touched ones for
+        sparse_adamw)."""
+        from megatron.core import parallel_state as ps
+
+        if not hasattr(self, "_setup_facts"):
+            opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            held = sum(v.numel() for o in opts for st in getattr(o, "optimizer", o).state.values()
+                       for k, v in st.items() if k == "exp_avg")
+            params = [p for c in self.chunks for p in c.parameters()]
+            n = sum(p.numel() for p in params)
+            self._setup_facts = {
+                "setup/optimizer_state_share": held / max(1, n),
+                "setup/expert_parallel_size": float(ps.get_expert_model_parallel_world_size()),
+                "setup/bf16_weight_share": sum(p.numel() for p in params if p.dtype == torch.bfloat16) / max(1, n),
+            }
+            self._replays_before = 0
+        replays = sum(getattr(l, "replays", 0) for m in self.unwrapped_chunks for l in m.decoder.layers)
+        out = dict(self._setup_facts)
+        out["recompute/replayed_layers"] = float(replays - self._replays_before)
+        self._replays_before = replays
+        if self.own_tables:
+            out["table_opt/rows_stepped"] = float(sum(opt.rows_stepped for _, opt in self.own_tables))
         return out
 
     @property

@@ -310,6 +310,7 @@ def test_ops_run_without_triton():
 # What the interpreter cannot check: the kernels lower to a cubin (Triton's compiler + bundled ptxas, no GPU)
 
 
+@pytest.mark.e2e
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1")

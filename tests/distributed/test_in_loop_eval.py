@@ -52,6 +52,7 @@ def trained(small_dataset, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.check
 def test_logged_next_to_validation_loss(trained):
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if "eval/demo_cloze/acc" in r}

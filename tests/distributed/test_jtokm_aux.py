@@ -173,6 +173,7 @@ def _check(res: dict, rel: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("world,precision", [(1, "fp32"), (1, "bf16"), (2, "fp32")])
+@pytest.mark.check
 def test_aux_gradient_equals_the_formula(world, precision, small_dataset, tmp_path):
     extra = {"jtok.aux_loss_coeff": 0.1, "train.precision": precision}
     if world == 2:

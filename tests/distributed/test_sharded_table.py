@@ -230,6 +230,7 @@ def _load_sharded(path: str) -> list:
     return [table.full_table().numpy(), _gather_moments(table, opt)]
 
 
+@pytest.mark.check
 def test_sharded_table_checkpoint_reshards_2_to_1_and_4(tmp_path):
     import numpy as np
 
@@ -315,6 +316,7 @@ def _many_microbatches(vocab: int, seq: int, num_micro: int, early: bool) -> dic
             "touched_expected": int((expected[own_ids].abs().sum(dim=(1, 2, 3)) > 0).sum())}
 
 
+@pytest.mark.check
 def test_row_gradients_accumulate_early_and_exactly_on_2_ranks():
     early = run_distributed(_many_microbatches, 2, 61, 17, 6, True, timeout=300)
     late = run_distributed(_many_microbatches, 2, 61, 17, 6, False, timeout=300)

@@ -19,9 +19,10 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def _train(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "jtok_train", *args], capture_output=True, text=True, timeout=600,
-                          env=ENV, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The checkpoints these tests read, trained on preloaded ranks (the training command line is test_cli's)."""
+    from jtok_train.testing.runs import train_run
+
+    train_run(args)
 
 
 def _export_cli(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +101,7 @@ def _megatron_logits(lm, ids):
     return lm.model(ids, torch.arange(s)[None].expand(b, s), None).float()
 
 
-@pytest.mark.parametrize("kind", ["moe_jtokm", "dense_jtok"])
+@pytest.mark.parametrize("kind", ["moe_jtokm", pytest.param("dense_jtok", marks=pytest.mark.check)])
 def test_exported_model_matches_megatron(runs, kind, tmp_path):
     run = runs[kind]
     hf_dir = tmp_path / "hf"

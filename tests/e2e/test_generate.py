@@ -20,15 +20,10 @@ PROMPT = "The for statement"
 
 
 def _train(args: list[str], nproc: int = 1) -> None:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "jtok_train", *args]
-    else:
-        from jtok_train.testing.distributed import free_port
+    """The checkpoints these tests read, trained on preloaded ranks (the training command line is test_cli's)."""
+    from jtok_train.testing.runs import train_run
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(free_port()), "-m", "jtok_train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_run(args, nproc)
 
 
 def _generate_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -38,9 +33,9 @@ def _generate_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def jtokm_run(small_dataset, tmp_path_factory) -> Path:
-    """Tiny MoE + JTok-M, 3 steps, saved (replicated tables, one process)."""
+    """Tiny MoE + JTok-M, 3 steps, saved (replicated tables, 2 data-parallel ranks)."""
     run = tmp_path_factory.mktemp("gen") / "run"
-    _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true"}))
+    _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true"}), 2)
     return run
 
 
@@ -129,6 +124,7 @@ def checks(jtokm_run) -> dict:
     return run_distributed(_checks, 1, str(jtokm_run), timeout=300, threads_per_rank=1)[0]
 
 
+@pytest.mark.check
 def test_cache_matches_recompute_host_matches_device_and_sampling_is_seeded(checks):
     assert checks["ok"]
 
@@ -210,35 +206,55 @@ def _loaded_vs_raw(run: str, out: str) -> dict:
     return {"compared": compared, "experts": any("experts.experts" in k for k in compared)}
 
 
+def _loaded_and_generated(run: str, out: str) -> dict:
+    """_loaded_vs_raw, and the greedy text of the API with host tables, device tables and without the KV cache
+    (the command line's generation, here in one process)."""
+    import torch
+
+    from jtok_train.data.tokenizer import load_tokenizer
+    from jtok_train.inference import generate, load_for_inference
+
+    res = _loaded_vs_raw(run, out)
+    texts = {}
+    for tables, cache in (("host", True), ("device", True), ("device", False)):
+        m = load_for_inference(run, tables=tables)
+        tok = load_tokenizer(m.cfg.data.tokenizer)
+        ids = tok.encode(PROMPT)
+        g = generate(m.model, torch.tensor([ids]), 10, use_cache=cache, provider=m.provider,
+                     vocab_limit=tok.vocab_size)
+        texts[f"{tables}{'' if cache else '_nocache'}"] = PROMPT + tok.decode(g.tokens[0, len(ids):].tolist())
+    res["texts"] = texts
+    return res
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["jtok_dense_sharded_2ranks", "jtokm_moe_ep2", "jtokm_moe_pp2_vpp2", "backbone_dense"])
 def test_cli_other_checkpoints(small_dataset, tmp_path, kind):
     """Checkpoints saved on 2 ranks (dense JTok with tables sharded over them; MoE + JTok-M with experts split
     over them; MoE + JTok-M, 4 layers in 2 pipeline stages of 2 interleaved model chunks each, every chunk with
-    its layers' sharded tables) load at world size 1; the backbone alone generates too."""
+    its layers' sharded tables) load at world size 1; the backbone alone generates too. The command line
+    (host tables) prints what the API generates with host tables, device tables and without the KV cache."""
     run = tmp_path / "run"
+    save = {"train.save": "true"}
     if kind == "jtokm_moe_pp2_vpp2":
-        _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true", "parallel.embedding": "sharded",
-                                                          "parallel.pipeline_model_parallel_size": 2,
-                                                          "parallel.virtual_pipeline_model_parallel_size": 2,
-                                                          "model.num_layers": 4}), nproc=2)
+        o, n = tiny_overrides(small_dataset, str(run), **save, **{
+            "parallel.embedding": "sharded", "parallel.pipeline_model_parallel_size": 2,
+            "parallel.virtual_pipeline_model_parallel_size": 2, "model.num_layers": 4}), 2
     elif kind == "backbone_dense":
-        _train(tiny_overrides(small_dataset, str(run), dense=True, jtok="none", **{"train.save": "true"}))
+        o, n = tiny_overrides(small_dataset, str(run), dense=True, jtok="none", **save), 1
     elif kind == "jtokm_moe_ep2":
-        _train(tiny_overrides(small_dataset, str(run), **{"train.save": "true", "parallel": "ep2"}), nproc=2)
+        o, n = tiny_overrides(small_dataset, str(run), **save, **{"parallel": "ep2"}), 2
     else:
-        _train(tiny_overrides(small_dataset, str(run), dense=True, jtok="jtok",
-                              **{"train.save": "true", "parallel.embedding": "sharded", "jtok.scale_init": 0.5}),
-               nproc=2)
-    outs = []
-    for extra in ("tables=host", "tables=device", "cache=false"):
-        proc = _generate_cli(f"checkpoint={run}", f"prompt={PROMPT}", "max_new_tokens=10", "stop_at_eod=false",
-                             "stats=true", extra)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.startswith(PROMPT)
-        outs.append(proc.stdout)
-    assert outs[0] == outs[1] == outs[2]
-    got = run_distributed(_loaded_vs_raw, 1, str(run), str(tmp_path / "raw.pt"), timeout=600)[0]
+        o, n = tiny_overrides(small_dataset, str(run), dense=True, jtok="jtok", **save, **{
+            "parallel.embedding": "sharded", "jtok.scale_init": 0.5}), 2
+    _train(o, n)
+    proc = _generate_cli(f"checkpoint={run}", f"prompt={PROMPT}", "max_new_tokens=10", "stop_at_eod=false",
+                         "stats=true", "tables=host")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(PROMPT)
+    got = run_distributed(_loaded_and_generated, 1, str(run), str(tmp_path / "raw.pt"), timeout=600)[0]
+    assert got["texts"] == {k: proc.stdout.rstrip("\n") for k in ("host", "device", "device_nocache")}, \
+        (got["texts"], proc.stdout)
     assert len(got["compared"]) > 10
     assert ("token_table" in got["compared"]) == (kind != "backbone_dense")
     assert got["experts"] == kind.startswith("jtokm_moe")

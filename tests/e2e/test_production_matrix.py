@@ -46,6 +46,32 @@ def _kill_all(procs) -> list[int]:
     return _wait(procs)
 
 
+def _assert_settings_took_effect(run, cell: str) -> None:
+    """Each cell's settings did what they say, read from the objects the run built (the step metrics under
+    setup/, recompute/ and table_opt/ that rank 0 logged for every step), not from its config."""
+    import json
+
+    c = CELLS[cell]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "loss" in r]
+    assert len(recs) == STEPS, len(recs)
+    for r in recs:
+        share = r["setup/optimizer_state_share"]
+        if c.get("parallel.use_distributed_optimizer") == "true":
+            assert share < 0.95, (cell, share)   # DP 2 shards the moments (EP 2's experts have DP 1: not all)
+        else:
+            assert share == 1.0, (cell, share)
+        assert r["setup/expert_parallel_size"] == c.get("parallel.expert_model_parallel_size", 1), cell
+        assert r["setup/bf16_weight_share"] == (1.0 if c.get("train.precision") == "bf16" else 0.0), cell
+        # full recompute of chunks of 1 layer: both layers replayed for each of the rank's 2 micro-batches
+        assert r["recompute/replayed_layers"] == (4 if c.get("model.recompute_granularity") == "full" else 0), cell
+        if c.get("parallel.embedding") == "sharded":   # each rank's shard holds 256 of the 512 rows
+            rows = r["table_opt/rows_stepped"]
+            assert (0 < rows < 256) if c.get("jtok.table_optimizer") == "sparse_adamw" else rows == 256, (cell, rows)
+        else:
+            assert "table_opt/rows_stepped" not in r, cell
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_kill_and_resume_is_bitwise(cell, small_dataset, tmp_path):
     extra = {**CELLS[cell], "train.warmup_fraction": 0.0, "train.lr": 1e-2, "train.min_lr": 1e-3}
@@ -58,6 +84,7 @@ def test_kill_and_resume_is_bitwise(cell, small_dataset, tmp_path):
     assert _wait(_launch(2, _args(small_dataset, ref, **extra), ref)) == [0, 0]
     ref_losses = [x for _, x in _losses(ref)]
     assert len(ref_losses) == STEPS and ref_losses[-1] < 0.9 * ref_losses[0], ref_losses   # it learns
+    _assert_settings_took_effect(ref, cell)
 
     run = tmp_path / "run"
     procs = _launch(2, _args(small_dataset, run, **extra), run)

@@ -431,6 +431,7 @@ def test_peak_memory_is_flat_in_corpus_size(corpus, tmp_path):
 # ------------------------------------------------------------------------------------------------- blends
 
 
+@pytest.mark.e2e
 def test_blend_example_config_trains(corpus, tmp_path):
     """jtok_train/configs/data/blend_example.yaml as shipped (its root moved with JTOK_DATA) trains the tiny model."""
     from tests.conftest import tiny_overrides

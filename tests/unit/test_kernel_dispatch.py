@@ -173,6 +173,7 @@ def test_package_runs_without_triton():
 # The GPU benchmark's code path, at tiny sizes
 
 
+@pytest.mark.e2e
 def test_kernel_bench_check_mode(tmp_path):
     spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernel_bench.py")
     bench = importlib.util.module_from_spec(spec)

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TOP = ["pyproject.toml", "jtok_train", "launch", "kernels", "data", "tests", "docker", "README.md"]
 
@@ -33,6 +35,7 @@ def test_data_tracks_its_readme_and_recipe_only():
         assert (ROOT / kept).is_file()
 
 
+@pytest.mark.e2e
 def test_kernels_stand_alone_on_torch_and_triton():
     meta = tomllib.loads((ROOT / "kernels" / "pyproject.toml").read_text())["project"]
     assert meta["name"] == "jtok-kernels"
@@ -87,6 +90,7 @@ def test_readme_layout_shows_the_top_level():
         assert re.search(rf"^{re.escape(name)}/?\s", layout, re.M), f"README's Layout does not show {name}"
 
 
+@pytest.mark.e2e
 def test_a_run_that_skips_a_test_fails(tmp_path):
     """make test runs everything: a skipped test fails the run (jtok_train.testing.no_skips), unless
     JTOK_ALLOW_SKIPS=1 asks for a partial run."""

@@ -11,6 +11,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,6 +20,7 @@ def _py(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
 
 
+@pytest.mark.e2e
 def test_installed_pth_registers_jtok_lazily_in_a_fresh_interpreter():
     pth = Path(sysconfig.get_paths()["purelib"]) / "jtok-train-lm-eval.pth"
     assert pth.is_file(), f"{pth} is missing: reinstall jtok-train (pip install -e .)"
@@ -37,6 +40,7 @@ def test_installed_pth_registers_jtok_lazily_in_a_fresh_interpreter():
     assert "jtok_train.evaluation" not in before and "megatron.core" not in before, before
 
 
+@pytest.mark.e2e
 def test_importing_jtok_evaluation_first_still_works():
     proc = _py("import jtok_train.evaluation, lm_eval.models\n"
                "from lm_eval.api.registry import get_model\n"
@@ -45,6 +49,7 @@ def test_importing_jtok_evaluation_first_still_works():
     assert proc.stdout.split()[-2:] == ["JTokLM", "HFLM"]
 
 
+@pytest.mark.e2e
 def test_the_wheel_carries_the_pth(tmp_path):
     """A non-editable install gets the same file: it is in the wheel, and in its RECORD (so uninstall removes it)."""
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

@@ -75,6 +75,7 @@ def test_eta_and_flops_are_consistent(plans):
     assert plans["dense_s/none"]["token_params"] == 0 and plans["dense_s/none"]["eta"] == 0
 
 
+@pytest.mark.e2e
 def test_jtok_plan_cli_json():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -257,6 +258,7 @@ def test_measured_dedup_counts_unique_ids_of_the_training_microbatches(small_dat
     assert 0.3 < two["remote_fraction"] < 0.7              # half of the rows live on the other rank
 
 
+@pytest.mark.e2e
 def test_jtok_plan_cli_capacity_on_the_paper_config():
     """moe_17b_a2b + JTok-M on 64 H100s: EP 8, distributed optimizer, flash attention, micro-batch 1 x 4096 tokens
     and 4 micro-batches per step fit in 80 GiB (row-gradient buffers of at most two micro-batches are held,

@@ -130,6 +130,7 @@ def test_degenerate_inputs_give_clear_errors():
     assert fit_loss_law(two_sizes).form == "power"
 
 
+@pytest.mark.e2e
 def test_records_from_tree_and_jsonl_and_cli(tmp_path):
     runs = isoflop_runs(gamma=0.1, eta=4.0)
     for i, r in enumerate(runs[:30]):
