@@ -190,17 +190,17 @@ def test_bf16_tracks_fp32_weights_and_learns_as_much(small_dataset, tmp_path):
     # gradient is small, and the MoE router's top-k choices flip with it). A bf16 run rounds the weights the same
     # way and, in the forward and backward, the activations and their products: the same relative size (2^-9)
     # per operation, so its distance from fp32 is a small multiple of the rounded run's. Measured (2 ranks, this
-    # test's sizes): rounded run median 0.0xx, worst 0.xx; bf16 median 0.xx, worst 0.xx. A broken bf16 path (fp32
+    # test's sizes): rounded run median 0.026, worst 0.18 (the MoE
+    # router); bf16 median 0.097 (3.8x), worst 0.28 (1.5x, the table); bf16 sharded + distopt 0.093, 0.25. The
+    # bounds, 6x the median and 2.5x the worst, leave room for another CPU's rounding. A broken bf16 path (fp32
     # main weights not applied, a table left in fp32 or not updated, gradients not reduced) shows as O(1) or a
     # loss that does not fall; the exact check below ties the bf16 weights to Megatron's fp32 main weights.
     ref = compare_states(weights(fp32), weights(rounded), rel=float("inf"))
     ref_median, ref_worst = statistics.median(ref.values()), max(ref.values())
     assert "model/module.token_table.weight" in ref and ref_median > 0, ref_median
-    print(f"BF16 rounded: median {ref_median:.4g} worst {ref_worst:.4g} {sorted(ref.items(), key=lambda kv: -kv[1])[:3]}")
     for got, name in ((bf16, "bf16"), (bf16s, "bf16 sharded distopt")):
         diffs = compare_states(weights(fp32), weights(got), rel=float("inf"))
         worst = sorted(diffs.items(), key=lambda kv: -kv[1])
-        print(f"BF16 {name}: median {statistics.median(diffs.values()):.4g} worst {worst[:3]}")
         assert len(diffs) > 10 and "model/module.token_table.weight" in diffs, name
         assert statistics.median(diffs.values()) <= BF16_MEDIAN_FACTOR * ref_median, (name, ref_median, worst[:6])
         assert worst[0][1] <= BF16_WORST_FACTOR * ref_worst, (name, ref_worst, worst[:6])
@@ -217,7 +217,7 @@ def test_bf16_tracks_fp32_weights_and_learns_as_much(small_dataset, tmp_path):
         assert got["valid"] == pytest.approx(fp32["valid"], rel=2e-2), name
 
 
-BF16_MEDIAN_FACTOR, BF16_WORST_FACTOR = float("inf"), float("inf")
+BF16_MEDIAN_FACTOR, BF16_WORST_FACTOR = 6.0, 2.5   # measured 3.8x and 1.5x (the test's comment)
 
 
 def _none_is_plain_gptmodel() -> dict:
