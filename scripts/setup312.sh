@@ -6,14 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MCORE=${JTOK_MCORE_312:-0.19.2}
 VENV=${JTOK_VENV312:-${XDG_CACHE_HOME:-$HOME/.cache}/jtok-train/venv-py312-mcore$MCORE}
-find_python312() {
-  local c
-  for c in "${PYTHON312:-}" python3.12 $(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12 2>/dev/null); do
-    [ -n "$c" ] || continue
-    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$c"; return 0; fi
-  done
-  return 1
-}
+source scripts/find_python312.sh   # (cwd: the repository root)
 if [ ! -x "$VENV/bin/python" ]; then
   PY=$(find_python312) || { echo "setup312: no Python 3.12 found (set PYTHON312=/path/to/python3.12)" >&2; exit 1; }
   mkdir -p "$(dirname "$VENV")"

@@ -9,14 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 KEY=$(grep -v '^#' image.txt | sha256sum | cut -c1-12)
 VENV=${JTOK_GPU_IMAGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/jtok-train/venv-py312-gpu-image-$KEY}
-find_python312() {
-  local c
-  for c in "${PYTHON312:-}" python3.12 $(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12 2>/dev/null); do
-    [ -n "$c" ] || continue
-    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$c"; return 0; fi
-  done
-  return 1
-}
+source ../../scripts/find_python312.sh
 if [ ! -f "$VENV/.jtok-image-ok" ]; then
   PY=$(find_python312) || { echo "image_venv: no Python 3.12 found (set PYTHON312=/path/to/python3.12)" >&2; exit 1; }
   rm -rf "$VENV"

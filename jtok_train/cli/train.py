@@ -143,7 +143,7 @@ def load_resolved(path: str | os.PathLike) -> DictConfig:
 def _train(cfg: DictConfig) -> None:
     import megatron.core  # noqa: F401 - the Trainer's first import, made here so the start-up record holds it
 
-    from jtok_train.testing.timing import note_process_start
+    from jtok_train.testing.startup import note_process_start
     from jtok_train.training.trainer import train
 
     note_process_start()    # the test suite's timing (a no-op unless JTOK_TEST_TIMING is set)

@@ -11,7 +11,7 @@ Every test's wall time (setup + call + teardown) is split into
 
 The records come from the processes themselves through the file named by ``JTOK_TEST_TIMING`` (set here when
 unset, so every child inherits it): ``run_distributed`` appends one line per call, a Trainer one per process
-(``note_process_start``, called by the jtok-train command). ``JTOK_TEST_TIMING_REPORT=<file.json>`` writes the whole table; the terminal summary
+(``jtok_train.testing.startup.note_process_start``, called by the jtok-train command). ``JTOK_TEST_TIMING_REPORT=<file.json>`` writes the whole table; the terminal summary
 prints the files and the slowest tests. Nothing here decides a verdict: times are figures, never assertions.
 """
 
@@ -28,24 +28,6 @@ import pytest
 
 _durations: dict[str, float] = defaultdict(float)
 _session_t0 = 0.0
-
-
-def note_process_start() -> None:
-    """Called by the jtok-train command before it trains: one record of this process's start-up (creation to
-    here), when the suite's timing is on. A rank of run_distributed is counted by run_distributed instead."""
-    path = os.environ.get("JTOK_TEST_TIMING")
-    if not path or os.environ.get("JTOK_TEST_RANK") == "1":
-        return
-    try:
-        import psutil
-
-        startup = time.time() - psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - a timing record must never fail a run
-        return
-    rec = {"kind": "process", "test": os.environ.get("JTOK_TEST_ID", ""), "startup_s": round(startup, 3),
-           "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
