@@ -55,7 +55,7 @@ from jtok_train.checkpoint.layout import (
 from jtok_train.checkpoint.megatron_io import load_sharded_state, param_groups_in_order, save_strategy
 from jtok_train.checkpoint.rng import rng_sharded, rng_tensors, set_rng
 from jtok_train.checkpoint.state import components, model_sections, optimizer_layout, trainer_state
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = ["MODEL_SECTIONS", "NOT_MODEL_KEYS", "data_fingerprint", "config_differences", "check_compatible"]
 

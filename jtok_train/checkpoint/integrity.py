@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from jtok_train.checkpoint.layout import CHECKSUMS, FORMAT_VERSION
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = [
     "verify_checkpoint",

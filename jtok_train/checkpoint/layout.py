@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from jtok_train.compat import megatron as megatron_compat
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = ["save_strategy", "save_strategy_class", "load_sharded_state", "param_groups_in_order",
            "weights_only_objects"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from jtok_train.compat import megatron as megatron_compat
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = ["optimizer_layout", "model_sections", "components", "trainer_state"]
 

@@ -36,14 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from jtok_train.errors import RunError, UsageError
 from jtok_train.evaluation.harness import TaskError
 from jtok_train.evaluation.harness import resolve_tasks as _resolve_tasks
 
 __all__ = ["EvalArgs", "parse_args", "run", "main", "resolve_tasks"]
-
-
-class UsageError(ValueError):
-    """A bad key or value on the command line."""
 
 
 def resolve_tasks(names: list[str], include_path: str = "") -> Any:
@@ -174,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
     from jtok_train.config import ConfigError
-    from jtok_train.training.errors import RunError
 
     try:
         args = parse_args(argv)

@@ -22,14 +22,12 @@ import os
 import sys
 import warnings
 
+from jtok_train.errors import RunError, UsageError
+
 __all__ = ["main"]
 
 _KEYS = ("checkpoint", "out", "tokenizer", "overwrite", "verify")
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-class UsageError(ValueError):
-    """A bad key or value on the command line."""
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -65,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
     from jtok_train.config import ConfigError
-    from jtok_train.training.errors import RunError
 
     try:
         args = parse_args(argv)

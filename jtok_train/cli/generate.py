@@ -35,11 +35,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from jtok_train.errors import CheckpointError, RunError, UsageError
+
 __all__ = ["GenerateArgs", "parse_args", "main"]
-
-
-class UsageError(ValueError):
-    """A bad key or value on the command line."""
 
 
 @dataclass
@@ -115,7 +113,6 @@ def run(args: GenerateArgs) -> str:
 
     from jtok_train.data.tokenizer import load_tokenizer
     from jtok_train.inference import SamplingParams, generate, load_for_inference
-    from jtok_train.training.errors import CheckpointError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no GPU is visible: use device=auto or device=cpu")
@@ -166,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
     from jtok_train.config import ConfigError
-    from jtok_train.training.errors import RunError
 
     try:
         args = parse_args(argv)

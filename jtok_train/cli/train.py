@@ -34,7 +34,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jtok_train.config import config_dir, register_configs
+from jtok_train.config import check_override_keys, config_dir, register_configs
+from jtok_train.errors import RunError
 
 RESOLVED_NAME = "config.yaml"
 COMMAND_NAME = "command.txt"
@@ -155,7 +156,6 @@ def _guarded(fn: Any) -> None:
     2 for a bad config, 3 (RunError.exit_code) for checkpoints, data and non-finite losses."""
     from jtok_train.config import ConfigError
     from jtok_train.data.indexed import DataFileError
-    from jtok_train.training.errors import RunError
 
     _quiet_dependencies(os.environ.get("JTOK_VERBOSE", "0") == "1")
     try:
@@ -229,6 +229,7 @@ def main() -> None:
         # torchrun without a launcher: every rank composes the same config, only rank 0 writes files
         argv = argv + ["hydra.output_subdir=null"]
     sys.argv = sys.argv[:1] + argv
+    _guarded(lambda: check_override_keys(argv))    # an unknown key: our one line and exit 2, not Hydra's advice
     register_configs()
     app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run)
     app()

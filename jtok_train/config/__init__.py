@@ -20,13 +20,14 @@ from jtok_train.config.schema import (
     RunConfig,
     TrainConfig,
     validate,
+    check_override_keys,
 )
 
 __all__ = [
     "ConfigError", "DataConfig", "EvalConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
     "RunConfig",
     "TrainConfig", "validate", "config_dir", "register_configs", "compose", "resolve_vocab_size",
-    "expert_tensor_parallel_size",
+    "expert_tensor_parallel_size", "check_override_keys",
 ]
 
 
@@ -62,6 +63,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    check_override_keys(overrides)
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -339,24 +339,47 @@ def _need(cond: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {expected}")
 
 
-def _check_known_keys(cfg: Any) -> None:
-    """Hydra lets ``+section.key=...`` add keys even to a structured node; reject them here."""
+def _section_schema(name: str) -> Any:
+    import dataclasses
+
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    if name not in sections:
+        raise ConfigError(f"unknown config section {name!r}: expected one of {sorted(sections)}")
+    return globals()[sections[name]] if isinstance(sections[name], str) else sections[name]
+
+
+def _check_key(name: str, key: str) -> None:
     import dataclasses
     import difflib
 
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    known = {f.name for f in dataclasses.fields(_section_schema(name))}
+    if key not in known:
+        hint = difflib.get_close_matches(key, known, n=1)
+        extra = f" (did you mean {name}.{hint[0]}?)" if hint else ""
+        raise ConfigError(f"unknown config key {name}.{key}{extra}")
+
+
+def _check_known_keys(cfg: Any) -> None:
+    """Hydra lets ``+section.key=...`` add keys even to a structured node; reject them here."""
     for name, node in cfg.items() if hasattr(cfg, "items") else []:
         if name == "hydra":
             continue
-        if name not in sections:
-            raise ConfigError(f"unknown config section {name!r}: expected one of {sorted(sections)}")
-        schema = globals()[sections[name]] if isinstance(sections[name], str) else sections[name]
-        known = {f.name for f in dataclasses.fields(schema)}
+        _section_schema(name)
         for key in node.keys():
-            if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                extra = f" (did you mean {name}.{hint[0]}?)" if hint else ""
-                raise ConfigError(f"unknown config key {name}.{key}{extra}")
+            _check_key(name, key)
+
+
+def check_override_keys(overrides: Any) -> None:
+    """Command-line overrides (``section.key=value``, ``+``/``++``/``~`` prefixed or not) name known keys, or a
+    :class:`ConfigError` names the key and the closest known one, before Hydra composes (whose own message for
+    an unknown key suggests appending it with ``+``, which the schema would refuse next)."""
+    for o in overrides:
+        key = str(o).split("=", 1)[0].lstrip("+~")
+        parts = key.split(".")
+        if ("=" not in str(o) or str(o).startswith("-") or len(parts) < 2 or parts[0] == "hydra" or "@" in key
+                or "/" in key):
+            continue      # a flag, a group choice (model=tiny), Hydra's own keys, a package or path override
+        _check_key(parts[0], parts[1])
 
 
 # Megatron's selective-recompute modules that run with this project's layers (local spec, per-expert MLPs):

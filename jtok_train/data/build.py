@@ -47,7 +47,7 @@ import numpy as np
 
 from jtok_train.data.counts import COUNTS_SUFFIX, counts_path, write_token_counts
 from jtok_train.data.corpus import DEFAULT_MAX_DOC_CHARS, CorpusError
-from jtok_train.data.indexed import DataFileError, token_dtype, validate_indexed
+from jtok_train.data.indexed import DataFileError, index_header, read_index, token_dtype, validate_indexed
 from jtok_train.data.sources import (
     InputFile,
     count_records,
@@ -627,47 +627,44 @@ def _cpu_seconds() -> Tuple[float, float]:
 
 def _merge(prefixes: Sequence[Path], dest: Path, dtype) -> None:
     """Concatenate part datasets into ``dest`` (.bin/.idx), streaming: the .bin files are copied, the .idx is
-    written section by section from each part's memory-mapped index (Megatron's ``_IndexReader``), so memory
-    holds one part's index at most. The bytes are those of Megatron's ``IndexedDatasetBuilder.add_index`` +
-    ``finalize`` (tested), which would hold the whole index as Python lists (~60 bytes a document)."""
+    written section by section from each part's memory-mapped index (``read_index``), so memory holds one
+    part's index at most. The bytes are those of Megatron's ``IndexedDatasetBuilder.add_index`` + ``finalize``
+    (tested), which would hold the whole index as Python lists (~60 bytes a document): written here for that."""
     if len(prefixes) == 1:
         os.replace(str(prefixes[0]) + ".bin", str(dest) + ".bin")
         os.replace(str(prefixes[0]) + ".idx", str(dest) + ".idx")
         return
-    import struct
 
-    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, _IndexReader
-
-    def readers() -> Iterator[Any]:
+    def parts() -> Iterator[Tuple[Any, np.ndarray, np.ndarray, np.ndarray]]:
         for p in prefixes:
-            r = _IndexReader(str(p) + ".idx", multimodal=False)
-            if r.dtype != dtype:
-                raise DataFileError(f"part {p}.idx has dtype {r.dtype}, expected {dtype}; rerun with --force")
-            yield r
-            del r
+            info, lengths, pointers, docs = read_index(p)
+            if np.dtype(info.dtype) != np.dtype(dtype):
+                raise DataFileError(f"part {p}.idx has dtype {np.dtype(info.dtype)}, expected {np.dtype(dtype)}; "
+                                    "rerun with --force")
+            yield info, lengths, pointers, docs
+            del lengths, pointers, docs
 
     n_seq = n_doc = 0
     with open(str(dest) + ".bin.tmp", "wb") as fout:
-        for p, r in zip(prefixes, readers()):
-            n_seq += int(r.sequence_count)
-            n_doc += int(r.document_count) - 1  # each part's index starts with a 0
+        for p, (info, *_) in zip(prefixes, parts()):
+            n_seq += info.num_sequences
+            n_doc += info.num_documents  # without each part's leading 0
             with open(str(p) + ".bin", "rb") as fin:
                 shutil.copyfileobj(fin, fout, 16 << 20)
-    itemsize = DType.size(dtype)
+    itemsize = np.dtype(dtype).itemsize
     with open(str(dest) + ".idx.tmp", "wb") as f:
-        f.write(_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DType.code_from_dtype(dtype)))
-        f.write(struct.pack("<QQ", n_seq, n_doc + 1))
-        for r in readers():  # sequence lengths
-            f.write(np.asarray(r.sequence_lengths, dtype=np.int32).tobytes())
+        f.write(index_header(dtype, n_seq, n_doc + 1))
+        for _, lengths, _, _ in parts():  # sequence lengths
+            f.write(np.asarray(lengths, dtype=np.int32).tobytes())
         byte_offset = 0
-        for r in readers():  # sequence pointers, shifted by the bytes of the parts before
-            f.write((np.asarray(r.sequence_pointers, dtype=np.int64) + byte_offset).tobytes())
-            byte_offset += int(np.asarray(r.sequence_lengths, dtype=np.int64).sum()) * itemsize
+        for _, lengths, pointers, _ in parts():  # sequence pointers, shifted by the bytes of the parts before
+            f.write((np.asarray(pointers, dtype=np.int64) + byte_offset).tobytes())
+            byte_offset += int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
         f.write(np.zeros(1, dtype=np.int64).tobytes())
         seq_offset = 0
-        for r in readers():  # document boundaries, shifted by the sequences of the parts before
-            f.write((np.asarray(r.document_indices[1:], dtype=np.int64) + seq_offset).tobytes())
-            seq_offset += int(r.sequence_count)
+        for info, _, _, docs in parts():  # document boundaries, shifted by the sequences of the parts before
+            f.write((np.asarray(docs[1:], dtype=np.int64) + seq_offset).tobytes())
+            seq_offset += info.num_sequences
     os.replace(str(dest) + ".bin.tmp", str(dest) + ".bin")
     os.replace(str(dest) + ".idx.tmp", str(dest) + ".idx")
 

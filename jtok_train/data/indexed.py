@@ -29,10 +29,13 @@ __all__ = [
     "check_token_range",
     "read_documents",
     "read_sequence_lengths",
+    "read_index",
+    "index_header",
 ]
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
-# Megatron DType codes (megatron.core.datasets.indexed_dataset.DType)
+# Megatron DType codes (megatron.core.datasets.indexed_dataset.DType; the format is Megatron's, read and written
+# here by hand so that a merge streams and a bad file names itself: see read_index and data/build.py's _merge)
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
            8: np.uint16}
 
@@ -199,3 +202,21 @@ def read_sequence_lengths(prefix: PathLike) -> np.ndarray:
     with open(info.prefix + ".idx", "rb") as f:
         f.seek(34)
         return np.frombuffer(f.read(info.num_sequences * 4), dtype=np.int32).copy()
+
+
+def read_index(prefix: PathLike) -> tuple[IndexInfo, np.ndarray, np.ndarray, np.ndarray]:
+    """(info, sequence lengths int32, sequence pointers int64, document indices int64) of a validated .idx,
+    memory-mapped (a merge of many parts holds no index in memory). The document indices start with 0."""
+    info = validate_indexed(prefix)
+    path, n_seq, n_doc = info.prefix + ".idx", info.num_sequences, info.num_documents + 1
+    lengths = np.memmap(path, dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else np.zeros(0, np.int32)
+    off = 34 + 4 * n_seq
+    pointers = np.memmap(path, dtype=np.int64, mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, np.int64)
+    docs = np.memmap(path, dtype=np.int64, mode="r", offset=off + 8 * n_seq, shape=(n_doc,))
+    return info, lengths, pointers, docs
+
+
+def index_header(dtype, num_sequences: int, num_documents: int) -> bytes:
+    """The 34 header bytes of a version-1 .idx (``num_documents`` counts the leading 0 of the document indices)."""
+    code = next(c for c, d in _DTYPES.items() if np.dtype(d) == np.dtype(dtype))
+    return _INDEX_HEADER + struct.pack("<QBQQ", 1, code, num_sequences, num_documents)

@@ -199,7 +199,7 @@ class JTokLM(TokenScoringLM):
         verify = str(verify).lower() not in ("false", "0", "no")
         from jtok_train.data.tokenizer import load_tokenizer
         from jtok_train.inference import SamplingParams, generate, load_for_inference
-        from jtok_train.training.errors import CheckpointError
+        from jtok_train.errors import CheckpointError
 
         loaded = load_for_inference(checkpoint, tables=tables, device=device, verify_checksums=verify)
         tok_path = tokenizer or str(loaded.cfg.data.tokenizer)

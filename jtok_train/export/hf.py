@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = ["ExportError", "hf_config", "hf_state_dict", "export_checkpoint", "MODELING_FILES"]
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from jtok_train.training.errors import CheckpointError
+from jtok_train.errors import CheckpointError
 
 __all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "place_tables", "TABLE_PLACEMENTS"]
 

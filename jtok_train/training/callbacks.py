@@ -132,7 +132,7 @@ class NonFinitePolicy(Callback):
     def on_step_outcome(self, trainer, step, outcome):
         import math
 
-        from jtok_train.training.errors import NonFiniteLossError
+        from jtok_train.errors import NonFiniteLossError
 
         if outcome.applied:
             return

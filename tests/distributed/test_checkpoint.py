@@ -133,7 +133,7 @@ def _bad_inputs(data: dict, root: str) -> dict:
     from jtok_train.config import compose
     from jtok_train.data.indexed import DataFileError, write_indexed_dataset
     from jtok_train.checkpoint import latest_checkpoint, verify_checkpoint
-    from jtok_train.training.errors import CheckpointError, NonFiniteLossError
+    from jtok_train.errors import CheckpointError, NonFiniteLossError
     from jtok_train.training.trainer import Trainer
 
     root = Path(root)
@@ -343,7 +343,7 @@ def test_distributed_optimizer_fully_reshardable_4_to_2(small_dataset, tmp_path)
 
 def _switch_optimizer(data: dict, root: str) -> str:
     from jtok_train.config import compose
-    from jtok_train.training.errors import CheckpointError
+    from jtok_train.errors import CheckpointError
     from jtok_train.training.trainer import Trainer
 
     good = Path(root) / "good"
@@ -418,7 +418,7 @@ def test_interleaved_checkpoints_reshard_vpp2_to_pp1_and_pp1_to_vpp2(small_datas
 
 def _dp_reshardable_pp_change(data: dict, root: str) -> str:
     from jtok_train.config import compose
-    from jtok_train.training.errors import CheckpointError
+    from jtok_train.errors import CheckpointError
     from jtok_train.training.trainer import Trainer
 
     run = str(Path(root) / "run")
@@ -444,7 +444,7 @@ def _digest(path: Path) -> dict:
 
 def _plain_ep_change(data: dict, root: str) -> dict:
     from jtok_train.config import compose
-    from jtok_train.training.errors import CheckpointError
+    from jtok_train.errors import CheckpointError
     from jtok_train.training.trainer import Trainer
 
     run = str(Path(root) / "run")

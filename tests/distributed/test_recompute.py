@@ -82,7 +82,7 @@ def _nan_gradient(data: dict, root: str) -> dict:
     from jtok_train.config import compose
     from jtok_train.testing.state import global_state
     from jtok_train.checkpoint import latest_checkpoint
-    from jtok_train.training.errors import NonFiniteLossError
+    from jtok_train.errors import NonFiniteLossError
     from jtok_train.training.train_module import TrainModule
     from jtok_train.training.trainer import Trainer
 

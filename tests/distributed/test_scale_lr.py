@@ -72,7 +72,7 @@ CELLS = {"scales": {}, "replicated-table-lr": {"parallel.embedding": "replicated
 def _save_resume_refuse(data: dict, root: str, cell: dict) -> dict:
     from jtok_train.config import compose
     from jtok_train.testing.state import compare_states, global_state
-    from jtok_train.training.errors import CheckpointError
+    from jtok_train.errors import CheckpointError
     from jtok_train.training.trainer import Trainer
 
     def trainer(run_dir, **extra):

@@ -28,11 +28,29 @@ def test_jtokm_defaults_follow_the_paper():
 
 
 def test_unknown_key_is_rejected_by_the_schema():
-    with pytest.raises(ConfigCompositionException, match="jtok.bogus"):
+    # before Hydra composes (whose message would advise appending it with '+'), with or without '+'
+    for o in ("model.hiden_size=3", "+model.hiden_size=3"):
+        with pytest.raises(ConfigError, match=r"unknown config key model\.hiden_size \(did you mean model\.hidden_size\?\)"):
+            compose([o])
+    with pytest.raises(ConfigError, match="unknown config key jtok.bogus"):
         compose(["jtok.bogus=1"])
-    # Hydra lets '+' add a key to a structured node; validate() catches it and suggests the right one
-    with pytest.raises(ConfigError, match=r"unknown config key model\.hiden_size \(did you mean model\.hidden_size\?\)"):
-        validate(compose(["+model.hiden_size=3"]))
+    with pytest.raises(ConfigError, match="unknown config section 'modle'"):
+        compose(["modle.hidden_size=3"])
+    # group choices, flags and Hydra's own keys are not keys of the schema
+    assert compose(["model=tiny", "hydra.job.chdir=false", "model.hidden_size=64"]).model.hidden_size == 64
+
+
+@pytest.mark.e2e
+def test_the_command_prints_the_unknown_key_and_exits_2():
+    """The README's example, through the real command line."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jtok_train", "model=tiny", "model.hiden_size=128"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == ("jtok-train: bad config: unknown config key model.hiden_size "
+                                                   "(did you mean model.hidden_size?)")
 
 
 def test_wrong_type_is_rejected():

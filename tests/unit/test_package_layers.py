@@ -1,6 +1,7 @@
 """The rooms of jtok_train/ and what each may import (README, Layout): read from the source (every import,
 at module level or inside a function), so a new import from a lower layer to a higher one, a private name
-taken from another package, or a module grown past ~400 lines without a reason fails here."""
+taken from another package, a private Megatron name outside compat/, or a module grown past ~400 lines without
+a reason fails here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ PKG = Path(__file__).resolve().parents[2] / "jtok_train"
 
 # package -> the jtok_train packages it may import (besides itself). Lowest first; see README "Layout".
 ALLOWED: dict[str, set[str]] = {
+    "errors": set(),                          # the bottom: jtok_train/errors.py, which every room may import
     "data": set(),
     "analysis": set(),
     "config": {"data"},                       # the vocabulary and DALI checks read the tokenizer / data loader
@@ -19,13 +21,13 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"tables", "config", "compat.megatron"},   # Megatron's aux-loss hooks (its private names' one place)
     "planning": {"model", "tables", "config", "data"},  # data: planning/measure.py only (see below)
     "parallel": {"model", "tables"},
-    "checkpoint": {"compat", "config", "errors"},
-    "inference": {"compat", "config", "model", "tables", "checkpoint", "errors"},
-    "evaluation": {"config", "data", "inference", "checkpoint", "errors"},
-    "export": {"config", "data", "evaluation", "inference", "checkpoint", "errors"},
-    "training": {"compat", "config", "data", "model", "parallel", "tables", "planning", "checkpoint", "evaluation",
-                 "errors"},
+    "checkpoint": {"compat", "config"},
+    "inference": {"compat", "config", "model", "tables", "checkpoint"},
+    "evaluation": {"config", "data", "inference", "checkpoint"},
+    "export": {"config", "data", "evaluation", "inference", "checkpoint"},
+    "training": {"compat", "config", "data", "model", "parallel", "tables", "planning", "checkpoint", "evaluation"},
 }
+BOTTOM = {"errors"}   # rooms every room may import
 # modules of a package that may import more than the package (the one reason is in their docstring)
 EXTRA: dict[str, set[str]] = {
     "planning/measure.py": {"data", "config"},
@@ -56,15 +58,13 @@ def _room(target: str) -> str:
     parts = target.split(".")
     if len(parts) < 2:
         return ""
-    if parts[1] == "training" and len(parts) > 2 and parts[2] == "errors":
-        return "errors"   # the project's error types: one module every layer may raise
     if parts[1] == "compat" and len(parts) > 2:
         return f"compat.{parts[2]}"
     return parts[1]
 
 
 def _allowed(room: str, allowed: set[str]) -> bool:
-    return room in allowed or room.split(".")[0] in allowed
+    return room in allowed or room.split(".")[0] in allowed or room in BOTTOM
 
 
 def test_no_import_from_a_lower_room_to_a_higher_one():
@@ -78,7 +78,7 @@ def test_no_import_from_a_lower_room_to_a_higher_one():
         allowed = ALLOWED[own] | EXTRA.get(rel.as_posix(), set())
         for target, _ in _imports(path):
             room = _room(target)
-            if room.split(".")[0] in (own, "") or (room == "errors" and own == "training"):
+            if room.split(".")[0] in (own, ""):
                 continue
             if not _allowed(room, allowed):
                 bad.append(f"jtok_train/{rel.as_posix()} imports {target}")
@@ -114,3 +114,36 @@ def test_the_layer_map_sees_the_imports_it_checks():
     assert "jtok_train.model.builder" in found and "jtok_train.parallel.groups" in found   # the second is in a function
     assert not _allowed("training", ALLOWED["model"]) and _allowed("compat.megatron", ALLOWED["model"])
     assert not _allowed("compat.cpu", ALLOWED["model"])
+
+
+def _megatron_private(source: str) -> list[str]:
+    """Every private Megatron name (a module or name with a leading underscore, not a dunder) ``source`` imports."""
+    def private(name: str) -> bool:
+        return any(p.startswith("_") and not p.startswith("__") for p in name.split("."))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "megatron":
+            found += [f"{node.module}.{a.name}" for a in node.names if private(node.module) or private(a.name)]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "megatron" and private(a.name)]
+    return found
+
+
+def test_private_megatron_names_only_in_compat():
+    """Megatron's private names live in one place (jtok_train/compat/, with the versions they were checked on)."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] != "compat":
+            bad += [f"jtok_train/{rel.as_posix()} imports {n}" for n in _megatron_private(path.read_text())]
+    assert not bad, "private Megatron names outside jtok_train/compat/ (move them there):\n" + "\n".join(bad)
+
+
+def test_the_private_name_rule_finds_a_planted_violation():
+    planted = ("from megatron.core.datasets.indexed_dataset import _IndexReader, DType\n"
+               "import megatron.core._internal.x\n"
+               "def f():\n    from megatron.core.tensor_parallel._private import y\n"
+               "from megatron.core import parallel_state\nfrom megatron.core.models import __version__\n")
+    assert _megatron_private(planted) == ["megatron.core.datasets.indexed_dataset._IndexReader",
+                                          "megatron.core._internal.x", "megatron.core.tensor_parallel._private.y"]
