@@ -1,5 +1,5 @@
 # jtok-train: the two commands of the README, plus helpers.
-.PHONY: setup demo check test test-fast test-mcore019
+.PHONY: setup demo check test test-fast test-mcore019 docs
 
 setup:            ## create .venv and install jtok-train (CPU build of torch)
 	bash scripts/setup.sh
@@ -16,6 +16,10 @@ check:            ## the fast tier, after every edit (at most 3 min): unit tests
 	.venv/bin/python -m pytest -p no:cacheprovider -m check $(PYTEST_ARGS)
 
 test-fast: check  ## the old name of `make check`
+
+docs:             ## the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or reference fails
+	bash scripts/setup.sh --docs
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site
 
 # megatron-core 0.19.2 on Python 3.12 (scripts/setup312.sh): one test per journey whose code path runs Megatron
 # APIs that changed between 0.16 and 0.19 (checkpoint layout and loading, the distributed optimizer's sharded

@@ -5,6 +5,7 @@
 #                                  #   DALI (its CPU operators run the DALI loader's test), the demo corpus
 #                                  #   (python3.11-doc), and root + apt-get for the local SLURM cluster test
 #   bash scripts/setup.sh --test-fast   # the same for `make test-fast` (no SLURM test: it is a slow one)
+#   bash scripts/setup.sh --docs        # what `make docs` needs (--test and --test-fast install it too)
 # Anything --test cannot provide stops the setup with a line saying what and how; JTOK_ALLOW_SKIPS=1 turns those
 # into warnings (and lets the tests that need them skip, see tests/conftest.py).
 set -euo pipefail
@@ -14,12 +15,16 @@ command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.jtok-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements/cpu.txt -nt "$stamp" ]; then
+stamp=.venv/.jtok-installed   # holds the extras installed
+extras=dev,triton
+case "${1:-}" in --test|--test-fast|--docs) extras=dev,triton,docs ;; esac   # docs: make docs (a CI tier)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements/cpu.txt -nt "$stamp" ] \
+   || { [ "$have" != "$extras" ] && [ "$have" != dev,triton,docs ]; }; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -r requirements/cpu.txt
-  .venv/bin/pip install -q -e ".[dev,triton]"
-  touch "$stamp"
+  .venv/bin/pip install -q -e ".[$extras]"
+  echo "$extras" > "$stamp"
 fi
 case "${1:-}" in --test|--test-fast) ;; *) exit 0 ;; esac
 

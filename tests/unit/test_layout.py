@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ["pyproject.toml", "jtok_train", "launch", "kernels", "data", "tests", "docker", "README.md"]
+TOP = ["pyproject.toml", "jtok_train", "launch", "kernels", "data", "tests", "docker", "docs", "mkdocs.yml", "README.md"]
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
