@@ -7,9 +7,9 @@ setup:            ## create .venv and install jtok-train (CPU build of torch)
 demo: setup       ## build the demo data and train tiny MoE + JTok-M on 2 CPU ranks
 	bash launch/demo.sh
 
-test:             ## the whole test suite (what CI runs); nothing may be skipped (JTOK_ALLOW_SKIPS=1 allows it)
+test:             ## the whole test suite (what CI runs): make check's tests, then the rest; nothing may be skipped
 	bash scripts/setup.sh --test
-	.venv/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	bash scripts/test.sh $(PYTEST_ARGS)
 
 check:            ## the fast tier, after every edit (at most 3 min): unit tests + one 2-rank smoke per room
 	bash scripts/setup.sh --test-fast

@@ -55,18 +55,19 @@ IMPORT_TIME_ENV = ("TRITON_INTERPRET", "JTOK_KERNELS", "CUDA_VISIBLE_DEVICES")
 _server_env: dict[str, str] | None = None     # the environment the fork server started with
 
 
-def _context(force_spawn: bool = False):
-    """multiprocessing's forkserver context with PRELOAD (started on first use), or spawn."""
+def _context(force_spawn: bool = False, env: dict[str, str] | None = None):
+    """multiprocessing's forkserver context with PRELOAD (started on first use, with this process's
+    environment), or spawn where ``env`` (the child's environment; this process's by default) differs from the
+    server's in a variable read at import time."""
     global _server_env
     if force_spawn or os.environ.get("JTOK_TEST_START", "forkserver") == "spawn":
         return mp.get_context("spawn")
-    now = {k: os.environ.get(k) for k in IMPORT_TIME_ENV}
+    here = {k: os.environ.get(k) for k in IMPORT_TIME_ENV}
+    want = here if env is None else {k: env.get(k) for k in IMPORT_TIME_ENV}
     if _server_env is None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _server_env = now
-        return ctx
-    return mp.get_context("forkserver") if now == _server_env else mp.get_context("spawn")
+        mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+        _server_env = here
+    return mp.get_context("forkserver") if want == _server_env else mp.get_context("spawn")
 
 
 class DistributedTestError(AssertionError):
@@ -96,7 +97,7 @@ def run_distributed(
     if threads_per_rank is None:
         threads_per_rank = 1 if world_size > 1 else max(1, os.cpu_count() or 1)
     port = free_port()
-    ctx = _context()
+    ctx = _context(env={**os.environ, **(env or {})})
     t_start = time.time()
     results: "mp.Queue[tuple[int, str, Any]]" = ctx.Queue()
     procs = []

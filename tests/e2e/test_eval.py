@@ -251,6 +251,16 @@ def test_bad_input_one_line_exit_2(jtokm_run, tmp_path, capsys):
         assert expected in err and "\n" not in err, (argv, err)
 
 
+def test_stock_tasks_are_indexed_only_when_asked_for(jtokm_run):
+    """demo_cloze resolves without lm-eval's index of its ~15,000 stock task files (seconds in every evaluating
+    process); a stock name still resolves, through the full index (which the bad-name cases above built too)."""
+    from jtok_train.evaluation.harness import resolve_tasks
+
+    assert set(resolve_tasks(["demo_cloze"]).all_tasks) == {"demo_cloze"}
+    both = resolve_tasks(["demo_cloze", "arc_easy"])
+    assert {"demo_cloze", "arc_easy", "hellaswag"} <= set(both.all_tasks)
+
+
 @pytest.mark.slow
 def test_tokenizer_mismatch_one_line(jtokm_run, tmp_path):
     from jtok_train.data.tokenizer import train_tokenizer

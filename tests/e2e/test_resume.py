@@ -1,7 +1,11 @@
 """Exact resume through the real command line (`python -m jtok_train`, one process per rank as srun starts
 them): SIGKILL at a random step, SIGKILL in the middle of a save, SIGTERM (preemption: save, exit with the
 requeue code). The resumed run ends with bitwise the same weights, tables, optimizer states and RNG states as an
-uninterrupted run, and logs the same loss at every step."""
+uninterrupted run, and logs the same loss at every step.
+
+The kill in a save and the SIGTERM tests start fresh interpreters (``python -m jtok_train``, the command line as
+users start it); the 20 kills and the pipeline kills start the same command in processes forked from the
+preloaded server (jtok_train.testing.commands: new processes, killed for real, without the imports)."""
 
 from __future__ import annotations
 
@@ -30,10 +34,14 @@ def _args(data: dict, run: Path, **extra) -> list[str]:
                                              "train.train_iters": STEPS, "train.warmup_fraction": 0.2, **extra})
 
 
-def _launch(n: int, args: list[str], run: Path, env: dict | None = None,
-            faults: dict | None = None) -> list[subprocess.Popen]:
-    """One process per rank; ``faults`` (JTOK_FAULT_* variables): started through the fault-injection entry
-    point ``python -m jtok_train.testing.faults`` instead of ``python -m jtok_train``."""
+def _launch(n: int, args: list[str], run: Path, env: dict | None = None, faults: dict | None = None,
+            fresh: bool = False) -> list:
+    """One process per rank, as srun starts them; ``faults`` (JTOK_FAULT_* variables): through the
+    fault-injection entry point ``python -m jtok_train.testing.faults`` instead of ``python -m jtok_train``.
+    ``fresh``: new interpreters (``subprocess``), for the tests that stand for the real command line; otherwise
+    processes forked from the preloaded server (``jtok_train.testing.commands``: a new process per rank, killed
+    for real, without the 8 s of imports)."""
+    from jtok_train.testing.commands import start_command
     from jtok_train.testing.distributed import free_port
 
     port = str(free_port())
@@ -43,10 +51,14 @@ def _launch(n: int, args: list[str], run: Path, env: dict | None = None,
         e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE=str(n),
                  LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                  **(env or {}), **(faults or {}))
-        log = open(run.parent / f"{run.name}.rank{r}.log", "ab")
+        log = run.parent / f"{run.name}.rank{r}.log"
         entry = "jtok_train.testing.faults" if faults else "jtok_train"
-        procs.append(subprocess.Popen([sys.executable, "-m", entry, *args], cwd=ROOT, env=e, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        if fresh:
+            with open(log, "ab") as out:
+                procs.append(subprocess.Popen([sys.executable, "-m", entry, *args], cwd=ROOT, env=e, stdout=out,
+                                              stderr=subprocess.STDOUT))
+        else:
+            procs.append(start_command(entry, args, env=e, log=log, cwd=ROOT))
     return procs
 
 
@@ -82,7 +94,7 @@ def reference(small_dataset, tmp_path_factory) -> Path:
 def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_dataset, reference, tmp_path):
     run = tmp_path / "run"
     # 1) killed in the middle of saving step 3: the previous checkpoint stays complete and latest
-    assert _wait(_launch(1, _args(small_dataset, run), run, faults={KILL_IN_SAVE: "3"})) == [-9]
+    assert _wait(_launch(1, _args(small_dataset, run), run, faults={KILL_IN_SAVE: "3"}, fresh=True)) == [-9]
     assert f"{FAULT_MARK} after writing the torch_dist files of step_0000003.partial" in \
         (run.parent / "run.rank0.log").read_text(), "the -9 is not the injected kill"
     ck = run / "checkpoints"
@@ -93,7 +105,7 @@ def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_datas
     # from step 4 on: the resumed run has then completed its step-3 save, which removes the killed save's .partial
     kill_at = random.Random(seed).randint(4, STEPS - 1)
     print(f"JTOK_TEST_SEED={seed}: SIGKILL after step {kill_at}")
-    procs = _launch(1, _args(small_dataset, run), run)
+    procs = _launch(1, _args(small_dataset, run), run, fresh=True)
     _wait_for_step(run, kill_at, procs)
     procs[0].send_signal(signal.SIGKILL)
     # the kill landed (kill_at < STEPS leaves at least one step to run): not a run that had finished
@@ -102,14 +114,14 @@ def test_sigkill_during_a_save_then_at_a_random_step_resumes_exactly(small_datas
     assert "step_0000002 at step 2" in (run.parent / "run.rank0.log").read_text()   # "resumed from ..."
     assert not (ck / "step_0000003.partial").exists()
     # 3) resumes again and finishes: bitwise the uninterrupted run
-    assert _wait(_launch(1, _args(small_dataset, run), run)) == [0]
+    assert _wait(_launch(1, _args(small_dataset, run), run, fresh=True)) == [0]
     _assert_same(reference, run)
 
 
 def test_sigterm_on_one_rank_all_save_exit_with_requeue_code_and_resume(small_dataset, reference, tmp_path):
     run = tmp_path / "run"
     args = _args(small_dataset, run, **{"train.save_interval": 0})   # the preemption checkpoint is the only one
-    procs = _launch(2, args, run)
+    procs = _launch(2, args, run, fresh=True)
     _wait_for_step(run, 2, procs)
     procs[1].send_signal(signal.SIGTERM)       # one rank signalled: all ranks agree, save and stop
     assert _wait(procs) == [REQUEUE_EXIT_CODE] * 2
@@ -118,7 +130,7 @@ def test_sigterm_on_one_rank_all_save_exit_with_requeue_code_and_resume(small_da
     assert (ck / "REQUEUE").read_text().strip() == saved
     stopped = int(saved.split("_")[1])
     assert 2 <= stopped < STEPS
-    assert _wait(_launch(2, args, run)) == [0, 0]
+    assert _wait(_launch(2, args, run, fresh=True)) == [0, 0]
     assert not (ck / "REQUEUE").exists()
     assert f"at step {stopped}" in (run.parent / "run.rank0.log").read_text()
     # 2 ranks vs the 1-rank reference: the same samples per step, equal up to the reduction order
