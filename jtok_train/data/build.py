@@ -490,101 +490,143 @@ def build_dataset(
         (out / TRAIN_STAMP).unlink(missing_ok=True)
     tok = _prepare_tokenizer(out, files, tokenizer_path, eod_token, vocab_size, min_frequency, text_field,
                              max_doc_chars, log)
-    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_path or out / TOKENIZER_NAME} has {tok.vocab_size:,} ids, more than the model's "
-            f"vocabulary ({model_vocab_size:,}); use model.vocab_size={padded_vocab_size(tok.vocab_size)} (or more) "
-            "and the same --model-vocab-size, or a smaller tokenizer")
-
-    dtype = token_dtype(tok.vocab_size)
+    _check_model_vocab(tok, model_vocab_size, tokenizer_path or out / TOKENIZER_NAME)
     settings_fp = _sha({k: v for k, v in settings.items() if k not in ("num_files", "total_bytes")}
                        | {"tokenizer": tok.sha256, "eod": tok.eod})
-    (out / PARTS_DIR).mkdir(exist_ok=True)
-    digests = prefix_digests(files)
-    parts = _finished_parts(out, sharded, settings_fp, digests)
-    n_resumed = len(parts)
-    start = tuple(parts[-1]["end"]) if parts else (0, 0)
-    done_docs = sum(p["docs"] for p in parts)
-    if parts:
-        log(f"resuming after {len(parts)} finished part(s): {done_docs:,} documents, "
-            f"{sum(p['tokens'] for p in parts):,} tokens")
-    limit = shard_tokens if sharded else part_tokens
+    writer = _PartWriter(out, sharded, token_dtype(tok.vocab_size), settings_fp, prefix_digests(files),
+                         shard_tokens if sharded else part_tokens)
+    if writer.parts:
+        log(f"resuming after {len(writer.parts)} finished part(s): {writer.done_docs:,} documents, "
+            f"{sum(p['tokens'] for p in writer.parts):,} tokens")
     log(f"tokenizing {len(files)} input file(s) with {workers} worker(s) into "
         + (f"shards of >= {shard_tokens:,} tokens" if sharded else f"{out / PREFIX_NAME}.bin/.idx"))
-
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (slow import: not
     pool = _start_workers(tok, out / TOKENIZER_NAME, workers)                 # counted as encoding time, nor is
     t_tok = time.perf_counter()                                               # the workers' start-up)
     cpu0 = _cpu_seconds()
-    bar = _Progress(progress, count_records(files), done_docs, 0)
-    part: Optional[_Part] = None
-    last_end: Tuple[int, int] = start
-    inflight: deque = deque()
-
-    def new_part() -> _Part:
-        return _Part(_part_prefix(out, len(parts), sharded), dtype)
-
-    def commit(end: Tuple[int, int]) -> None:
-        nonlocal part
-        assert part is not None
-        rec = {"index": len(parts), "settings": settings_fp, "end": list(end),
-               "inputs": digests[end[0]]}
-        parts.append(part.commit(_record_path(out, len(parts)), rec))
-        part = None
-
-    def write(fut, end) -> None:
-        nonlocal part, last_end
-        flat, lengths, max_id, chars = fut.result()
-        if part is None:
-            part = new_part()
-        part.add(flat, lengths, max_id, chars)
-        last_end = end
-        bar.update(len(lengths), int(flat.size))
-        if part.tokens >= limit:
-            commit(end)
-
-    try:
-        stream = _chunks(iter_stream(files, text_field, max_doc_chars, start), chunk_docs)
-        try:
-            for texts, end in stream:
-                inflight.append((pool.submit(_encode_chunk, texts), end))
-                if len(inflight) >= 2 * workers:
-                    write(*inflight.popleft())
-        except CorpusError:
-            # a bad input file: keep what was read before it (one output file only: shard boundaries must not move)
-            if not sharded:
-                while inflight:
-                    write(*inflight.popleft())
-                if part is not None and part.docs:
-                    commit(last_end)
-            raise
-        while inflight:
-            write(*inflight.popleft())
-        if part is not None and part.docs:
-            commit(last_end)
-    finally:
-        bar.close()
-        pool.shutdown(cancel_futures=True)
-        if part is not None:
-            part.discard()
-    if not parts:
+    _encode(writer, iter_stream(files, text_field, max_doc_chars, writer.start), pool, workers, chunk_docs,
+            _Progress(progress, count_records(files), writer.done_docs, 0))
+    if not writer.parts:
         raise CorpusError(f"--source {' '.join(sources)}: the corpus has no non-empty documents")
     t_enc = time.perf_counter()
     cpu1 = _cpu_seconds()
+    names, infos = _final_files(out, writer)
+    t_end = time.perf_counter()
+    manifest = _manifest(fp, settings, names, sharded, tok, infos, writer, workers)
+    manifest["seconds"] = {"tokenizer": round(t_tok - t0, 3), "encode_write": round(t_enc - t_tok, 3),
+                           "merge": round(t_end - t_enc, 3), "total": round(t_end - t0, 3)}
+    # CPU seconds of the encode+write phase: this process (reading, writing; tokenizing too with 1 worker) and
+    # the worker processes (tokenizing; their start-up included)
+    manifest["cpu_seconds"] = {"main": round(cpu1[0] - cpu0[0], 3), "workers": round(cpu1[1] - cpu0[1], 3)}
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    return _result(manifest, out, skipped=False)
 
-    if sharded:
-        names = [_part_prefix(out, i, True).name for i in range(len(parts))]
+
+def _check_model_vocab(tok: Tokenizer, model_vocab_size: Optional[int], where: Any) -> None:
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"tokenizer {where} has {tok.vocab_size:,} ids, more than the model's vocabulary "
+            f"({model_vocab_size:,}); use model.vocab_size={padded_vocab_size(tok.vocab_size)} (or more) and the "
+            "same --model-vocab-size, or a smaller tokenizer")
+
+
+class _PartWriter:
+    """The build's output parts: the finished ones found on disk (a resumed build continues after them), the
+    one being written, and the commit of a part once it holds ``limit`` tokens (a shard, or a part to merge)."""
+
+    def __init__(self, out: Path, sharded: bool, dtype, settings_fp: str, digests: Sequence[str], limit: int):
+        self.out, self.sharded, self.dtype, self.settings_fp, self.digests = out, sharded, dtype, settings_fp, digests
+        self.limit = limit
+        (out / PARTS_DIR).mkdir(exist_ok=True)
+        self.parts = _finished_parts(out, sharded, settings_fp, digests)
+        self.resumed = len(self.parts)
+        self.start: Tuple[int, int] = tuple(self.parts[-1]["end"]) if self.parts else (0, 0)
+        self.done_docs = sum(p["docs"] for p in self.parts)
+        self.last_end: Tuple[int, int] = self.start
+        self.part: Optional[_Part] = None
+
+    def add(self, encoded, end: Tuple[int, int]) -> Tuple[int, int]:
+        """One encoded chunk ending at input position ``end``; returns its (documents, tokens)."""
+        flat, lengths, max_id, chars = encoded
+        if self.part is None:
+            self.part = _Part(_part_prefix(self.out, len(self.parts), self.sharded), self.dtype)
+        self.part.add(flat, lengths, max_id, chars)
+        self.last_end = end
+        if self.part.tokens >= self.limit:
+            self.commit()
+        return len(lengths), int(flat.size)
+
+    def commit(self) -> None:
+        """The part being written, if it holds documents, becomes a finished part (resumable after)."""
+        if self.part is None or not self.part.docs:
+            return
+        rec = {"index": len(self.parts), "settings": self.settings_fp, "end": list(self.last_end),
+               "inputs": self.digests[self.last_end[0]]}
+        self.parts.append(self.part.commit(_record_path(self.out, len(self.parts)), rec))
+        self.part = None
+
+    def discard(self) -> None:
+        if self.part is not None:
+            self.part.discard()
+            self.part = None
+
+
+def _encode(writer: _PartWriter, docs: Iterator, pool: Any, workers: int, chunk_docs: int,
+            bar: "_Progress") -> None:
+    """Tokenize ``docs`` in chunks on the ``workers`` of ``pool`` (2 chunks in flight per worker; shut down at
+    the end) into ``writer``'s parts, in input order. A bad input file (CorpusError) keeps what was read before
+    it when the output is one file (shard boundaries must not move), then re-raises."""
+    inflight: deque = deque()
+
+    def write_oldest() -> None:
+        fut, end = inflight.popleft()
+        bar.update(*writer.add(fut.result(), end))
+
+    try:
+        try:
+            for texts, end in _chunks(docs, chunk_docs):
+                inflight.append((pool.submit(_encode_chunk, texts), end))
+                if len(inflight) >= 2 * workers:
+                    write_oldest()
+        except CorpusError:
+            if not writer.sharded:
+                while inflight:
+                    write_oldest()
+                writer.commit()
+            raise
+        while inflight:
+            write_oldest()
+        writer.commit()
+    finally:
+        bar.close()
+        pool.shutdown(cancel_futures=True)
+        writer.discard()
+
+
+def _final_files(out: Path, writer: _PartWriter) -> Tuple[List[str], List[Any]]:
+    """The finished parts as the build's datasets: the shards as they are, or the parts merged into one
+    ``.bin``/``.idx``; each validated and given its token-id counts (the hot rows of parallel.hot_rows)."""
+    n = len(writer.parts)
+    if writer.sharded:
+        names = [_part_prefix(out, i, True).name for i in range(n)]
         for stale in (PREFIX_NAME + ".bin", PREFIX_NAME + ".idx"):
             (out / stale).unlink(missing_ok=True)
     else:
-        _merge([_part_prefix(out, i, False) for i in range(len(parts))], out / PREFIX_NAME, dtype)
+        _merge([_part_prefix(out, i, False) for i in range(n)], out / PREFIX_NAME, writer.dtype)
         names = [PREFIX_NAME]
-    infos = [validate_indexed(out / n) for n in names]
-    for n in names:   # the token-id counts (the hot rows of parallel.hot_rows)
-        write_token_counts(str(out / n))
-    t_end = time.perf_counter()
+    infos = [validate_indexed(out / name) for name in names]
+    for name in names:
+        write_token_counts(str(out / name))
+    return names, infos
 
-    manifest: Dict[str, Any] = {
+
+def _manifest(fp: str, settings: Dict[str, Any], names: List[str], sharded: bool, tok: Tokenizer,
+              infos: List[Any], writer: _PartWriter, workers: int) -> Dict[str, Any]:
+    parts = writer.parts
+    return {
         "fingerprint": fp,
         "settings": settings,
         "prefix": names[0] if not sharded else None,
@@ -603,18 +645,8 @@ def build_dataset(
         "token_counts": [n + COUNTS_SUFFIX for n in names],
         "bin_bytes": sum(i.bin_bytes for i in infos),
         "workers": workers,
-        "resumed_parts": n_resumed,
-        "seconds": {"tokenizer": round(t_tok - t0, 3), "encode_write": round(t_enc - t_tok, 3),
-                    "merge": round(t_end - t_enc, 3), "total": round(t_end - t0, 3)},
-        # CPU seconds of the encode+write phase: this process (reading, writing; tokenizing too with 1 worker) and
-        # the worker processes (tokenizing; their start-up included)
-        "cpu_seconds": {"main": round(cpu1[0] - cpu0[0], 3), "workers": round(cpu1[1] - cpu0[1], 3)},
+        "resumed_parts": writer.resumed,
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST_NAME)
-    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
-    return _result(manifest, out, skipped=False)
 
 
 def _cpu_seconds() -> Tuple[float, float]:
