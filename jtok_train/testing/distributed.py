@@ -124,45 +124,8 @@ def run_distributed(
 
     out: dict[int, Any] = {}
     phases: dict[int, tuple[float, float]] = {}
-    deadline = time.monotonic() + timeout
     try:
-        while len(out) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(out))
-                raise DistributedTestError(
-                    f"{getattr(func, '__name__', func)}: ranks {missing} did not finish within {timeout:.0f} s"
-                )
-            try:
-                rank, status, value, phase = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
-                if dead:
-                    # give a dying rank's queued traceback a moment to arrive before blaming the exit code
-                    try:
-                        rank, status, value, phase = results.get(timeout=2.0)
-                    except queue.Empty:
-                        codes = {r: procs[r].exitcode for r in dead}
-                        raise DistributedTestError(
-                            f"{getattr(func, '__name__', func)}: rank(s) died without a result, exit codes {codes}"
-                        ) from None
-                else:
-                    continue
-            if status == "error":
-                # a peer that died makes the others fail in their next collective: name the dead rank first
-                for _ in range(20):
-                    dead = {r: p.exitcode for r, p in enumerate(procs)
-                            if r != rank and r not in out and p.exitcode not in (None, 0)}
-                    if dead or all(p.exitcode is not None for r, p in enumerate(procs) if r != rank):
-                        break
-                    time.sleep(0.05)
-                if dead:
-                    raise DistributedTestError(
-                        f"{getattr(func, '__name__', func)}: rank(s) died without a result, exit codes {dead}; "
-                        f"rank {rank} then failed:\n{value}")
-                raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
-            out[rank] = value
-            phases[rank] = phase
+        _collect(func, procs, results, timeout, out, phases)
     finally:
         for p in procs:
             p.join(timeout=10 if len(out) == world_size else 0.5)
@@ -173,6 +136,47 @@ def run_distributed(
         results.close()
     _record_timing(func, world_size, ctx.get_start_method(), t_start, phases)
     return [out[r] for r in range(world_size)]
+
+
+def _collect(func: Callable[..., Any], procs: list, results: Any, timeout: float, out: dict[int, Any],
+             phases: dict[int, tuple[float, float]]) -> None:
+    """Every rank's result and phase times from ``results`` into ``out`` and ``phases``, or a
+    DistributedTestError naming the ranks that did not finish in ``timeout`` s, died without a result (a dead
+    peer before the rank its death broke), or raised (with the rank's traceback)."""
+    name = getattr(func, "__name__", func)
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout
+    while len(out) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(out))
+            raise DistributedTestError(f"{name}: ranks {missing} did not finish within {timeout:.0f} s")
+        try:
+            rank, status, value, phase = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+            if not dead:
+                continue
+            # give a dying rank's queued traceback a moment to arrive before blaming the exit code
+            try:
+                rank, status, value, phase = results.get(timeout=2.0)
+            except queue.Empty:
+                codes = {r: procs[r].exitcode for r in dead}
+                raise DistributedTestError(f"{name}: rank(s) died without a result, exit codes {codes}") from None
+        if status == "error":
+            # a peer that died makes the others fail in their next collective: name the dead rank first
+            for _ in range(20):
+                dead = {r: p.exitcode for r, p in enumerate(procs)
+                        if r != rank and r not in out and p.exitcode not in (None, 0)}
+                if dead or all(p.exitcode is not None for r, p in enumerate(procs) if r != rank):
+                    break
+                time.sleep(0.05)
+            if dead:
+                raise DistributedTestError(f"{name}: rank(s) died without a result, exit codes {dead}; "
+                                           f"rank {rank} then failed:\n{value}")
+            raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
+        out[rank] = value
+        phases[rank] = phase
 
 
 def _record_timing(func: Callable[..., Any], world_size: int, method: str, t_start: float,

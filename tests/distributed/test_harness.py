@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -122,3 +123,40 @@ def test_state_left_by_the_previous_call_is_gone():
         assert r["torch_seed"] != 1234 and r["random"] != seeded_random and r["numpy"] != seeded_numpy, r
     # every rank draws its own default seeds, as a freshly started process does (not the fork server's state)
     assert got[0]["torch_seed"] != got[1]["torch_seed"] and got[0]["numpy"] != got[1]["numpy"], got
+
+
+def test_start_command_runs_a_module_as_python_m_does(tmp_path):
+    """jtok_train.testing.commands.start_command (the kill-and-resume tests' rank processes): the module runs as
+    ``__main__`` with its argv, the given environment and working directory, its stdout and stderr in the log,
+    its exit handlers run; exit codes are a fresh interpreter's (sys.exit(c): c, an exception: 1, SIGKILL: -9);
+    every start is a new process with its own torch seed (not the server's)."""
+    import json
+
+    from jtok_train.testing.commands import start_command
+
+    env = dict(os.environ, JTOK_COMMAND_PROBE="set for this command")
+    seen = []
+    for mode, args, code in [("exit", ["3"], 3), ("raise", [], 1), ("exit", ["0"], 0)]:
+        log = tmp_path / f"{mode}{args}.log"
+        p = start_command("tests.distributed.command_probe", [mode, *args], env=env, log=log, cwd=tmp_path)
+        assert p.wait(timeout=120) == code, log.read_text()
+        text = log.read_text()
+        rec = json.loads(text.splitlines()[0])
+        assert rec["argv"] == [mode, *args] and rec["name"] == "__main__", rec
+        assert rec["cwd"] == str(tmp_path) and rec["probe"] == "set for this command", rec
+        assert rec["pid"] == p.pid != os.getpid()
+        assert "probe: to stderr" in text and "probe: exit handler ran" in text, text
+        if mode == "raise":
+            assert "RuntimeError: probe raised" in text, text
+        seen.append(rec)
+    assert len({r["pid"] for r in seen}) == 3 and len({r["seed"] for r in seen}) == 3, seen
+    log = tmp_path / "sleep.log"
+    p = start_command("tests.distributed.command_probe", ["sleep"], env=env, log=log, cwd=tmp_path)
+    for _ in range(600):                     # until it has started (its first line is in the log)
+        if log.exists() and log.read_text():
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, log.read_text()
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    assert "exit handler ran" not in log.read_text()      # killed: nothing of it ran after the kill
