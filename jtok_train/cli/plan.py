@@ -23,7 +23,17 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from jtok_train.config import ConfigError, compose, validate
+from jtok_train.data.indexed import DataFileError
+from jtok_train.errors import UsageError
+from jtok_train.planning.cluster import PlanError, load_cluster
+from jtok_train.planning.planner import capacity_plan
 
 
 def _fmt(n: float) -> str:
@@ -34,10 +44,11 @@ def _fmt(n: float) -> str:
 
 
 def compute_plan(overrides: list[str]) -> dict:
+    # torch and megatron.core (seconds): imported when a model is counted, not for --help, a bad argument or a
+    # capacity plan without a model
     from jtok_train.compat import destroy_model_parallel, init_distributed, init_model_parallel
-    from jtok_train.config import compose, validate
-    from jtok_train.planning.formulas import formula_params, plan
     from jtok_train.model.builder import build_model, build_transformer_config
+    from jtok_train.planning.formulas import formula_params, plan
 
     cfg = compose(overrides)
     validate(cfg)
@@ -57,9 +68,7 @@ def compute_capacity(overrides: list[str], cluster: Any,
                      dedup_ratio: float | None = None, dedup_from: str | None = None, dedup_samples: int = 64,
                      flash: bool | None = None) -> dict:
     """The capacity plan for a config on a cluster (no model is built)."""
-    from jtok_train.config import compose
-    from jtok_train.planning.measure import measure_dedup
-    from jtok_train.planning.planner import capacity_plan
+    from jtok_train.planning.measure import measure_dedup     # torch (seconds): only with dedup_from=
 
     cfg = compose(overrides)
     measured = measure_dedup(cfg, dedup_from, cluster.gpus, dedup_samples) if dedup_from else None
@@ -134,77 +143,55 @@ def capacity_rows(c: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    fmt = "table"
-    overrides: list[str] = []
+@dataclass
+class _PlanArgs:
+    """jtok-plan's command line: the run config's overrides, the output format, the cluster and its options."""
+
+    overrides: list[str] = field(default_factory=list)
+    fmt: str = "table"
     cluster_name: str | None = None
-    cluster_overrides: list[str] = []
+    cluster_overrides: list[str] = field(default_factory=list)
+    dedup_ratio: float | None = None
+    dedup_from: str | None = None
+    dedup_samples: int = 64
+    flash: bool | None = None
+
+
+def _parse(argv: list[str]) -> _PlanArgs:
+    """The command line, or a UsageError naming the bad value and the fix."""
+    a = _PlanArgs()
     opts: dict[str, str] = {}
-    for a in argv:
-        if a.startswith("format="):
-            fmt = a.split("=", 1)[1]
-        elif a.startswith("cluster="):
-            cluster_name = a.split("=", 1)[1]
-        elif a.startswith("cluster."):
-            cluster_overrides.append(a[len("cluster."):])
-        elif a.split("=", 1)[0] in ("dedup_ratio", "dedup_from", "dedup_samples", "attention"):
-            key, _, value = a.partition("=")
+    for arg in argv:
+        if arg.startswith("format="):
+            a.fmt = arg.split("=", 1)[1]
+        elif arg.startswith("cluster="):
+            a.cluster_name = arg.split("=", 1)[1]
+        elif arg.startswith("cluster."):
+            a.cluster_overrides.append(arg[len("cluster."):])
+        elif arg.split("=", 1)[0] in ("dedup_ratio", "dedup_from", "dedup_samples", "attention"):
+            key, _, value = arg.partition("=")
             opts[key] = value
         else:
-            overrides.append(a)
-    if fmt not in ("table", "json"):
-        print(f"jtok-plan: format={fmt!r} is invalid: use format=table or format=json", file=sys.stderr)
-        return 2
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from jtok_train.config import ConfigError
-    from jtok_train.data.indexed import DataFileError
-    from jtok_train.planning.cluster import PlanError
-
+            a.overrides.append(arg)
+    if a.fmt not in ("table", "json"):
+        raise UsageError(f"format={a.fmt!r} is invalid: use format=table or format=json")
     try:
-        dedup_ratio = float(opts["dedup_ratio"]) if "dedup_ratio" in opts else None
-        dedup_samples = int(opts.get("dedup_samples", "64"))
+        a.dedup_ratio = float(opts["dedup_ratio"]) if "dedup_ratio" in opts else None
+        a.dedup_samples = int(opts.get("dedup_samples", "64"))
     except ValueError:
-        print(f"jtok-plan: dedup_ratio={opts.get('dedup_ratio')!r} / dedup_samples={opts.get('dedup_samples')!r} is "
-              "not a number: e.g. dedup_ratio=0.27 dedup_samples=64", file=sys.stderr)
-        return 2
+        raise UsageError(f"dedup_ratio={opts.get('dedup_ratio')!r} / dedup_samples={opts.get('dedup_samples')!r} "
+                         "is not a number: e.g. dedup_ratio=0.27 dedup_samples=64") from None
     if opts.get("attention", "flash") not in ("flash", "local"):
-        print(f"jtok-plan: attention={opts['attention']!r} is invalid: use attention=flash (fused kernel, no s^2 "
-              "probabilities kept) or attention=local (Megatron's local spec)", file=sys.stderr)
-        return 2
-    flash = {"flash": True, "local": False}.get(opts.get("attention", ""), None)
-    if dedup_ratio is not None and "dedup_from" in opts:
-        print("jtok-plan: give dedup_ratio= or dedup_from=, not both", file=sys.stderr)
-        return 2
-    try:
-        cluster = None
-        if cluster_name is not None or cluster_overrides:
-            from jtok_train.planning.cluster import load_cluster
+        raise UsageError(f"attention={opts['attention']!r} is invalid: use attention=flash (fused kernel, no s^2 "
+                         "probabilities kept) or attention=local (Megatron's local spec)")
+    a.flash = {"flash": True, "local": False}.get(opts.get("attention", ""), None)
+    a.dedup_from = opts.get("dedup_from")
+    if a.dedup_ratio is not None and a.dedup_from is not None:
+        raise UsageError("give dedup_ratio= or dedup_from=, not both")
+    return a
 
-            cluster = load_cluster(cluster_name, cluster_overrides)   # cheap: bad cluster input fails first
-        out = compute_plan(overrides)
-        if cluster is not None:
-            out["capacity"] = compute_capacity(overrides, cluster, dedup_ratio, opts.get("dedup_from"),
-                                               dedup_samples, flash)
-    except (ConfigError, HydraException, OmegaConfBaseException, PlanError) as e:
-        msg = str(e).strip().replace("\n", " ")
-        print(f"jtok-plan: bad config: {msg}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, DataFileError) as e:   # dedup_from: missing or unreadable data
-        msg = str(e).strip().replace("\n", " ")
-        print(f"jtok-plan: {msg}", file=sys.stderr)
-        return 3
-    if fmt == "json":
-        keys = ["backbone_params", "active_params", "token_params", "total_params", "eta", "rho", "flops_per_token"]
-        print(json.dumps({k: out[k] for k in keys} | {k: v for k, v in out.items() if k not in keys}, indent=2))
-        return 0
+
+def _table_rows(out: dict) -> list[tuple[str, str]]:
     rows = [
         ("model / jtok", f"{out['model']} / {out['jtok']}"),
         ("backbone params (all experts)", _fmt(out["backbone_params"])),
@@ -217,8 +204,42 @@ def main(argv: list[str] | None = None) -> int:
         ("training FLOPs per token", f"{out['flops_per_token']:.4g}"),
         ("counted on", out["counted"]),
     ]
-    if "capacity" in out:
-        rows += capacity_rows(out["capacity"])
+    return rows + (capacity_rows(out["capacity"]) if "capacity" in out else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        a = _parse(argv)
+    except UsageError as e:
+        print(f"jtok-plan: {e}", file=sys.stderr)
+        return e.exit_code
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    try:
+        cluster = None
+        if a.cluster_name is not None or a.cluster_overrides:
+            cluster = load_cluster(a.cluster_name, a.cluster_overrides)   # cheap: bad cluster input fails first
+        out = compute_plan(a.overrides)
+        if cluster is not None:
+            out["capacity"] = compute_capacity(a.overrides, cluster, a.dedup_ratio, a.dedup_from, a.dedup_samples,
+                                               a.flash)
+    except (ConfigError, HydraException, OmegaConfBaseException, PlanError) as e:
+        msg = str(e).strip().replace("\n", " ")
+        print(f"jtok-plan: bad config: {msg}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, DataFileError) as e:   # dedup_from: missing or unreadable data
+        msg = str(e).strip().replace("\n", " ")
+        print(f"jtok-plan: {msg}", file=sys.stderr)
+        return 3
+    if a.fmt == "json":
+        keys = ["backbone_params", "active_params", "token_params", "total_params", "eta", "rho", "flops_per_token"]
+        print(json.dumps({k: out[k] for k in keys} | {k: v for k, v in out.items() if k not in keys}, indent=2))
+        return 0
+    rows = _table_rows(out)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
