@@ -169,8 +169,9 @@ class ParallelConfig:
     "torch.distributed backend; None picks nccl on GPU, gloo on CPU."
 
 
-# Keys earlier versions had and this one dropped (they did nothing): a saved config that holds them still loads.
-RETIRED_KEYS = ("data.num_workers",)
+# Keys earlier versions had and this one dropped: a saved config that holds them still loads. data.num_workers did
+# nothing; train.peak_flops (FLOP/s, 0: a guess) became train.peak_tflops, which a saved config's run never needs.
+RETIRED_KEYS = ("data.num_workers", "train.peak_flops")
 
 
 def drop_retired_keys(config: Any) -> Any:
@@ -283,8 +284,9 @@ class TrainConfig:
     "torch intra-op threads per rank (0: cores / local ranks)."
     progress: bool = True
     "Console progress bar."
-    peak_flops: float = 0.0
-    "Per-rank peak FLOP/s for MFU (0: auto, a nominal CPU figure on CPU)."
+    peak_tflops: Optional[float] = None
+    ("Peak TFLOP/s of one device, the MFU's denominator (e.g. 989 for an H100 in bf16); null: a known GPU's "
+     "datasheet bf16 peak (H100, H200, A100, B200), and no MFU on CPU or on another GPU.")
 
 
 @dataclass
@@ -519,6 +521,8 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     _need(0 <= t.warmup_fraction < 1, "train.warmup_fraction", t.warmup_fraction, "must be in [0, 1)")
     _need(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in (0, 1]")
     _need(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32 or bf16")
+    _need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops,
+          "must be > 0: one device's peak in TFLOP/s (e.g. train.peak_tflops=989 for an H100 in bf16), or null")
     d = getattr(cfg, "data", None)
     if d is not None and getattr(d, "loader", "megatron") != "megatron":
         _need(d.loader == "dali", "data.loader", d.loader, "megatron or dali")

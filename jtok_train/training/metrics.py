@@ -17,28 +17,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["peak_flops_per_rank", "StepTimer", "MetricsLogger", "MoEBalanceProbe", "memory_metrics",
+__all__ = ["mfu_peak_tflops", "GPU_PEAK_TFLOPS", "StepTimer", "MetricsLogger", "MoEBalanceProbe", "memory_metrics",
            "read_wandb_history", "WANDB_ID_FILE"]
 
 WANDB_ID_FILE = "wandb_run_id"
 
-# Dense bf16 tensor-core peaks (vendor datasheets) for MFU on GPUs.
-_GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-# Nominal CPU peak per core: 2 FMA units x 8 fp32 lanes (AVX2) x 2 flops x 2.5 GHz. A yardstick, not a
-# measurement: CPU MFU figures are for comparing runs with each other.
-CPU_PEAK_PER_CORE = 80e9
+# Dense bf16 tensor-core peaks per GPU (vendor datasheets), TFLOP/s: the MFU's peak on a GPU whose name holds a
+# key, when train.peak_tflops is not given. The run's records name the peak they used (mfu_peak_tflops).
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
-def peak_flops_per_rank(configured: float, threads: int) -> float:
-    if configured > 0:
-        return configured
+def mfu_peak_tflops(configured: float | None) -> float | None:
+    """The per-device peak (TFLOP/s) the MFU is computed against: ``configured`` (train.peak_tflops) when given,
+    else the datasheet peak of a GPU in :data:`GPU_PEAK_TFLOPS`; None (no MFU) on CPU and on other GPUs."""
+    if configured is not None:
+        return float(configured)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peak in _GPU_PEAKS.items():
-            if key in name:
-                return peak
-        return 312e12
-    return CPU_PEAK_PER_CORE * max(1, threads)
+        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+    return None
 
 
 class StepTimer:
@@ -182,14 +179,14 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self._wandb("log", lambda: self.wandb_run.log(metrics, step=step))
         if self.bar is not None and advance:
-            post = {}
+            post = []
             if "loss" in metrics:
-                post["loss"] = f"{metrics['loss']:.4f}"
+                post.append(f"loss={metrics['loss']:.4f}")
             if "tokens_per_s" in metrics:
-                post["tok/s"] = f"{metrics['tokens_per_s']:,.0f}"
+                post.append(f"tok/s={metrics['tokens_per_s']:,.0f}")
             if "mfu" in metrics:
-                post["mfu"] = f"{100 * metrics['mfu']:.2f}%"
-            self.bar.set_postfix(post, refresh=False)
+                post.append(f"MFU {100 * metrics['mfu']:.3g}% of {metrics['mfu_peak_tflops']:g} TFLOP/s")
+            self.bar.set_postfix_str(", ".join(post), refresh=False)
             self.bar.update(1)
 
     def message(self, text: str) -> None:

@@ -262,7 +262,7 @@ class Trainer:
         import inspect
 
         from jtok_train.training.callbacks import default_callbacks
-        from jtok_train.training.metrics import MetricsLogger, StepTimer, peak_flops_per_rank
+        from jtok_train.training.metrics import MetricsLogger, StepTimer, mfu_peak_tflops
 
         cfg, t = self.cfg, self.cfg.train
         G = t.global_batch_size
@@ -275,7 +275,7 @@ class Trainer:
         ids = [None] * self.world
         dist.all_gather_object(ids, getattr(self.logger, "run_id", None) or self.wandb_run_id)
         self.wandb_run_id = ids[0]
-        peak = peak_flops_per_rank(t.peak_flops, self.threads)
+        peak = mfu_peak_tflops(t.peak_tflops)     # None: no MFU (CPU, or a GPU of unknown peak)
         downstream = None
         if cfg.get("eval") and cfg.eval.tasks:   # lm-eval tasks (jtok_train/evaluation/in_loop.py)
             from jtok_train.evaluation.in_loop import DownstreamEvaluator
@@ -301,10 +301,12 @@ class Trainer:
                 "grad_norm": float(outcome.grad_norm) if outcome.grad_norm is not None else float("nan"),
                 "tokens_per_s": tps,
                 "step_time_s": dt,
-                "mfu": self.module.flops_per_token * tps / (self.world * peak),
                 "consumed_samples": self.data_offset + done * G,
                 "skipped_steps": self.skipped_steps,
             }
+            if peak is not None:
+                metrics["mfu"] = self.module.flops_per_token * tps / (self.world * peak * 1e12)
+                metrics["mfu_peak_tflops"] = peak
             metrics.update(self.module.step_metrics(done))
             result.final_metrics = metrics
             for cb in callbacks:

@@ -29,8 +29,10 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_torchrun_two_ranks_jtokm_trains_evaluates_and_saves(small_dataset, tmp_path):
     run = tmp_path / "run"
+    peak = 0.05      # TFLOP/s per rank, given: on CPU there is no MFU without one
     args = tiny_overrides(small_dataset, str(run), **{"train.train_iters": 20, "train.save": "true",
-                                                      "train.lr": 3e-3, "train.progress": "true"})
+                                                      "train.lr": 3e-3, "train.progress": "true",
+                                                      "train.peak_tflops": peak})
     proc = subprocess.run(_torchrun(2) + ["-m", "jtok_train", *args], capture_output=True, text=True,
                           timeout=600, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,7 +42,16 @@ def test_torchrun_two_ranks_jtokm_trains_evaluates_and_saves(small_dataset, tmp_
     assert [r["step"] for r in train] == list(range(1, 21))
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-5:]) / 5
     assert last < first - 0.5, (first, last)
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    # MFU = training FLOPs per token x tokens/s over the world's peak, the record naming that peak
+    from jtok_train.config import compose
+    from jtok_train.planning.formulas import flops_per_token, formula_params
+
+    cfg = compose(args)
+    fpt = flops_per_token(cfg, formula_params(cfg))
+    assert all(r["tokens_per_s"] > 0 and r["mfu_peak_tflops"] == peak for r in train)
+    assert [r["mfu"] for r in train] == pytest.approx([fpt * r["tokens_per_s"] / (2 * peak * 1e12) for r in train],
+                                                      rel=1e-12)
+    assert "MFU " in proc.stderr and f"% of {peak:g} TFLOP/s" in proc.stderr      # the bar names the peak
     assert "aux/jtokm_load_balancing_loss" in train[0] and "jtokm/load_imbalance_mean" in train[0]
     assert any("valid_loss" in r for r in rows)
     ckpt = run / "checkpoints"
@@ -58,6 +69,8 @@ def test_single_process_backbone_alone(small_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in _metrics(run) if "loss" in r]
     assert len(rows) == 4 and not any(k.startswith("jtokm/") for k in rows[0])
+    # CPU without train.peak_tflops: no MFU at all (no nominal CPU peak)
+    assert not any(k.startswith("mfu") for r in rows for k in r), rows[0]
 
 
 def test_bad_override_names_the_key(small_dataset, tmp_path):

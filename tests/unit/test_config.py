@@ -84,6 +84,23 @@ def test_bad_values_name_the_key(override, key):
         validate(cfg)
 
 
+def test_peak_tflops_is_positive_or_null():
+    """train.peak_tflops, the MFU's peak per device: null by default, a positive figure passes; zero or a
+    negative one stops with one line naming the value and what to set; the old key points to the new one."""
+    assert compose(["model=tiny"]).train.peak_tflops is None
+    validate(compose(["model=tiny"]))
+    validate(compose(["model=tiny", "train.peak_tflops=989"]))
+    for bad in ("0", "-1.5"):
+        with pytest.raises(ConfigError) as e:
+            validate(compose(["model=tiny", f"train.peak_tflops={bad}"]))
+        msg = str(e.value)
+        assert msg.startswith(f"train.peak_tflops={float(bad)} is invalid: must be > 0") and "\n" not in msg, msg
+        assert "train.peak_tflops=989" in msg and "or null" in msg, msg
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key train\.peak_flops \(did you mean train\.peak_tflops\?\)"):
+        compose(["model=tiny", "train.peak_flops=1e12"])
+
+
 def test_world_size_and_tokenizer_relations():
     cfg = compose(["model=tiny", "train.micro_batch_size=4", "train.global_batch_size=12"])
     with pytest.raises(ConfigError, match=r"train\.global_batch_size=12"):
@@ -174,6 +191,7 @@ def test_a_saved_config_with_a_retired_key_still_loads():
 
     saved = OmegaConf.to_container(compose(["model=tiny"]), resolve=True)
     saved["data"]["num_workers"] = 4
+    saved["train"]["peak_flops"] = 0.0        # renamed train.peak_tflops
     try:
         OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(saved))
         raise AssertionError("the schema still accepts data.num_workers")
@@ -181,6 +199,7 @@ def test_a_saved_config_with_a_retired_key_still_loads():
         assert "num_workers" in str(e)
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), drop_retired_keys(saved))
     assert "num_workers" not in cfg.data and cfg.model.num_layers == saved["model"]["num_layers"]
+    assert "peak_flops" not in cfg.train and cfg.train.peak_tflops is None
     import pytest
 
     with pytest.raises((ConfigError, Exception), match="num_workers"):
