@@ -101,8 +101,40 @@ def _megatron_logits(lm, ids):
     return lm.model(ids, torch.arange(s)[None].expand(b, s), None).float()
 
 
+# Loads the exported tokenizer by its own class in a fresh interpreter whose stdin is no terminal (a question
+# about custom code would read an end of file): the class, the ids of the texts, and any remote-code module imported.
+_PLAIN_TOKENIZER = """
+import json, sys
+from transformers import PreTrainedTokenizerFast
+tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+print(json.dumps({"class": type(tok).__name__, "eos": [tok.eos_token, tok.eos_token_id],
+                  "ids": [tok(t)["input_ids"] for t in json.loads(sys.argv[2])],
+                  "remote": sorted(m for m in sys.modules if m.startswith("transformers_modules"))}))
+"""
+
+
+def _check_plain_tokenizer(hf_dir: Path, tokenizer_path: str) -> None:
+    """The exported tokenizer is a plain PreTrainedTokenizerFast: it loads with no remote code and no question,
+    and encodes fresh text as the project's tokenizer does."""
+    from transformers import PreTrainedTokenizerFast
+
+    from jtok_train.data.tokenizer import EOD_TOKEN, load_tokenizer
+
+    texts = ["Tokens, numbers 12345 and \u00fcn\u00efc\u00f6d\u00e9 \u2014 in one line.",
+             "  two leading spaces\nand a newline\tand a tab", "def f(x):\n    return x ** 2  # squares"]
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_TOKENIZER, str(hf_dir), json.dumps(texts)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "custom code" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    tok = load_tokenizer(tokenizer_path)
+    assert got["class"] == PreTrainedTokenizerFast.__name__ and got["remote"] == [], got
+    assert got["eos"] == [EOD_TOKEN, tok.eod]
+    assert got["ids"] == [tok.encode(t) for t in texts]
+
+
 @pytest.mark.parametrize("kind", ["moe_jtokm", pytest.param("dense_jtok", marks=pytest.mark.check)])
-def test_exported_model_matches_megatron(runs, kind, tmp_path):
+def test_exported_model_matches_megatron(runs, kind, tmp_path, small_dataset):
     run = runs[kind]
     hf_dir = tmp_path / "hf"
     proc = _export_cli(f"checkpoint={run}", f"out={hf_dir}")
@@ -117,6 +149,7 @@ def test_exported_model_matches_megatron(runs, kind, tmp_path):
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
         shape = f.get_slice("model.token_table").get_shape()
     assert shape == [config["vocab_size"], config["num_hidden_layers"], config["jtok_num_sets"], config["hidden_size"]]
+    _check_plain_tokenizer(hf_dir, small_dataset["tokenizer"])
     res = run_distributed(_compare, 1, str(run), str(hf_dir), timeout=400, threads_per_rank=1)[0]
     assert res["max_abs_logit_diff"] <= 1e-5 and res["jtok_effect"] > 1e-3
 
