@@ -420,9 +420,23 @@ def _validate_recompute(m: Any) -> None:
 
 def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Check keys, values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
-    (dataclass or OmegaConf node)."""
+    (dataclass or OmegaConf node). With ``world_size``: the parallel layout and batch sizes against it; with
+    ``tokenizer_vocab``: the model's vocabulary against the tokenizer's."""
     _check_known_keys(cfg)
-    m, j, p, t = cfg.model, cfg.jtok, cfg.parallel, cfg.train
+    _validate_model(cfg.model)
+    _validate_recompute(cfg.model)
+    _validate_jtok(cfg.jtok)
+    _validate_parallel(cfg)
+    _validate_train(cfg)
+    if getattr(cfg, "eval", None) is not None:
+        _validate_eval(cfg.eval, cfg.parallel)
+    if world_size is not None:
+        _validate_world(cfg, world_size)
+    if tokenizer_vocab is not None:
+        _validate_tokenizer_vocab(cfg, tokenizer_vocab)
+
+
+def _validate_model(m: Any) -> None:
     if m.vocab_size is None:
         raise ConfigError("model.vocab_size=null has not been resolved from data.tokenizer: compose the config with "
                           "jtok_train.config.compose (or call jtok_train.config.resolve_vocab_size) before validating")
@@ -455,8 +469,9 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.moe_token_dispatcher_type in ("alltoall", "allgather"), "model.moe_token_dispatcher_type",
               m.moe_token_dispatcher_type, "alltoall or allgather")
 
-    _validate_recompute(m)
 
+
+def _validate_jtok(j: Any) -> None:
     _need(j.variant in ("none", "jtok", "jtokm"), "jtok.variant", j.variant, "none, jtok or jtokm")
     if j.variant != "none":
         _need(j.num_sets >= 1, "jtok.num_sets", j.num_sets, "must be >= 1")
@@ -471,6 +486,9 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(j.lr_mult > 0, "jtok.lr_mult", j.lr_mult, "must be > 0")
         _need(j.scale_lr_mult > 0, "jtok.scale_lr_mult", j.scale_lr_mult, "must be > 0")
 
+
+def _validate_parallel(cfg: Any) -> None:
+    m, j, p = cfg.model, cfg.jtok, cfg.parallel
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
     _need(p.embedding in ("replicated", "sharded"), "parallel.embedding", p.embedding, "replicated or sharded")
@@ -514,6 +532,9 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
         _need(m.num_attention_heads % p.tensor_model_parallel_size == 0, "parallel.tensor_model_parallel_size",
               p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")
 
+
+def _validate_train(cfg: Any) -> None:
+    t = cfg.train
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_samples"):
         _need(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be a positive integer")
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
@@ -542,44 +563,52 @@ def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Option
     _need(t.keep_last >= 0, "train.keep_last", t.keep_last, "must be >= 0 (0 keeps all)")
     _need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0 (0: only at the end)")
 
-    ev = getattr(cfg, "eval", None)
-    if ev is not None:
-        _need(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0: only after the last step)")
-        _need(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "must be a positive integer")
-        _need(ev.limit is None or ev.limit > 0, "eval.limit", ev.limit, "must be a positive count or fraction, or null")
-        _need(ev.num_fewshot is None or ev.num_fewshot >= 0, "eval.num_fewshot", ev.num_fewshot, "must be >= 0 or null")
-        if list(ev.tasks):
-            _need(p.pipeline_model_parallel_size == 1, "eval.tasks", list(ev.tasks),
-                  "in-loop evaluation needs parallel.pipeline_model_parallel_size=1; evaluate the checkpoints "
-                  "with jtok-eval instead")
 
-    if world_size is not None:
-        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        _need(world_size % mp == 0, "parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
-              f"TP x PP = {mp} must divide the world size {world_size}")
-        dp = world_size // mp
-        _need(dp % p.expert_model_parallel_size == 0 or p.expert_model_parallel_size % dp == 0,
-              "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
-              f"incompatible with data-parallel size {dp} (world {world_size})")
-        per_step = t.micro_batch_size * dp
-        _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
-              f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-        _need(t.eval_samples % per_step == 0, "train.eval_samples", t.eval_samples,
-              f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-        if vpp is not None and vpp > 1:
-            # Megatron's interleaved schedule runs micro-batches in groups of PP per model chunk: a last group of
-            # fewer than PP is refused by the schedule (a dependency bubble), so every count must be a multiple
-            pp = p.pipeline_model_parallel_size
-            for key, n in (("train.global_batch_size", t.global_batch_size), ("train.eval_samples", t.eval_samples)):
-                _need((n // per_step) % pp == 0, key, n,
-                      f"gives {n // per_step} micro-batches per step; the interleaved pipeline needs a multiple of "
-                      f"parallel.pipeline_model_parallel_size={pp}: make it a multiple of "
-                      f"{per_step * pp} (micro_batch_size x data-parallel size x PP)")
-    if tokenizer_vocab is not None:
-        from jtok_train.data.tokenizer import padded_vocab_size
+def _validate_eval(ev: Any, p: Any) -> None:
+    _need(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0: only after the last step)")
+    _need(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "must be a positive integer")
+    _need(ev.limit is None or ev.limit > 0, "eval.limit", ev.limit, "must be a positive count or fraction, or null")
+    _need(ev.num_fewshot is None or ev.num_fewshot >= 0, "eval.num_fewshot", ev.num_fewshot, "must be >= 0 or null")
+    if list(ev.tasks):
+        _need(p.pipeline_model_parallel_size == 1, "eval.tasks", list(ev.tasks),
+              "in-loop evaluation needs parallel.pipeline_model_parallel_size=1; evaluate the checkpoints "
+              "with jtok-eval instead")
 
-        tok = getattr(d, "tokenizer", None) if d is not None else None
-        _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,
-              f"smaller than the tokenizer's vocabulary ({tokenizer_vocab}){f' of data.tokenizer={tok}' if tok else ''}; set "
-              f"model.vocab_size={padded_vocab_size(tokenizer_vocab, 128, p.tensor_model_parallel_size)} (the "
-              "tokenizer's, padded to a multiple of 128 x TP like Megatron's make_vocab_size_divisible_by) or more")
+
+def _validate_world(cfg: Any, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.train
+    vpp = p.virtual_pipeline_model_parallel_size
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    _need(world_size % mp == 0, "parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
+          f"TP x PP = {mp} must divide the world size {world_size}")
+    dp = world_size // mp
+    _need(dp % p.expert_model_parallel_size == 0 or p.expert_model_parallel_size % dp == 0,
+          "parallel.expert_model_parallel_size", p.expert_model_parallel_size,
+          f"incompatible with data-parallel size {dp} (world {world_size})")
+    per_step = t.micro_batch_size * dp
+    _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+          f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    _need(t.eval_samples % per_step == 0, "train.eval_samples", t.eval_samples,
+          f"must be a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    if vpp is not None and vpp > 1:
+        # Megatron's interleaved schedule runs micro-batches in groups of PP per model chunk: a last group of
+        # fewer than PP is refused by the schedule (a dependency bubble), so every count must be a multiple
+        pp = p.pipeline_model_parallel_size
+        for key, n in (("train.global_batch_size", t.global_batch_size), ("train.eval_samples", t.eval_samples)):
+            _need((n // per_step) % pp == 0, key, n,
+                  f"gives {n // per_step} micro-batches per step; the interleaved pipeline needs a multiple of "
+                  f"parallel.pipeline_model_parallel_size={pp}: make it a multiple of "
+                  f"{per_step * pp} (micro_batch_size x data-parallel size x PP)")
+
+
+def _validate_tokenizer_vocab(cfg: Any, tokenizer_vocab: int) -> None:
+    m, p, d = cfg.model, cfg.parallel, getattr(cfg, "data", None)
+    from jtok_train.data.tokenizer import padded_vocab_size
+
+    tok = getattr(d, "tokenizer", None) if d is not None else None
+    _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,
+          f"smaller than the tokenizer's vocabulary ({tokenizer_vocab}){f' of data.tokenizer={tok}' if tok else ''}; set "
+          f"model.vocab_size={padded_vocab_size(tokenizer_vocab, 128, p.tensor_model_parallel_size)} (the "
+          "tokenizer's, padded to a multiple of 128 x TP like Megatron's make_vocab_size_divisible_by) or more")
+
+
