@@ -21,6 +21,7 @@ TARGET = "jtok_train.evaluation.lm:JTokLM"
 
 def register() -> None:
     """Add ``jtok`` to lm-eval's model registry unless something (``import jtok_train.evaluation``) did."""
+    # lazy: cost (lm_eval, 0.1 s: this module runs at every interpreter's start-up, before lm_eval is asked for)
     from lm_eval.api.registry import model_registry
 
     if MODEL_NAME not in model_registry:

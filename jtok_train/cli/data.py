@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from typing import List, Optional
+
+from jtok_train.data.corpus import CorpusError
 
 EPILOG = """\
 sources (--source, repeatable: the documents of all of them, in the order given):
@@ -126,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(a: argparse.Namespace) -> int:
+    # lazy: cost (numpy via jtok_train.data.build, 0.2-0.6 s: --help answers without it)
     from jtok_train.data.build import DEFAULT_CHUNK_DOCS, DEFAULT_PART_TOKENS, build_dataset
 
     log = (lambda *_: None) if a.json else (lambda msg: print(msg, flush=True))
@@ -163,9 +168,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_stats(a: argparse.Namespace) -> int:
-    import os
-
-    from jtok_train.data.build import PREFIX_NAME, dataset_stats
+    from jtok_train.data.build import PREFIX_NAME, dataset_stats  # lazy: cost (numpy, 0.2-0.6 s: not for --help)
 
     prefix = a.prefix
     if os.path.isdir(prefix):
@@ -179,9 +182,9 @@ def _cmd_stats(a: argparse.Namespace) -> int:
     windows = a.window or [2048]
     all_stats = [dataset_stats(prefix, w) for w in windows]
     if a.count_ids:
-        import numpy as np
+        import numpy as np  # lazy: cost (numpy, 0.2-0.6 s: not for --help)
 
-        from jtok_train.data.counts import write_token_counts
+        from jtok_train.data.counts import write_token_counts  # lazy: cost (numpy, as above)
 
         counts = np.load(write_token_counts(prefix))
         top = np.sort(counts)[::-1].cumsum() / max(1, counts.sum())
@@ -210,9 +213,7 @@ def _cmd_stats(a: argparse.Namespace) -> int:
 
 
 def _cmd_blend(a: argparse.Namespace) -> int:
-    import os
-
-    from jtok_train.data.build import blend_config
+    from jtok_train.data.build import blend_config  # lazy: cost (numpy, 0.2-0.6 s: not for --help)
 
     members = []
     for m in a.members:
@@ -233,13 +234,10 @@ def _cmd_blend(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import warnings
-
     a = _parser().parse_args(argv)
     # megatron.core's import warns that the GPU-only fused kernels are absent: irrelevant to building data
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from jtok_train.data.corpus import CorpusError
-    from jtok_train.data.indexed import DataFileError
+    from jtok_train.data.indexed import DataFileError  # lazy: cost (numpy, 0.2-0.6 s: not for --help)
 
     try:
         if a.command == "build":

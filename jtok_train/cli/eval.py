@@ -37,14 +37,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jtok_train.errors import RunError, UsageError
-from jtok_train.evaluation.harness import TaskError
-from jtok_train.evaluation.harness import resolve_tasks as _resolve_tasks
 
 __all__ = ["EvalArgs", "parse_args", "run", "main", "resolve_tasks"]
 
 
 def resolve_tasks(names: list[str], include_path: str = "") -> Any:
     """``jtok_train.evaluation.harness.resolve_tasks``, a bad name or path as a usage error."""
+    # lazy: cost (torch + lm_eval via jtok_train.evaluation, 3-8 s: --help and bad keys answer without them)
+    from jtok_train.evaluation.harness import TaskError
+    from jtok_train.evaluation.harness import resolve_tasks as _resolve_tasks  # lazy: cost (as above)
+
     try:
         return _resolve_tasks(names, include_path)
     except TaskError as e:
@@ -139,10 +141,10 @@ def default_out(checkpoint: Path, tasks: list[str], num_fewshot: Optional[int], 
 
 def run(args: EvalArgs) -> tuple[dict, Path]:
     """Evaluate; returns (lm-eval's results dict, the JSON path written)."""
-    import lm_eval
-    from lm_eval.utils import handle_non_serializable
+    import lm_eval  # lazy: cost (torch + lm_eval, 3-8 s: --help and bad keys answer without them)
+    from lm_eval.utils import handle_non_serializable  # lazy: cost (as above)
 
-    from jtok_train.evaluation import JTokLM
+    from jtok_train.evaluation import JTokLM  # lazy: cost (as above)
 
     tm = resolve_tasks(args.task_list, args.include_path)   # before loading anything heavy
     lm = JTokLM(checkpoint=args.checkpoint, tables=args.tables, tokenizer=args.tokenizer,
@@ -170,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("JTOK_VERBOSE", "0") != "1":
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
-    from jtok_train.config import ConfigError
+    from jtok_train.config import ConfigError  # lazy: cost (hydra + omegaconf via jtok_train.config, 0.3-0.6 s)
 
     try:
         args = parse_args(argv)
-        from jtok_train.evaluation import EvalInputError
+        from jtok_train.evaluation import EvalInputError  # lazy: cost (torch + lm_eval, 3-8 s: not for bad keys)
 
         results, out = run(args)
     except (UsageError, ConfigError, RunError) as e:
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvalInputError as e:
         print(f"jtok-eval: {e}", file=sys.stderr)
         return 2
-    from lm_eval.utils import make_table
+    from lm_eval.utils import make_table  # lazy: cost (torch + lm_eval, 3-8 s: not for --help, bad keys)
 
     print(make_table(results))
     print(f"results: {out}", flush=True)

@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("JTOK_VERBOSE", "0") != "1":
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
-    from jtok_train.config import ConfigError
+    from jtok_train.config import ConfigError  # lazy: cost (hydra + omegaconf via jtok_train.config, 0.3-0.6 s)
 
     try:
         args = parse_args(argv)
+        # lazy: cost (torch, lm_eval, transformers: 3-6 s; --help and bad keys answer without them)
         from jtok_train.evaluation.lm import EvalInputError
-        from jtok_train.export import ExportError, export_checkpoint
+        from jtok_train.export import ExportError, export_checkpoint  # lazy: cost (as above)
 
         try:
             out = export_checkpoint(args["checkpoint"], args["out"], args["tokenizer"], verify=args["verify"],

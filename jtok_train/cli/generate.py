@@ -35,6 +35,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from jtok_train.data.tokenizer import load_tokenizer
 from jtok_train.errors import CheckpointError, RunError, UsageError
 
 __all__ = ["GenerateArgs", "parse_args", "main"]
@@ -98,6 +99,7 @@ def parse_args(argv: list[str]) -> GenerateArgs:
         raise UsageError(f"tables={args.tables} is invalid: use tables=host or tables=device")
     if args.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device={args.device} is invalid: use device=auto, cpu or cuda")
+    # lazy: cost (torch via jtok_train.inference, 2-5 s: --help and bad keys answer without it)
     from jtok_train.inference.generation import SamplingParams
 
     try:
@@ -109,10 +111,9 @@ def parse_args(argv: list[str]) -> GenerateArgs:
 
 def run(args: GenerateArgs) -> str:
     """Load, generate, return the text (prompt + continuation); speed figures go to stderr with stats=true."""
-    import torch
+    import torch  # lazy: cost (torch, 2-5 s: --help and bad keys answer without it)
 
-    from jtok_train.data.tokenizer import load_tokenizer
-    from jtok_train.inference import SamplingParams, generate, load_for_inference
+    from jtok_train.inference import SamplingParams, generate, load_for_inference  # lazy: cost (torch, as above)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no GPU is visible: use device=auto or device=cpu")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("JTOK_VERBOSE", "0") != "1":
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
-    from jtok_train.config import ConfigError
+    from jtok_train.config import ConfigError  # lazy: cost (hydra + omegaconf via jtok_train.config, 0.3-0.6 s)
 
     try:
         args = parse_args(argv)

@@ -33,6 +33,7 @@ from jtok_train.config import ConfigError, compose, validate
 from jtok_train.data.indexed import DataFileError
 from jtok_train.errors import UsageError
 from jtok_train.planning.cluster import PlanError, load_cluster
+from jtok_train.planning.formulas import formula_params, plan
 from jtok_train.planning.planner import capacity_plan
 
 
@@ -44,11 +45,10 @@ def _fmt(n: float) -> str:
 
 
 def compute_plan(overrides: list[str]) -> dict:
-    # torch and megatron.core (seconds): imported when a model is counted, not for --help, a bad argument or a
-    # capacity plan without a model
+    # imported when a model is counted, not for --help, a bad argument or a capacity plan without a model
+    # lazy: cost (torch + megatron.core, 5-8 s)
     from jtok_train.compat import destroy_model_parallel, init_distributed, init_model_parallel
-    from jtok_train.model.builder import build_model, build_transformer_config
-    from jtok_train.planning.formulas import formula_params, plan
+    from jtok_train.model.builder import build_model, build_transformer_config  # lazy: cost (as above)
 
     cfg = compose(overrides)
     validate(cfg)
@@ -68,7 +68,7 @@ def compute_capacity(overrides: list[str], cluster: Any,
                      dedup_ratio: float | None = None, dedup_from: str | None = None, dedup_samples: int = 64,
                      flash: bool | None = None) -> dict:
     """The capacity plan for a config on a cluster (no model is built)."""
-    from jtok_train.planning.measure import measure_dedup     # torch (seconds): only with dedup_from=
+    from jtok_train.planning.measure import measure_dedup  # lazy: cost (torch, 2-5 s: only with dedup_from=)
 
     cfg = compose(overrides)
     measured = measure_dedup(cfg, dedup_from, cluster.gpus, dedup_samples) if dedup_from else None

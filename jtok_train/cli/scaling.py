@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     try:
+        # lazy: optional (scipy, the fits' optimisers: a missing one answers in one line)
         from jtok_train.analysis.scaling import ScalingError, analyze, format_report, load_records
     except ModuleNotFoundError as e:   # scipy: the `analysis` extra
         if (e.name or "").partition(".")[0] != "scipy":

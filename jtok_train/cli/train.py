@@ -24,18 +24,24 @@ the configs use no ``${now:}``), and only rank 0 writes into the run directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jtok_train.config import check_override_keys, config_dir, register_configs
+from jtok_train.config import (ConfigError, RunConfig, check_override_keys, config_dir, register_configs,
+                               resolve_vocab_size, resolved, validate)
+from jtok_train.data.indexed import DataFileError
+from jtok_train.data.tokenizer import load_tokenizer
 from jtok_train.errors import RunError
+from jtok_train.testing.startup import note_process_start
 
 RESOLVED_NAME = "config.yaml"
 COMMAND_NAME = "command.txt"
@@ -47,9 +53,6 @@ _MODE: dict[str, Any] = {"prepare": False, "argv": None}
 def _quiet_dependencies(verbose: bool) -> None:
     """Megatron logs every parameter name at INFO and warns about absent GPU-only packages: keep the
     console to our progress bar and messages unless JTOK_VERBOSE=1."""
-    import logging
-    import warnings
-
     if verbose:
         return
     logging.getLogger("megatron").setLevel(logging.ERROR)
@@ -77,14 +80,10 @@ def _env_from_slurm() -> None:
 def _precheck(cfg: Any) -> None:
     """What can be checked before any rank starts: keys, values, the world size the launcher announced
     (JTOK_WORLD_SIZE), the tokenizer's vocabulary."""
-    from jtok_train.config import validate
-
     world = int(os.environ["JTOK_WORLD_SIZE"]) if os.environ.get("JTOK_WORLD_SIZE") else None
     vocab = None
     tok = Path(str(cfg.data.tokenizer))
     if tok.is_file():
-        from jtok_train.data.tokenizer import load_tokenizer
-
         vocab = load_tokenizer(str(tok)).vocab_size
     validate(cfg, world_size=world, tokenizer_vocab=vocab)
 
@@ -101,8 +100,6 @@ def _command_line() -> str:
 def write_run_files(cfg: Any) -> Path:
     """Write ``config.yaml`` (resolved), append to ``command.txt`` and write ``launch.env``; return the
     path of ``launch.env``. Called once per launch, by one process."""
-    from jtok_train.config import resolved
-
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     res = resolved(cfg)
@@ -132,8 +129,6 @@ def write_run_files(cfg: Any) -> Path:
 
 def load_resolved(path: str | os.PathLike) -> DictConfig:
     """A resolved config written by :func:`write_run_files`, checked against the schema (types, keys)."""
-    from jtok_train.config import RunConfig
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resolved config {path} not found: run the launcher (or jtok-train --prepare) first")
@@ -142,10 +137,10 @@ def load_resolved(path: str | os.PathLike) -> DictConfig:
 
 
 def _train(cfg: DictConfig) -> None:
-    import megatron.core  # noqa: F401 - the Trainer's first import, made here so the start-up record holds it
+    # the Trainer's first import, made here so the start-up record holds it
+    import megatron.core  # noqa: F401  # lazy: cost (torch + megatron.core, 5-8 s: not for --help, --prepare)
 
-    from jtok_train.testing.startup import note_process_start
-    from jtok_train.training.trainer import train
+    from jtok_train.training.trainer import train  # lazy: cost (torch + megatron.core, as above)
 
     note_process_start()    # the test suite's timing (a no-op unless JTOK_TEST_TIMING is set)
     train(cfg)
@@ -154,9 +149,6 @@ def _train(cfg: DictConfig) -> None:
 def _guarded(fn: Any) -> None:
     """Run ``fn``; errors the user can act on print one line (no traceback) and set the exit code:
     2 for a bad config, 3 (RunError.exit_code) for checkpoints, data and non-finite losses."""
-    from jtok_train.config import ConfigError
-    from jtok_train.data.indexed import DataFileError
-
     _quiet_dependencies(os.environ.get("JTOK_VERBOSE", "0") == "1")
     try:
         fn()
@@ -172,8 +164,6 @@ def run(cfg: DictConfig) -> None:
     """The Hydra task function (composition happened in this process)."""
 
     def body() -> None:
-        from jtok_train.config import resolve_vocab_size
-
         resolve_vocab_size(cfg)      # model.vocab_size=null: the tokenizer's, padded (recorded in config.yaml)
         _precheck(cfg)
         if _rank() == 0 or _MODE["prepare"]:
@@ -210,7 +200,7 @@ def _pop_flag(argv: list[str], name: str, takes_value: bool) -> Any:
 
 def main() -> None:
     if sys.argv[1:2] == ["--version"]:
-        from jtok_train.compat.megatron import versions
+        from jtok_train.compat.megatron import versions  # lazy: cost (torch, 2-5 s: only for --version)
 
         print(" ".join(f"{k} {v}" for k, v in versions().items()))
         return
