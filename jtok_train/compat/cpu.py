@@ -17,15 +17,21 @@ replaces; they stay together as the one list of what the twin changes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import logging
 import os
+import socket
 import sys
+import time
 import types
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+
+from jtok_train.compat.megatron import apply_megatron_fixes
 
 __all__ = [
     "device",
@@ -99,8 +105,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     backend defaults to nccl on a CUDA machine and gloo on CPU. A missing WORLD_SIZE means a single process
     (rank 0 of 1 on 127.0.0.1 with a free port), so the same entry point works without torchrun. Idempotent.
     """
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     if backend is None:
@@ -136,13 +140,14 @@ def init_model_parallel(
     config's rule (``jtok_train.config.schema.expert_tensor_parallel_size``). Extra kwargs go to parallel_state.initialize_model_parallel. Requires
     torch.distributed to be initialised (see init_distributed).
     """
+    # lazy: cost (megatron.core, 4-6 s: init_distributed's pure-torch processes import this module without it)
     from megatron.core import parallel_state
+    # lazy: cost (megatron.core, as above)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     install_cpu_compat()
-    from jtok_train.compat.megatron import apply_megatron_fixes
-
     apply_megatron_fixes()
+    # lazy: cost (hydra + omegaconf via jtok_train.config, 0.3-0.6 s: pure-torch processes import compat too)
     from jtok_train.config.schema import expert_tensor_parallel_size
 
     etp = expert_tensor_parallel_size(tp=tp, ep=ep, etp=etp)
@@ -230,8 +235,6 @@ class _CpuEvent:
         self._t = 0.0
 
     def record(self, stream: Any = None) -> None:
-        import time
-
         self._t = time.perf_counter()
 
     def wait(self, stream: Any = None) -> None:
@@ -380,8 +383,6 @@ class _DoneWork:
 
 
 def _avg_on_gloo(all_reduce: Callable[..., Any]) -> Callable[..., Any]:
-    import torch.distributed as dist
-
     def wrapper(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
                 async_op: bool = False) -> Any:
         # gloo has no ReduceOp.AVG (MoE aux-loss tracker, average_in_collective): SUM, then divide.
@@ -399,8 +400,6 @@ def _torch_for_megatron() -> types.ModuleType:
     """`torch` as seen from inside megatron.* modules: identical, except that tensor factories turn
     device="cuda" (hard-coded for masks, found_inf, grad-norm buffers, aux-loss trackers, token counts) into
     the CPU, and torch.distributed.all_reduce accepts ReduceOp.AVG on gloo."""
-    import torch.distributed as dist
-
     factories = {n: _cpu_device_kwarg(getattr(torch, n)) for n in _FACTORIES if hasattr(torch, n)}
     dist_view = _ModuleView(dist, all_reduce=_avg_on_gloo(dist.all_reduce))
     return _ModuleView(torch, distributed=dist_view, **factories)
@@ -412,6 +411,7 @@ _PROXY: types.ModuleType | None = None
 def _patch_megatron() -> None:
     global _PROXY
     try:
+        # lazy: cost (megatron.core, 4-6 s: install_cpu_compat(import_megatron=False) goes without it)
         import megatron.core  # noqa: F401
     except ImportError:  # megatron-core not installed: only torch.cuda was patched
         return
@@ -434,7 +434,7 @@ def _patch_megatron() -> None:
 
 def _patch_megatron_rng() -> None:
     try:
-        from megatron.core.tensor_parallel import random as mrandom
+        from megatron.core.tensor_parallel import random as mrandom  # lazy: version (absent: the patch is skipped)
     except ImportError:
         return
     # Megatron reads/writes torch.cuda.default_generators directly: use the CPU generator instead.
@@ -455,7 +455,7 @@ class _DropForkWarning(logging.Filter):
 
 def _patch_megatron_moe() -> None:
     try:
-        from megatron.core.transformer.moe import moe_utils
+        from megatron.core.transformer.moe import moe_utils  # lazy: version (absent: the patch is skipped)
     except ImportError:
         return
     # Only bound when transformer-engine imports; the router references it unconditionally.
@@ -476,7 +476,7 @@ def _patch_megatron_moe() -> None:
 
         _set(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
         try:  # the dispatcher imported the name into its own namespace
-            from megatron.core.transformer.moe import token_dispatcher
+            from megatron.core.transformer.moe import token_dispatcher  # lazy: version (absent: skipped)
 
             if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
                 _set(token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
@@ -488,7 +488,7 @@ def _patch_megatron_norm() -> None:
     # The local (torch) LayerNorm refuses sequence_parallel; nothing in it depends on the sequence layout,
     # so build it with sequence_parallel off and restore the flag for the layer's gradient all-reduce tag.
     try:
-        from megatron.core.transformer import torch_norm
+        from megatron.core.transformer import torch_norm  # lazy: version (absent: the patch is skipped)
     except ImportError:
         return
     cls = getattr(torch_norm, "WrappedTorchNorm", None)
@@ -498,8 +498,6 @@ def _patch_megatron_norm() -> None:
 
     def __new__(klass: type, config: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(config, "sequence_parallel", False):
-            import dataclasses
-
             config = dataclasses.replace(config, sequence_parallel=False)
             norm = orig_new(klass, config, *args, **kwargs)
             for p in norm.parameters():
@@ -512,8 +510,6 @@ def _patch_megatron_norm() -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -16,9 +16,15 @@ project's rule), so it grows with them; each entry names the versions it was che
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
+from importlib import metadata
 from typing import Any, Callable, Iterator
 
 import torch
+from packaging.version import Version
+
+import jtok_train
 
 __all__ = [
     "apply_megatron_fixes",
@@ -54,6 +60,7 @@ def _fix_checkpoint_without_output_fp8() -> None:
     that name is undefined and the selective recompute of ``layernorm`` (and MoE's ``moe_act``) fails with a
     NameError. Without TE there is no FP8: force the flag off. Checked on megatron-core 0.16.1 and 0.19.2
     (tensor_parallel/random.py, CheckpointWithoutOutput.__init__: the same line in both); a no-op where TE is installed."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.tensor_parallel import random as mrandom
 
     cls = getattr(mrandom, "CheckpointWithoutOutput", None)
@@ -76,6 +83,7 @@ def _fix_fully_reshardable_load_without_apex() -> None:
     groups and ``load_state_dict`` has already set it), so the load fails with KeyError 'step'. Keep the step
     that was just set. Checked on megatron-core 0.16.1 and 0.19.2 (optimizer/distrib_optimizer.py,
     _set_main_param_and_optimizer_states, unchanged); a no-op with Apex/TE."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
@@ -107,6 +115,7 @@ def _fix_shared_step_after_load_without_apex() -> None:
     The checkpoint's step is in the loaded param groups: give each parameter its own tensor of it. Checked on
     megatron-core 0.16.1 and 0.19.2 (optimizer/distrib_optimizer.py, load_state_dict and
     load_parameter_state_from_dp_reshardable, the same code); a no-op with Apex/TE (the step lives in the groups)."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
@@ -155,6 +164,7 @@ def pop_common_state(sharded_state_dict: dict) -> tuple[bool, Any]:
     """Take the common state that ``dist_checkpointing.save`` handed to the sharded strategy out of
     ``sharded_state_dict``: ``(True, state)`` on >= 0.19 (the strategy must write it), ``(False, None)`` on
     <= 0.18 (Megatron already wrote common.pt)."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     entry = sharded_state_dict.get(_COMMON_STATE_KEY)
@@ -171,6 +181,7 @@ def pop_common_state(sharded_state_dict: dict) -> tuple[bool, Any]:
 #   class stands alone; save() only accepts an instance of it (or FullyParallelSaveStrategyWrapper) as
 #   sharded_strategy. Constructor (backend, version, keep_only_main_replica=True, ...) on both.
 def torch_dist_save_strategy_class() -> type:
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     return TorchDistSaveShardedStrategy
@@ -179,6 +190,7 @@ def torch_dist_save_strategy_class() -> type:
 # strategies.torch._replace_state_dict_keys_with_sharded_keys (private): (sharded_state_dict,
 #   keep_only_main_replica) -> (flat dict of key -> [ShardedBase], flat_mapping, rename_mapping), on both.
 def sharded_keys_state_dict(sharded_state_dict: dict, keep_only_main_replica: bool) -> dict:
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.strategies.torch import _replace_state_dict_keys_with_sharded_keys
 
     flat, _flat_mapping, _rename_mapping = _replace_state_dict_keys_with_sharded_keys(
@@ -189,6 +201,7 @@ def sharded_keys_state_dict(sharded_state_dict: dict, keep_only_main_replica: bo
 # strategies.torch.mcore_to_pyt_state_dict (not in __all__): (flat state dict, is_loading) -> the
 #   torch.distributed.checkpoint state dict (ShardedTensors, BytesIO for ShardedObjects), on both.
 def to_pyt_state_dict(flat_state_dict: dict) -> dict:
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.strategies.torch import mcore_to_pyt_state_dict
 
     return mcore_to_pyt_state_dict(flat_state_dict, False)
@@ -197,6 +210,7 @@ def to_pyt_state_dict(flat_state_dict: dict) -> dict:
 # strategies.torch.MCoreSavePlanner: dedup_replicated_tensors= / flatten_state_dict= on both (0.19 also passes
 #   flatten_sharded_tensors=False, a speed-up for nested ShardedTensors we do not have).
 def save_planner(keep_only_main_replica: bool) -> Any:
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 
     return MCoreSavePlanner(dedup_replicated_tensors=not keep_only_main_replica, flatten_state_dict=False)
@@ -214,12 +228,14 @@ def replace_load_bytes(read_object: Callable[[Any, Any], Any]) -> Iterator[None]
     (torch 2.13: into ``original_state_dict`` through ``planner.mappings`` with the private
     ``torch.distributed.checkpoint._traverse.set_element`` when the planner flattened the state dict, else
     into ``planner.state_dict``)."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
 
     def load_bytes(planner, read_item, value):
         fqn = read_item.dest_index.fqn
         obj = read_object(value, fqn)
         if planner.flatten_state_dict:
+            # lazy: cost (torch.distributed.checkpoint, 0.5-1.5 s; loaded by then, in a load)
             from torch.distributed.checkpoint._traverse import set_element
 
             set_element(planner.original_state_dict, planner.mappings[fqn], obj)
@@ -248,6 +264,7 @@ _PARAM_GROUP_KEYS_0_16 = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoup
 
 
 def param_group_identifier_keys() -> tuple[str, ...]:
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer import optimizer as mopt
 
     return tuple(getattr(mopt, "param_group_identifier_keys", _PARAM_GROUP_KEYS_0_16))
@@ -261,6 +278,7 @@ def replace_param_group_matching(
         make: Callable[[Callable[[list, list], list]], Callable[[list, list], list]]) -> Iterator[None]:
     """Within the block, the groups are matched by ``make(original)``, a function of
     ``(current_groups, state_dict_groups)``; ``original`` is Megatron's."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
     old = MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"]
@@ -284,6 +302,7 @@ _POSITION_KEY = "_jtok_group_position"
 @contextlib.contextmanager
 def distributed_optimizer_groups_by_position(check: Callable[[list, list], None]) -> Iterator[None]:
     """``check(current_groups, saved_groups)`` runs first when keys repeat (raise there on a mismatch)."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer import distrib_optimizer as dmod
 
     cls = dmod.DistributedOptimizer
@@ -330,6 +349,7 @@ def allocate_distributed_optimizer_state(optimizer: Any) -> None:
     the torch optimizer's per-parameter states, which exist only after a first step, and
     ``sharded_state_dict(is_loading=True)`` calls it first (checked on megatron-core 0.16.1 and 0.19.2:
     optimizer/distrib_optimizer.py, state_dict). The states are overwritten by the load."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -353,6 +373,7 @@ def _moe_metrics_tracker() -> Any | None:
     """0.19 (moe_logging.get_moe_metrics_tracker; save_to_aux_losses_tracker and friends are deprecated wrappers
     of it since 0.16 and slated for removal) or None on 0.16.1, whose tracker is moe_utils' legacy dict."""
     try:
+        # lazy: version (moe_logging: 0.19 has it, 0.16.1 does not)
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     except ImportError:
         return None
@@ -369,16 +390,13 @@ def per_token_aux_loss_factor(num_local_tokens: int, tp_cp_size: int) -> int:
     left out). Decided from the installed router's source, falling back to the version (>= 0.19)."""
     global _PER_TOKEN_TP_CP
     if _PER_TOKEN_TP_CP is None:
-        import inspect
-
+        # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
         from megatron.core.transformer.moe.router import TopKRouter
 
         try:
             src = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
             _PER_TOKEN_TP_CP = "tp_cp_group.size()" in src
         except (OSError, TypeError, AttributeError):
-            from packaging.version import Version
-
             _PER_TOKEN_TP_CP = Version(versions()["megatron-core"]).release[:2] >= (0, 19)
     return num_local_tokens * (tp_cp_size if _PER_TOKEN_TP_CP else 1)
 
@@ -387,6 +405,7 @@ def attach_aux_loss(activation: torch.Tensor, aux_loss: torch.Tensor, *, per_tok
                     num_local_tokens: int, tp_cp_size: int) -> torch.Tensor:
     """``activation`` carrying ``aux_loss``'s gradient (MoEAuxLossAutoScaler: its backward adds d aux_loss x the
     scale the schedule sets, 1/num_microbatches), scaled like the installed router's aux loss."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
     if per_token_loss:
@@ -396,6 +415,7 @@ def attach_aux_loss(activation: torch.Tensor, aux_loss: torch.Tensor, *, per_tok
 
 def set_aux_loss_scale(scale: torch.Tensor) -> None:
     """The aux-loss gradient scale (Megatron's schedule sets it for MoE backbones only)."""
+    # lazy: cost (megatron.core, 4-6 s: this module imports none at load, see its docstring)
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
     MoEAuxLossAutoScaler.set_loss_scale(scale)
@@ -409,6 +429,7 @@ def record_aux_loss(name: str, value: torch.Tensor, layer_number: int, num_layer
     if tracker is not None:
         tracker.record(name, value.detach(), layer_number, num_layers, reduce_group=reduce_group)
     else:
+        # lazy: version (0.16.1's legacy tracker; deprecated wrappers on 0.19)
         from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
 
         save_to_aux_losses_tracker(name, value.detach(), layer_number, num_layers, reduce_group=reduce_group)
@@ -424,6 +445,7 @@ def report_aux_losses(loss_scale: float, iteration: int, num_layers: int) -> dic
         if tracker.metrics:
             tracker.report(loss_scale=loss_scale, iteration=iteration, total_loss_dict=out, num_layers=num_layers)
     else:
+        # lazy: version (0.16.1's legacy tracker; deprecated wrappers on 0.19)
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
 
         if get_moe_layer_wise_logging_tracker():
@@ -437,12 +459,14 @@ def clear_aux_losses(reset: bool = False) -> None:
     tracker = _moe_metrics_tracker()
     if tracker is not None:
         if reset:
+            # lazy: version (moe_logging: 0.19 only)
             from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
             destroy_moe_metrics_tracker()
         else:
             tracker.clear()
         return
+    # lazy: version (0.16.1's legacy tracker; deprecated wrappers on 0.19)
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     if reset:
@@ -456,6 +480,7 @@ def recorded_aux_losses() -> dict[str, torch.Tensor]:
     tracker = _moe_metrics_tracker()
     if tracker is not None:
         return {k: e.values.clone() for k, e in tracker.metrics.items()}
+    # lazy: version (0.16.1's legacy tracker; deprecated wrappers on 0.19)
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     return {k: e["values"].clone() for k, e in get_moe_layer_wise_logging_tracker().items()}
@@ -469,10 +494,6 @@ _WARNED: set[str] = set()
 
 def versions() -> dict[str, str]:
     """Versions of what a run depends on (``jtok-train --version`` and the run's log)."""
-    from importlib import metadata
-
-    import jtok_train
-
     out = {"jtok-train": jtok_train.__version__, "torch": torch.__version__}
     for dist in ("megatron-core", "transformer-engine", "triton"):
         try:
@@ -484,10 +505,6 @@ def versions() -> dict[str, str]:
 
 def warn_if_untested() -> str | None:
     """One warning per process when the installed megatron-core is not a release CI tests; returns it."""
-    import warnings
-
-    from packaging.version import Version
-
     have = versions()["megatron-core"]
     if have == "not installed" or have in _WARNED:
         return None

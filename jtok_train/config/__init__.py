@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size
 from jtok_train.config.schema import (
     ConfigError,
     DataConfig,
@@ -39,8 +44,6 @@ def config_dir() -> Path:
     if env:
         path = Path(env)
     else:
-        from importlib.resources import files
-
         # pip unpacks wheels, so the package's data is a real directory (Hydra reads a directory)
         path = Path(str(files("jtok_train") / "configs"))
     if not (path / "config.yaml").is_file():
@@ -59,10 +62,6 @@ def register_configs() -> None:
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """Compose the config as ``jtok-train`` would, without starting a Hydra app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     check_override_keys(overrides)
     register_configs()
     GlobalHydra.instance().clear()
@@ -82,8 +81,6 @@ def resolve_vocab_size(cfg: Any) -> None:
     if not tok.is_file():
         raise ConfigError(f"model.vocab_size=null takes the tokenizer's vocabulary, but data.tokenizer={tok} is not a "
                           "file: build the data first (jtok-data build) or set model.vocab_size")
-    from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size
-
     tp = int(OmegaConf.select(cfg, "parallel.tensor_model_parallel_size", default=1) or 1)
     cfg.model.vocab_size = padded_vocab_size(load_tokenizer(str(tok)).vocab_size, 128, tp)
 
