@@ -23,6 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from jtok_train.tables.rows import TokenRowProvider
+
 __all__ = ["SamplingParams", "GenerationOutput", "generate", "filter_logits", "sample_next"]
 
 
@@ -112,7 +114,7 @@ def generate(
     sampling: SamplingParams = SamplingParams(),
     use_cache: bool = True,
     eos_id: Optional[int] = None,
-    provider: Any = None,
+    provider: Optional[TokenRowProvider] = None,
     vocab_limit: Optional[int] = None,
     max_sequence_length: Optional[int] = None,
     return_logits: bool = False,
@@ -121,9 +123,10 @@ def generate(
 ) -> GenerationOutput:
     """Continue ``prompt_ids`` ([b, s] or [s], equal-length prompts) by ``max_new_tokens`` tokens.
 
-    provider: the model's token-row provider (prefetched before each forward when it can, and its transfer
-    statistics reported). vocab_limit: sample only ids below it (the tokenizer's vocabulary, when the
-    model's is padded). eos_id: a sequence that produced it stops (the loop ends when all have).
+    provider: the model's token-row provider (None for a model without JTok): prefetched before each forward,
+    and what it counted during the call reported (``GenerationOutput.transfer``: the host table's transfer).
+    vocab_limit: sample only ids below it (the tokenizer's vocabulary, when the model's is padded).
+    eos_id: a sequence that produced it stops (the loop ends when all have).
     max_sequence_length: the KV cache's length (default: prompt + max_new_tokens).
     forced_tokens: [b, max_new_tokens] ids to append instead of the sampled ones (teacher forcing: the same
     work per step as decoding, on a fixed continuation; benchmarks compare models on it). time_steps: record
@@ -148,9 +151,8 @@ def generate(
     generator = None
     if not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(int(sampling.seed))
-    prefetch = getattr(provider, "prefetch", None)
-    if provider is not None and hasattr(provider, "reset_stats"):
-        provider.reset_stats()
+    if provider is not None:
+        provider.pop_stats()    # count this call's transfer only
     context = StaticInferenceContext(b, total) if use_cache else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     step_logits: list[Tensor] = []
@@ -175,8 +177,8 @@ def generate(
     _sync(device)
     t0 = time.perf_counter()
     positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    if prefetch is not None:
-        prefetch(tokens)
+    if provider is not None:
+        provider.prefetch(tokens)
     logits = _forward_last(model, tokens, positions, context)
     if context is not None:
         context.increment_sequence_len_offset(s)
@@ -198,8 +200,8 @@ def generate(
         else:
             step_ids = tokens
             step_pos = torch.arange(cur, device=device).unsqueeze(0).expand(b, cur)
-        if prefetch is not None:
-            prefetch(step_ids)
+        if provider is not None:
+            provider.prefetch(step_ids)
         logits = _forward_last(model, step_ids, step_pos, context)
         if context is not None:
             context.increment_sequence_len_offset(1)
@@ -214,8 +216,7 @@ def generate(
             step_s.append(time.perf_counter() - ts)
     _sync(device)
     t2, c2 = time.perf_counter(), time.process_time()
-    stats = getattr(provider, "stats", None)
-    transfer = stats.as_dict() if hasattr(stats, "as_dict") else {}
+    transfer = provider.pop_stats() if provider is not None else {}
     return GenerationOutput(tokens=tokens.cpu(), num_new=num_new, prefill_s=t1 - t0, decode_s=t2 - t1,
                             decode_steps=decode_steps, decode_cpu_s=c2 - c1, step_s=step_s,
                             step_logits=step_logits, transfer=transfer)

@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from jtok_train.errors import CheckpointError
+from jtok_train.tables.rows import check_provider
 
 __all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "place_tables", "TABLE_PLACEMENTS"]
 
@@ -43,7 +44,10 @@ class LoadedModel:
 
     @property
     def provider(self) -> Any:
-        return getattr(self.unwrapped, "token_table", None)
+        """The model's token-row provider (``jtok_train.tables.rows.TokenRowProvider``; None without JTok)."""
+        from jtok_train.model.builder import token_table_of
+
+        return token_table_of(self.unwrapped)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -132,11 +136,12 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
     """Replace a JTokGPTModel's table provider by the one inference uses (host: ``HostTokenTable`` on
     ``device``; device: a ``ReplicatedTokenTable`` the caller moves with the model). Returns the placement
     (``none`` for a backbone-alone model). bf16: the model runs in bf16 (Float16Module), the table too."""
+    from jtok_train.model.builder import token_table_of
     from jtok_train.tables.replicated import ReplicatedTokenTable
 
     if tables not in TABLE_PLACEMENTS:
         raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
-    table = getattr(model, "token_table", None)
+    table = token_table_of(model)
     if table is None:
         return "none"
     full = _table_in_token_order(table).cpu()
@@ -151,6 +156,7 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
         v, L, n_e, d = full.shape
         provider = ReplicatedTokenTable(v, L, n_e, d, dtype=full.dtype, device="meta")
         provider.weight = torch.nn.Parameter(full.clone(), requires_grad=False)
+    check_provider(provider)
     model.token_table = provider
     return tables
 

@@ -26,16 +26,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from jtok_train.config.schema import expert_tensor_parallel_size
 from jtok_train.model.layer import jtok_module_spec, with_jtok
 from jtok_train.tables.replicated import ReplicatedTokenTable
-from jtok_train.tables.rows import LayerSlice, ReplayGradSink, RowGradJoin, TokenRowProvider, TokenRowsContext
+from jtok_train.tables.rows import (LayerSlice, ReplayGradSink, RowGradJoin, TokenRowProvider, TokenRowsContext,
+                                    check_provider)
 
 __all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_model_chunks",
-           "build_token_table", "pipeline_stage_layers", "virtual_stages"]
+           "build_token_table", "pipeline_stage_layers", "virtual_stages", "token_table_of"]
 
 
 class JTokGPTModel(GPTModel):
-    """GPTModel whose layers add JTok / JTok-M; ``token_table`` provides the rows per micro-batch."""
+    """GPTModel whose layers add JTok / JTok-M; ``token_table`` provides the rows per micro-batch (any
+    ``TokenRowProvider``: checked here, a provider missing a member fails in one line)."""
 
     def __init__(self, *args: Any, token_table: TokenRowProvider, token_context: TokenRowsContext, **kwargs: Any):
+        check_provider(token_table)
         super().__init__(*args, **kwargs)
         self.token_table = token_table
         self.token_context = token_context
@@ -67,10 +70,13 @@ class JTokGPTModel(GPTModel):
             out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self.token_context.current = None
-        advance = getattr(self.token_table, "advance", None)
-        if advance is not None:   # this forward is enqueued: move the next micro-batch's exchange on
-            advance()
+        self.token_table.advance()   # this forward is enqueued: move the next micro-batch's exchange on
         return out
+
+
+def token_table_of(model: Any) -> Optional[TokenRowProvider]:
+    """The token-row provider of a model built here (None for a backbone-alone GPTModel)."""
+    return model.token_table if isinstance(model, JTokGPTModel) else None
 
 
 def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:

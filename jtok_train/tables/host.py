@@ -62,7 +62,10 @@ class HostTokenTable:
 
     table: ``[V, L, n_e, d]`` in token order (a copy is kept; pinned when the device is CUDA).
     device: where the model computes. Not an ``nn.Module`` on purpose: ``model.to(device)`` must not move it.
+    Its training hooks (``finish_backward`` ... ``step``) are no-ops: inference computes no gradient.
     """
+
+    has_own_optimizer = False   # inference only: nothing is stepped
 
     def __init__(self, table: Tensor, device: torch.device | str = "cpu"):
         if table.dim() != 4:
@@ -127,8 +130,41 @@ class HostTokenTable:
                 t.record_stream(current)
         return TokenRows(unique_ids=uid, unique_rows=rows, inverse=inv)
 
+    def advance(self) -> None:
+        """No-op: a prefetched copy is issued at ``prefetch`` and waited on at ``lookup``."""
+
     def reset_stats(self) -> None:
         self.stats = TransferStats()
+
+    def pop_stats(self) -> dict[str, float]:
+        """The transfer since the previous call (``TransferStats.as_dict``), and a fresh count."""
+        out = self.stats.as_dict()
+        self.reset_stats()
+        return out
+
+    def state(self, prefix: str = "") -> dict:
+        """The whole table in token order as the replicated table's ``weight`` at one rank (the layout of the
+        model's ``token_table.weight``; inference does not save, so nothing calls it today)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        return {f"{prefix}weight": ShardedTensor.from_rank_offsets(f"{prefix}weight", self.table)}
+
+    # -- training hooks: inference only, the rows carry no gradient ------------------------------------
+    def finish_backward(self) -> None:
+        """No-op: no backward runs through host rows."""
+
+    def zero_grad(self) -> None:
+        """No-op: there is no gradient."""
+
+    def grad_norm_sq(self) -> float:
+        """0.0: there is no gradient."""
+        return 0.0
+
+    def scale_grad(self, coeff: float) -> None:
+        """No-op: there is no gradient."""
+
+    def step(self, lr: float) -> None:
+        """No-op: the host table is not trained."""
 
     def host_bytes(self) -> int:
         return self.table.numel() * self.table.element_size()

@@ -43,17 +43,19 @@ class ShardedTableOptimizer:
     def __init__(self, table: ShardedTokenTable, weight_decay: float, betas: tuple[float, float], eps: float,
                  kind: str = "adamw", fused: bool | None = None):
         """fused: torch's fused AdamW kernel for the dense kind (None: where available; False: its single-tensor
-        implementation, bitwise torch.optim.AdamW(foreach=False))."""
+        implementation, bitwise torch.optim.AdamW(foreach=False)). The optimizer attaches itself to the table:
+        ``table.step(lr)`` (the provider interface the training loop calls) runs ``step``."""
         if kind not in ("adamw", "sparse_adamw"):
             raise ValueError(f"jtok.table_optimizer={kind!r}: expected adamw or sparse_adamw")
         self.table, self.kind = table, kind
+        table.optimizer = self
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
         self.exp_avg = torch.zeros_like(table.shard)
         self.exp_avg_sq = torch.zeros_like(table.shard)
         self.steps = torch.zeros(table.shard.shape[0], dtype=torch.int64, device=table.shard.device)
         self.num_steps = 0
         self.rows_stepped = 0   # shard rows the last step updated (all of them for adamw, the touched ones sparse)
-        self.hot = table.hot if getattr(table, "num_hot", 0) else None
+        self.hot = table.hot if table.num_hot else None
         if self.hot is not None:   # the replicas' moments and steps (filled from the owners' rows on load)
             self.hot_exp_avg = torch.zeros_like(self.hot)
             self.hot_exp_avg_sq = torch.zeros_like(self.hot)

@@ -19,7 +19,12 @@ class ReplicatedTokenTable(nn.Module):
     Gradients are dense over the table (as an unsharded model computes them) and reduced across
     data-parallel ranks like any other parameter. Under pipeline parallelism L is the stage's layer count
     (``layers``) and the checkpoint stores the stage's slice of the whole [V, L_total, n_e, d] table.
+
+    A ``TokenRowProvider`` whose training hooks have nothing to do: Megatron's DDP, clipping and optimizer treat
+    ``weight`` as the backbone's parameters.
     """
+
+    has_own_optimizer = False   # ``weight`` is a model parameter: Megatron's optimizer steps it with the backbone
 
     def __init__(
         self,
@@ -56,7 +61,7 @@ class ReplicatedTokenTable(nn.Module):
         )
         self.weight[perm.to(self.weight.device)] = rows.to(self.weight.device)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+    def state(self, prefix: str = "") -> dict:
         """``weight`` as this stage's layers [offset, offset + L) of the global [V, L_total, n_e, d] tensor,
         replicated over tensor and data parallel ranks (the replica ids Megatron gives a plain parameter)."""
         from megatron.core import parallel_state as ps
@@ -67,9 +72,42 @@ class ReplicatedTokenTable(nn.Module):
         return {f"{prefix}weight": ShardedTensor.from_rank_offsets(
             f"{prefix}weight", self.weight, (1, sl.stage, sl.num_stages), replica_id=replica)}
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's GPTModel.sharded_state_dict calls this for its ``token_table`` child: ``state``."""
+        return self.state(prefix)
+
     def lookup(self, token_ids: Tensor) -> TokenRows:
         check_token_ids(token_ids, self.vocab_size)
         unique_ids, inverse = dedup(positions(token_ids))
         rows = F.embedding(unique_ids, self.weight.view(self.vocab_size, -1))
         rows = rows.view(-1, self.num_layers, self.num_sets, self.hidden_size)
         return TokenRows(unique_ids=unique_ids, unique_rows=rows, inverse=inverse)
+
+    # -- the rest of the provider interface: nothing to do, the table being one local model parameter ---------
+    def prefetch(self, token_ids: Tensor) -> None:
+        """No-op: the rows are local, a lookup is one gather (nothing to start ahead)."""
+
+    def advance(self) -> None:
+        """No-op: nothing is in flight between forwards."""
+
+    def finish_backward(self) -> None:
+        """No-op: autograd puts the gradient on ``weight`` and Megatron's DDP reduces it."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``: in training Megatron's optimizer has cleared ``weight``'s gradient already
+        (it is the model's), so this clears nothing more; outside Megatron it clears a plain backward's."""
+        super().zero_grad(set_to_none)
+
+    def grad_norm_sq(self) -> float:
+        """0.0: ``weight``'s gradient is in Megatron's own norm already."""
+        return 0.0
+
+    def scale_grad(self, coeff: float) -> None:
+        """No-op: Megatron's clipping scales ``weight``'s gradient with the backbone's."""
+
+    def step(self, lr: float) -> None:
+        """No-op: Megatron's optimizer steps ``weight`` (its table group: LR multiplier, weight decay)."""
+
+    def pop_stats(self) -> dict[str, float]:
+        """``{}``: a local gather has nothing to count."""
+        return {}

@@ -1,6 +1,7 @@
 """What every token-row provider shares: the rows a micro-batch needs (``TokenRows``), the provider
-interface, the hand-off from the model to its layers, the layers a pipeline stage holds, and the steps every
-provider takes on a micro-batch's ids (positions in the hidden states' order, the vocabulary check, dedup).
+interface (``TokenRowProvider``; ``check_provider`` verifies a provider against it), the hand-off from the
+model to its layers, the layers a pipeline stage holds, and the steps every provider takes on a micro-batch's
+ids (positions in the hidden states' order, the vocabulary check, dedup).
 
 A provider turns a micro-batch's token ids into ``TokenRows``: the rows of every layer for the *unique* ids,
 plus the inverse index from positions to unique ids. The layers only ever see ``TokenRows``; whether the table
@@ -10,8 +11,10 @@ kept in host memory for inference (``host.py``) is the provider's business.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,6 +23,8 @@ from torch import Tensor
 __all__ = [
     "TokenRows",
     "TokenRowProvider",
+    "check_provider",
+    "provider_errors",
     "TokenRowsContext",
     "ReplayGradSink",
     "RowGradJoin",
@@ -98,14 +103,180 @@ class TokenRows:
 
 @runtime_checkable
 class TokenRowProvider(Protocol):
-    num_layers: int
-    num_sets: int
+    """What a JTok model and the training loop ask of a token table: the interface every provider implements
+    (``ReplicatedTokenTable``, ``ShardedTokenTable``, ``HostTokenTable``; ``check_provider`` verifies a class or
+    an instance against it, names and signatures, and the model builder and the train module call it on every
+    provider they are given).
+
+    Per micro-batch: ``prefetch`` (when the data iterator hands the previous micro-batch to the schedule, or
+    before a generation forward), ``lookup`` (at the model's forward), ``advance`` (after the forward). Per
+    training step, in this order, by the train module's joint optimizer, on every provider: ``zero_grad``
+    (before the forward-backward schedule), ``finish_backward`` (after it), ``grad_norm_sq`` (joins
+    Megatron's norm: one clipping coefficient), ``scale_grad`` (when that coefficient is below 1), ``step``.
+    These hooks are about the gradient a provider holds *outside* the model's parameters: a provider whose
+    rows are a model parameter (the replicated table: Megatron's DDP reduces its gradient, Megatron's
+    optimizer clips and steps it) implements them as no-ops and reports a norm of 0. ``state`` is what a
+    checkpoint holds of the provider; ``pop_stats`` its counters for the step's metrics.
+    """
+
+    num_layers: int    # the layers whose rows it holds (a pipeline stage's)
+    num_sets: int      # n_e: candidate rows per layer (1 for JTok)
     hidden_size: int
     vocab_size: int
 
-    def lookup(self, token_ids: Tensor) -> TokenRows:
-        """token_ids: [b, s] -> the rows for the micro-batch's positions."""
+    @property
+    def has_own_optimizer(self) -> bool:
+        """Whether its rows are outside Megatron's optimizer (not model parameters): the train module then gives
+        it a ``ShardedTableOptimizer`` (``jtok.table_optimizer``, the table group's LR and weight decay),
+        which ``step`` runs. False: the rows are a model parameter, stepped with the backbone."""
         ...
+
+    def lookup(self, token_ids: Tensor) -> TokenRows:
+        """token_ids: [b, s] -> the rows for the micro-batch's positions. Called by the model at the start of
+        its forward; with autograd on, the rows are connected to the provider's gradient."""
+        ...
+
+    def prefetch(self, token_ids: Tensor) -> None:
+        """Announce the micro-batch of a coming ``lookup`` (its [b, s] ids, as the caller has them: the host
+        batch in training, which a provider that plans on the host needs; a device batch is read back), so
+        that its rows can start moving early. Called one micro-batch ahead by the train module's data
+        iterator and before each forward by ``generate``; lookups then consume prefetches in order."""
+        ...
+
+    def advance(self) -> None:
+        """Called by the model after it enqueued a forward: move a prefetched lookup on (its rows can travel
+        while the device computes)."""
+        ...
+
+    def finish_backward(self) -> None:
+        """After the step's forward-backward schedule (also on a step that is then skipped): collect every
+        row gradient of the step into the gradient the provider holds."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Before the step's forward-backward schedule: clear the gradient the provider holds."""
+        ...
+
+    def grad_norm_sq(self) -> float:
+        """The squared L2 norm of the gradient the provider holds, over the whole table (every rank returns the
+        same value: collective where the table is split). Added to Megatron's squared norm for the step's one
+        clipping coefficient."""
+        ...
+
+    def scale_grad(self, coeff: float) -> None:
+        """Multiply the gradient the provider holds by ``coeff`` (the joint clipping coefficient, when below 1)."""
+        ...
+
+    def step(self, lr: float) -> None:
+        """Apply the step's update to the rows the provider holds outside the model's parameters, at learning
+        rate ``lr`` (the table group's). Called after Megatron's optimizer step, on applied steps only."""
+        ...
+
+    def state(self, prefix: str = "") -> dict:
+        """What a checkpoint holds of the provider's rows: a Megatron sharded state dict (ShardedTensors with
+        global shapes and offsets, keys starting with ``prefix``), so a checkpoint reshards to another
+        world size. An ``nn.Module`` provider's ``sharded_state_dict`` returns it: the checkpoint saves it with
+        the model (``<model prefix>token_table.``), and a resume loads the same keys back through the model's
+        ``load_state_dict``. The state of a provider's own optimizer (the sharded table's moments) is the
+        optimizer's, saved as a checkpoint component (``TrainModule.checkpoint_components``)."""
+        ...
+
+    def pop_stats(self) -> dict[str, float]:
+        """What the provider counted since the previous call (metric name -> value; ``{}`` when it counts
+        nothing), and start counting afresh: the step's metrics in training, ``GenerationOutput.transfer``
+        in generation."""
+        ...
+
+
+@functools.cache
+def _protocol_members() -> tuple[dict[str, inspect.Signature], tuple[str, ...], tuple[str, ...]]:
+    """(method -> its signature without ``self``, properties, instance attributes) of ``TokenRowProvider``."""
+    methods, properties = {}, []
+    for name, value in vars(TokenRowProvider).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, property):
+            properties.append(name)
+        elif inspect.isfunction(value):
+            sig = inspect.signature(value)
+            methods[name] = sig.replace(parameters=list(sig.parameters.values())[1:])
+    attributes = tuple(n for n in TokenRowProvider.__annotations__ if not n.startswith("_"))
+    return methods, tuple(properties), attributes
+
+
+def _signature_of(provider: Any, name: str) -> "inspect.Signature | None":
+    """The signature a call sees (without ``self``), or None where Python cannot tell (a builtin)."""
+    try:
+        if isinstance(provider, type):
+            raw = inspect.getattr_static(provider, name)
+            if isinstance(raw, staticmethod):
+                return inspect.signature(raw.__func__)
+            if inspect.isfunction(raw):
+                sig = inspect.signature(raw)
+                return sig.replace(parameters=list(sig.parameters.values())[1:])
+        return inspect.signature(getattr(provider, name))   # bound: no self
+    except (TypeError, ValueError):
+        return None
+
+
+def _incompatible(want: inspect.Signature, got: inspect.Signature) -> str | None:
+    """Why a method with signature ``got`` cannot take the calls the Protocol's ``want`` allows (each parameter
+    by position and by name, the optional ones omitted), or None."""
+    params = list(want.parameters.values())
+    n_req = sum(p.default is inspect.Parameter.empty for p in params)
+    x = object()
+    calls = [((x,) * n_req, {}), ((), {p.name: x for p in params[:n_req]})]
+    for i, p in enumerate(params[n_req:], n_req):
+        calls += [((x,) * (i + 1), {}), ((x,) * n_req, {p.name: x})]
+    for args, kwargs in calls:
+        try:
+            got.bind(*args, **kwargs)
+        except TypeError as e:
+            return f"takes {_plain(got)} where TokenRowProvider's takes {_plain(want)} ({e})"
+    return None
+
+
+def _plain(sig: inspect.Signature) -> str:
+    """A signature's parameters without annotations: ``(token_ids)``, ``(prefix='')``."""
+    return str(sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+                           return_annotation=inspect.Signature.empty))
+
+
+def provider_errors(provider: Any) -> list[str]:
+    """What ``provider`` (a class, or an instance, whose instance attributes are then checked too) lacks of
+    ``TokenRowProvider``: one line per missing member, then one per incompatible member (empty when it is
+    complete). A member inherited from the Protocol's own declaration (a class that subclasses it without
+    implementing it) counts as missing."""
+    cls = provider if isinstance(provider, type) else type(provider)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    methods, properties, attributes = _protocol_members()
+    own = vars(TokenRowProvider)
+    missing, wrong = [], []
+    for name in (*properties, *methods):
+        if not hasattr(provider, name) or inspect.getattr_static(cls, name, None) is own.get(name):
+            missing.append(f"{where} is not a token-row provider: it lacks {name} (jtok_train.tables.rows."
+                           "TokenRowProvider)")
+        elif name in properties and inspect.isfunction(inspect.getattr_static(cls, name)):
+            wrong.append(f"{where}.{name} is a method where TokenRowProvider declares a property (or attribute)")
+        elif name in methods:
+            sig = _signature_of(provider, name)
+            why = _incompatible(methods[name], sig) if sig is not None else None
+            if why is not None:
+                wrong.append(f"{where}.{name} {why}")
+    if not isinstance(provider, type):
+        missing += [f"{where} is not a token-row provider: its instance lacks the attribute {name} (jtok_train."
+                    "tables.rows.TokenRowProvider)" for name in attributes if not hasattr(provider, name)]
+    return missing + wrong
+
+
+def check_provider(provider: Any) -> None:
+    """Raise ``TypeError`` (one line: the class and its first missing or incompatible member) unless
+    ``provider`` (a class or an instance) implements every member of ``TokenRowProvider`` with a compatible
+    signature. The model builder and the train module call it on every provider they are given."""
+    errors = provider_errors(provider)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise TypeError(errors[0] + more)
 
 
 class TokenRowsContext:

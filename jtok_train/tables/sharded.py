@@ -108,6 +108,8 @@ class ShardedTokenTable(nn.Module):
         self._in_backward: deque[RowLookup] = deque()
         self.deferred_sends = 0   # exchanges whose rows advance() sent (DEFER_ROWS)
         self._previous_lookup_at: int | None = None   # EVENT_CLOCK at this step's previous lookup
+        # what ``step`` runs: the ShardedTableOptimizer built over this table (it attaches itself)
+        self.optimizer: Any = None
         hot = np.unique(np.asarray(hot_ids if hot_ids is not None else [], dtype=np.int64).reshape(-1))
         self.hot_rows = HotRows(hot, vocab_size, self.placement.position_of_host, (self.start_row, self.stop_row),
                                 self.shard, group, self.id_group, grad_scale) if hot.size else None
@@ -160,10 +162,11 @@ class ShardedTokenTable(nn.Module):
 
     def prefetch(self, token_ids: Tensor) -> None:
         """Announce a coming micro-batch with its **host** token ids (before their copy to the device): the
-        exchange then needs nothing from the device. With overlap on its exchange starts now (counts; the ids
-        and rows now too, or at ``advance`` when deferred: ``DEFER_ROWS``); with overlap off it runs at the
-        lookup."""
-        ids = host_ids(token_ids)
+        exchange then needs nothing from the device (a batch already on the device, e.g. DALI's, is read back
+        here). With overlap on its exchange starts now (counts; the ids and rows now too, or at ``advance``
+        when deferred: ``DEFER_ROWS``); with overlap off it runs at the lookup."""
+        on_host = isinstance(token_ids, np.ndarray) or token_ids.device.type == "cpu"
+        ids = host_ids(token_ids if on_host else token_ids.cpu())
         pending = self._start(ids) if self.overlap else None
         defer = self.DEFER_ROWS if self.DEFER_ROWS is not None else self.stream.active
         if pending is not None and not defer:
@@ -303,7 +306,14 @@ class ShardedTokenTable(nn.Module):
             dist.all_reduce(local, group=self.pipeline_group)
         return float(local)
 
+    def step(self, lr: float) -> None:
+        """The table optimizer's step (``ShardedTableOptimizer``: dense or sparse AdamW over the shard)."""
+        if self.optimizer is None:
+            raise RuntimeError("sharded token table: no optimizer to step (build a ShardedTableOptimizer over it)")
+        self.optimizer.step(lr=lr)
+
     def pop_stats(self) -> dict[str, float]:
+        """The exchange's counters since the previous call (``exchange/*`` metrics)."""
         out = self.stats.as_metrics()
         self.stats = ExchangeStats()
         return out
@@ -346,9 +356,14 @@ class ShardedTokenTable(nn.Module):
             prepend_axis_num=0,
         )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Megatron's GPTModel.sharded_state_dict calls this for its ``token_table`` child."""
+    def state(self, prefix: str = "") -> dict:
+        """The shard as this rank's block of the global [V, L_total, n_e, d] table in permuted row order
+        (``sharded_tensor``); the optimizer's moments are its own (``ShardedTableOptimizer.sharded_state_dict``)."""
         return {f"{prefix}shard": self.sharded_tensor(f"{prefix}shard", self.shard)}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's GPTModel.sharded_state_dict calls this for its ``token_table`` child: ``state``."""
+        return self.state(prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = f"{prefix}shard"

@@ -36,10 +36,11 @@ class TrainModule:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.transformer.module import Float16Module
 
-        from jtok_train.model.builder import build_transformer_config
+        from jtok_train.model.builder import build_transformer_config, token_table_of
         from jtok_train.parallel.parallelize import build_parallel_model_chunks
         from jtok_train.planning.formulas import flops_per_token, formula_params
         from jtok_train.tables.optimizer import ShardedTableOptimizer
+        from jtok_train.tables.rows import check_provider
         from jtok_train.training.optim import JointOptimizer, build_optimizer, build_scheduler
 
         self.cfg, self.device, self.num_micro, self.dp_size = cfg, device, num_micro, dp_size
@@ -69,18 +70,24 @@ class TrainModule:
                 param_init(chunk)
         self.optimizer = build_optimizer(cfg, self.chunks)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        # A table provider with its own optimizer (sharded tables) is stepped next to Megatron's.
+        # Every chunk's token-row provider (jtok_train.tables.rows.TokenRowProvider, checked: a provider missing
+        # a member fails here in one line); one with its own optimizer (sharded tables) gets it here.
         t, j = cfg.train, cfg.jtok
-        self.tables = [getattr(m, "token_table", None) for m in self.unwrapped_chunks]
+        self.tables = [token_table_of(m) for m in self.unwrapped_chunks]
+        for table in self.tables:
+            if table is not None:
+                check_provider(table)
         self.table_opts = [
             ShardedTableOptimizer(table, j.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, j.table_optimizer)
-            if getattr(table, "has_own_optimizer", False) else None
+            if table is not None and table.has_own_optimizer else None
             for table in self.tables
         ]
         self.table, self.table_opt = self.tables[0], self.table_opts[0]
         self.own_tables = [(tb, opt) for tb, opt in zip(self.tables, self.table_opts) if opt is not None]
+        # The joint optimizer calls every provider's step hooks (zero_grad ... step); a provider whose rows are
+        # model parameters has nothing to do in them (the replicated table's are no-ops).
         self.joint = JointOptimizer(
-            self.optimizer, [opt for _, opt in self.own_tables], t.clip_grad,
+            self.optimizer, [tb for tb in self.tables if tb is not None], t.clip_grad,
             table_lr=lambda: self.scheduler.get_lr({"max_lr": t.lr * j.lr_mult, "min_lr": t.min_lr * j.lr_mult}))
         if len(self.chunks) == 1:
             self.tconfig.no_sync_func = self.model.no_sync
@@ -105,26 +112,22 @@ class TrainModule:
         return out
 
     # -- the schedule --------------------------------------------------------------------------------
-    def _with_prefetch(self, batches: list[dict], table: Any = None) -> Iterator[dict]:
-        """Yield micro-batches; when micro-batch i is handed to the schedule, the table provider has
-        already been told about micro-batch i+1, so its row exchange runs while i computes."""
-        prefetch = getattr(table if table is not None else self.table, "prefetch", None)
-
-        def host(tokens):   # the exchange plans on the host ids (a device batch, e.g. DALI's, is read back)
-            return tokens if tokens.device.type == "cpu" else tokens.cpu()
-
-        if prefetch is not None and batches:
-            prefetch(host(batches[0]["tokens"]))
+    def _with_prefetch(self, batches: list[dict], table: Any) -> Iterator[dict]:
+        """Yield micro-batches; when micro-batch i is handed to the schedule, the table provider (None: a model
+        without JTok) has already been told about micro-batch i+1 (its host ids: a provider that exchanges rows
+        plans on them), so its row exchange runs while i computes."""
+        if table is not None and batches:
+            table.prefetch(batches[0]["tokens"])
         for i, batch in enumerate(batches):
-            if prefetch is not None and i + 1 < len(batches):
-                prefetch(host(batches[i + 1]["tokens"]))
+            if table is not None and i + 1 < len(batches):
+                table.prefetch(batches[i + 1]["tokens"])
             yield batch
 
     def feed(self, batches: list[dict]) -> "Iterator[dict] | list[Iterator[dict]]":
         """The schedule's data iterator: with interleaved stages every model chunk runs every micro-batch, in
         order, so each chunk gets its own iterator over the same batches, prefetching its own table's rows."""
         if len(self.chunks) == 1:
-            return self._with_prefetch(batches)
+            return self._with_prefetch(batches, self.table)
         return [self._with_prefetch(batches, table) for table in self.tables]
 
     def _forward_step(self, data_iterator, model):
@@ -223,7 +226,7 @@ class TrainModule:
             for i, v in enumerate(imb):
                 out[f"jtokm/load_imbalance_layer{i}"] = v
         out.update(self._effect_metrics())
-        stats = [pop() for tb in self.tables if (pop := getattr(tb, "pop_stats", None)) is not None]
+        stats = [st for tb in self.tables if tb is not None and (st := tb.pop_stats())]
         if stats:   # the exchange counters of every chunk's table, added
             merged = {k: sum(s[k] for s in stats) for k in stats[0]}
             if "exchange/unique_ratio" in merged:

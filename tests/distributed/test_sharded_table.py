@@ -341,15 +341,16 @@ def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[di
     for overrides, defer in runs:
         ShardedTokenTable.DEFER_ROWS = defer
         tr = Trainer(compose(overrides))
+        table = tr.module.tables[0]     # the provider, and the optimizer its step runs
         with DeviceReads() as reads:
             with reads.counting("canary"):      # the counter sees each kind of read it is meant to see
                 torch.ones(2).tolist(), torch.ones(1).item(), torch.nonzero(torch.ones(2)), torch.ones(2).cpu()
             for method in ("prefetch", "advance", "lookup", "finish_backward", "zero_grad", "scale_grad",
                            "grad_norm_sq", "touched_rows"):
-                reads.wrap(tr.table, method)
+                reads.wrap(table, method)
             for method in ("advance", "wait_rows", "send_grads", "accumulate_grads"):
                 reads.wrap(exchange.RowLookup, method, f"RowLookup.{method}")
-            reads.wrap(tr.table_opt, "step", "table_optimizer.step")
+            reads.wrap(table.optimizer, "step", "table_optimizer.step")
             # host_ids turns the host batch into numpy (a CPU tensor by contract: it refuses a device tensor)
             from jtok_train.tables import sharded as sharded_table
 
@@ -358,8 +359,8 @@ def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[di
             res = tr.fit()
         out.append({"counts": dict(reads.counts), "ops": dict(reads.ops), "steps": len(res.losses),
                     "calls": dict(reads.calls), "micro": tr.num_micro, "valid_micro": tr.num_valid_micro,
-                    "losses": res.losses, "table": tr.table.full_table().numpy().copy(),
-                    "deferred_sends": tr.table.deferred_sends})
+                    "losses": res.losses, "table": table.full_table().numpy().copy(),
+                    "deferred_sends": table.deferred_sends})
         ShardedTokenTable.DEFER_ROWS = None
     return out
 

@@ -14,7 +14,7 @@ def _table(rows=37, shape=(2, 3, 5), seed=0):
     g = torch.Generator().manual_seed(seed)
     shard = torch.randn(rows, *shape, generator=g)
     t = SimpleNamespace(shard=shard, shard_grad=torch.zeros_like(shard),
-                        touched=torch.zeros(rows, dtype=torch.bool), start_row=0, stop_row=rows)
+                        touched=torch.zeros(rows, dtype=torch.bool), start_row=0, stop_row=rows, num_hot=0)
     t.touched_rows = lambda: torch.nonzero(t.touched, as_tuple=False).flatten()
     return t
 
