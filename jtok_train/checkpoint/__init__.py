@@ -85,6 +85,7 @@ __all__ = [
 def save_checkpoint(trainer: Any, step: int, consumed_samples: int | None = None,
                     extra_meta: dict | None = None) -> Path:
     """Save the trainer's full state at ``step`` (collective). Returns the final checkpoint directory."""
+    # lazy: cost (megatron.core, 4-6 s: checkpoint/ is imported before Megatron, to check a checkpoint first)
     from megatron.core import dist_checkpointing
 
     cfg = trainer.cfg

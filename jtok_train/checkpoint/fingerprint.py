@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from jtok_train.config.schema import JTokConfig, ModelConfig
 from jtok_train.errors import CheckpointError
 
 __all__ = ["MODEL_SECTIONS", "NOT_MODEL_KEYS", "data_fingerprint", "config_differences", "check_compatible"]
@@ -63,8 +64,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _schema_defaults(sec: str) -> dict[str, Any]:
-    from jtok_train.config.schema import JTokConfig, ModelConfig
-
     node = {"model": ModelConfig, "jtok": JTokConfig}.get(sec)
     return _flat(OmegaConf.to_container(OmegaConf.structured(node)), f"{sec}.") if node else {}
 

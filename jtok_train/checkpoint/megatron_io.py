@@ -33,8 +33,9 @@ def save_strategy_class() -> type:
 
     The common (non-tensor) state is always in ``common.pt`` (rank 0), whichever megatron-core writes it:
     on 0.19 this strategy does (see ``jtok_train.compat.megatron.pop_common_state``)."""
+    # lazy: cost (torch.distributed.checkpoint, 0.5-1.5 s: not paid by importing checkpoint/)
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint import save as dcp_save  # lazy: cost (as above)
 
     class SyncTorchDistSave(megatron_compat.torch_dist_save_strategy_class()):
         def make_writer(self, checkpoint_dir: str | Path) -> Any:
@@ -108,8 +109,9 @@ def weights_only_objects() -> Iterator[None]:
 def load_sharded_state(state: dict, path: Path | str, into: str) -> tuple[dict, set, set]:
     """dist_checkpointing.load with safe unpickling; any failure becomes one CheckpointError line.
     Returns (loaded state, keys in the checkpoint not asked for, keys asked for but absent)."""
+    # lazy: cost (megatron.core, 4-6 s: checkpoint/ is imported before Megatron, to check a checkpoint first)
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.dist_checkpointing.validation import StrictHandling  # lazy: cost (as above)
 
     try:
         with weights_only_objects():

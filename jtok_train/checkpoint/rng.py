@@ -4,6 +4,9 @@ size continues every stream exactly."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 __all__ = ["rng_tensors", "set_rng", "rng_sharded"]
@@ -11,9 +14,7 @@ __all__ = ["rng_tensors", "set_rng", "rng_sharded"]
 
 def rng_tensors() -> dict[str, torch.Tensor]:
     """This rank's RNG states as 1-D tensors (name -> tensor; same names and lengths on every rank)."""
-    import random
-
-    import numpy as np
+    # lazy: cost (megatron.core, 4-6 s: checkpoint/ is imported before Megatron, to check a checkpoint first)
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     out = {"torch_cpu": torch.get_rng_state().clone()}
@@ -32,9 +33,7 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 
 def set_rng(states: dict[str, torch.Tensor]) -> None:
     """Restore this rank's RNG states from ``rng_tensors()``'s dict."""
-    import random
-
-    import numpy as np
+    # lazy: cost (megatron.core, 4-6 s: checkpoint/ is imported before Megatron, to check a checkpoint first)
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     torch.set_rng_state(states["torch_cpu"].to(torch.uint8))
@@ -53,6 +52,7 @@ def set_rng(states: dict[str, torch.Tensor]) -> None:
 
 def rng_sharded(rank: int, world: int, local: dict[str, torch.Tensor]) -> dict:
     """``local`` as ShardedTensors ``rng.<name>``: row ``rank`` of a [world, ...] tensor."""
+    # lazy: cost (megatron.core, 4-6 s: checkpoint/ is imported before Megatron, to check a checkpoint first)
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     return {

@@ -35,15 +35,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from tqdm import tqdm
 
 from jtok_train.data.counts import COUNTS_SUFFIX, counts_path, write_token_counts
 from jtok_train.data.corpus import DEFAULT_MAX_DOC_CHARS, CorpusError
@@ -213,9 +217,6 @@ def _start_workers(tok: Tokenizer, tok_path: Path, workers: int) -> Any:
     pool starts a process per submit that finds none idle: N overlapping warm-up tasks start all N)."""
     if workers == 1:
         return _InProcess(tok)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                initializer=_init_worker, initargs=(str(tok_path), None))
     for f in [pool.submit(_warm, 0.05) for _ in range(workers)]:
@@ -274,6 +275,7 @@ class _Part:
     """One part being written: Megatron's IndexedDatasetBuilder on temporary names."""
 
     def __init__(self, prefix: Path, dtype):
+        # lazy: cost (megatron.core, 4-6 s: jtok-data stats and blend import this module without it)
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = prefix
@@ -376,8 +378,6 @@ class _Progress:
         self.docs = 0
         self.last = 0.0
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="doc", unit_scale=True, dynamic_ncols=True,
                             file=sys.stderr, desc="tokenizing", mininterval=0.5, smoothing=0.05)
 
@@ -500,9 +500,12 @@ def build_dataset(
             f"{sum(p['tokens'] for p in writer.parts):,} tokens")
     log(f"tokenizing {len(files)} input file(s) with {workers} worker(s) into "
         + (f"shards of >= {shard_tokens:,} tokens" if sharded else f"{out / PREFIX_NAME}.bin/.idx"))
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (slow import: not
-    pool = _start_workers(tok, out / TOKENIZER_NAME, workers)                 # counted as encoding time, nor is
-    t_tok = time.perf_counter()                                               # the workers' start-up)
+    # imported here, before the clock starts: its slow import is not counted as encoding time, nor is the
+    # workers' start-up
+    # lazy: cost (megatron.core, 4-6 s: jtok-data stats and blend import this module without it)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
+    pool = _start_workers(tok, out / TOKENIZER_NAME, workers)
+    t_tok = time.perf_counter()
     cpu0 = _cpu_seconds()
     _encode(writer, iter_stream(files, text_field, max_doc_chars, writer.start), pool, workers, chunk_docs,
             _Progress(progress, count_records(files), writer.done_docs, 0))
@@ -651,8 +654,6 @@ def _manifest(fp: str, settings: Dict[str, Any], names: List[str], sharded: bool
 
 def _cpu_seconds() -> Tuple[float, float]:
     """(this process, its finished child processes) user + system CPU seconds."""
-    import resource
-
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from jtok_train.data.datasets import microbatch_indices, num_microbatches
+
 __all__ = ["dali_missing_reason", "DaliTrainLoader"]
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -51,8 +53,6 @@ class DaliTrainLoader:
         reason = dali_missing_reason()
         if reason is not None:
             raise RuntimeError(reason)
-        from jtok_train.data.datasets import num_microbatches
-
         self.ds = dataset
         self.m, self.G, self.rank, self.W = micro_batch_size, global_batch_size, dp_rank, dp_size
         self.num_micro = num_microbatches(global_batch_size, micro_batch_size, dp_size)
@@ -63,8 +63,6 @@ class DaliTrainLoader:
 
     # the index schedule: iteration it of the pipeline = micro-batch (it % n) of step start + it // n
     def indices(self, step: int, micro: int) -> np.ndarray:
-        from jtok_train.data.datasets import microbatch_indices
-
         return microbatch_indices(step, micro, self.rank, self.W, self.m, self.G, self.offset)
 
     def _source(self, start_step: int):
@@ -79,9 +77,9 @@ class DaliTrainLoader:
         return source
 
     def _build(self, start_step: int) -> None:
-        import nvidia.dali.fn as fn
-        import nvidia.dali.types as types
-        from nvidia.dali import pipeline_def
+        import nvidia.dali.fn as fn  # lazy: optional (nvidia-dali, the gpu extra)
+        import nvidia.dali.types as types  # lazy: optional (nvidia-dali)
+        from nvidia.dali import pipeline_def  # lazy: optional (nvidia-dali)
 
         on_gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
@@ -100,8 +98,8 @@ class DaliTrainLoader:
         self.next_step = start_step
 
     def _to_torch(self, tensor_list: Any) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        from nvidia.dali.plugin.pytorch import to_torch_type
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # lazy: optional (nvidia-dali)
+        from nvidia.dali.plugin.pytorch import to_torch_type  # lazy: optional (nvidia-dali)
 
         t = tensor_list.as_tensor()
         out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)

@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from jtok_train.data.indexed import check_token_range, read_sequence_lengths, validate_indexed
 
@@ -106,8 +107,6 @@ def ensure_process_group() -> Iterator[None]:
     If one is already initialised it is used as is; otherwise a private 1-rank gloo group is created
     (file:// store in a temp dir, so no port is taken) and destroyed on exit.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         yield
         return
@@ -156,8 +155,9 @@ def build_datasets(
     Raises:
         DataFileError for missing/truncated files or token ids beyond the tokenizer's vocabulary.
     """
+    # lazy: cost (megatron.core, 4-6 s: the config check imports this module, via data/dali.py, without it)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # lazy: cost (as above)
 
     prefixes, weights = parse_blend(paths_and_weights)
     infos = [validate_indexed(p) for p in prefixes]
@@ -206,6 +206,7 @@ def build_datasets(
 
 def _check_split_not_empty(prefixes: Sequence[str], split: str) -> None:
     """Every split that gets a share must get tokens from every prefix (Megatron loops forever otherwise)."""
+    # lazy: cost (megatron.core, 4-6 s: the config check imports this module, via data/dali.py, without it)
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,

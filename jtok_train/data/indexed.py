@@ -81,7 +81,8 @@ def write_indexed_dataset(
     under temporary names and renamed at the end, so an interrupted build never leaves a valid-looking pair.
     Returns the :class:`IndexInfo` of the result.
     """
-    import torch
+    import torch  # lazy: cost (torch, 2-5 s: jtok-train and jtok-plan import this module at start-up)
+    # lazy: cost (megatron.core, 4-6 s: jtok-train and jtok-plan import this module at start-up)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -155,6 +156,7 @@ def validate_indexed(prefix: PathLike) -> IndexInfo:
 
 def open_indexed(prefix: PathLike, mmap: bool = True):
     """Validate, then open ``prefix`` as a Megatron ``IndexedDataset``."""
+    # lazy: cost (megatron.core, 4-6 s: jtok-train and jtok-plan import this module at start-up)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     info = validate_indexed(prefix)

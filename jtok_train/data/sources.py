@@ -35,6 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
 from jtok_train.data.corpus import (
     DEFAULT_MAX_DOC_CHARS,
     PYTHON_DOCS_PATTERN,
@@ -233,8 +237,6 @@ def _open_text(f: InputFile) -> io.TextIOBase:
     if low.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(f.path, "rb"), encoding="utf-8")
     if low.endswith(".zst"):
-        import zstandard
-
         return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(f.path, "rb"), closefd=True),
                                 encoding="utf-8")
     return open(f.path, "r", encoding="utf-8")
@@ -287,8 +289,6 @@ def _batches_records(f: InputFile, batches, field: str, start: int) -> Iterator[
 
 
 def _parquet_batches(f: InputFile, field: str, start: int):
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(f.path)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a corrupt or truncated file
@@ -312,8 +312,6 @@ def _parquet_batches(f: InputFile, field: str, start: int):
 
 
 def _arrow_batches(f: InputFile, field: str):
-    import pyarrow as pa
-
     try:
         src = pa.OSFile(f.path, "rb")
         reader = pa.ipc.open_stream(src)
@@ -364,8 +362,6 @@ def count_records(files: Sequence[InputFile]) -> Optional[int]:
     """Total records when every file states it cheaply (parquet metadata), else None (for the progress bar)."""
     if not files or any(f.kind != "parquet" for f in files):
         return None
-    import pyarrow.parquet as pq
-
     try:
         return sum(pq.ParquetFile(f.path).metadata.num_rows for f in files)
     except Exception:

@@ -21,6 +21,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 __all__ = ["EOD_TOKEN", "EOD_CANDIDATES", "Tokenizer", "train_tokenizer", "load_tokenizer", "padded_vocab_size",
            "find_eod_token"]
 
@@ -144,9 +147,6 @@ def train_tokenizer(
     (the result can be smaller on a tiny corpus). No normaliser, no prefix space: decode(encode(s)) == s for
     any string. Deterministic for a given input order.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size must be at least 258 (256 bytes + EOD + 1 merge), got {vocab_size}")
     tok = HFTokenizer(models.BPE())
@@ -180,8 +180,6 @@ def load_tokenizer(path: Union[str, os.PathLike], eod_token: Optional[str] = Non
     """Load a tokenizer.json: one :func:`train_tokenizer` wrote, or any Hugging Face ``tokenizers`` file (a
     directory holding one is accepted). The end-of-document token is ``eod_token``, else the ``eos_token`` of a
     tokenizer_config.json next to the file, else the first of :data:`EOD_CANDIDATES` it holds."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
