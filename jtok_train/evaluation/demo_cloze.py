@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jtok_train.data.tokenizer import load_tokenizer
+
 __all__ = ["held_out_documents", "build_items", "write_items"]
 
 _WORD = re.compile(r"[A-Za-z]")
@@ -29,13 +31,12 @@ _WORD = re.compile(r"[A-Za-z]")
 
 def held_out_documents(prefix: str, tokenizer_path: str, split: str = "98,2,0") -> list[str]:
     """Texts of the documents Megatron's split gives to validation (document-level split, as GPTDataset)."""
+    # lazy: cost (megatron.core, 4-6 s: the script's --help and build_items go without it)
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from jtok_train.data.tokenizer import load_tokenizer
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # lazy: cost (megatron.core, as above)
 
     tok = load_tokenizer(tokenizer_path)
     ds = IndexedDataset(prefix)

@@ -16,6 +16,10 @@ import os
 import sys
 from typing import Any
 
+from lm_eval.__main__ import cli_evaluate
+
+from jtok_train.evaluation import TASKS_DIR  # importing the package registers --model jtok
+
 __all__ = ["main", "resolve_tasks", "TaskError"]
 
 
@@ -28,15 +32,13 @@ def _task_manager(paths: tuple[str, ...], with_stock: bool) -> Any:
     """lm-eval's TaskManager over ``paths``, and over the tasks lm-eval ships when ``with_stock`` (indexing its
     ~15,000 task YAML files takes 9-18 s on a 2-core machine, in every process that evaluates: built once per
     process and paths, and only when a task asked for is not in ``paths``)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: cost (lm_eval.tasks, 0.7-2 s: jtok-lm-eval --help goes without it)
 
     return TaskManager(include_path=list(paths), include_defaults=with_stock)
 
 
 def resolve_tasks(names: list[str], include_path: str = "") -> Any:
     """lm-eval's TaskManager with jtok-train's tasks; an unknown name raises TaskError (with a suggestion)."""
-    from jtok_train.evaluation import TASKS_DIR
-
     paths = [str(TASKS_DIR)] + [p for p in include_path.split(",") if p]
     for p in paths[1:]:
         if not os.path.isdir(p):
@@ -55,8 +57,6 @@ def resolve_tasks(names: list[str], include_path: str = "") -> Any:
 
 
 def _with_tasks_dir(argv: list[str]) -> list[str]:
-    from jtok_train.evaluation import TASKS_DIR
-
     out = list(argv)
     if any(a == "--include_path" or a.startswith("--include_path=") for a in out):
         return out   # lm-eval takes one directory: the user's own (point it at a copy holding demo_cloze too)
@@ -66,9 +66,6 @@ def _with_tasks_dir(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import jtok_train.evaluation  # noqa: F401  (registers --model jtok)
-    from lm_eval.__main__ import cli_evaluate
-
     sys.argv = [sys.argv[0]] + _with_tasks_dir(list(sys.argv[1:] if argv is None else argv))
     cli_evaluate()
     return 0

@@ -14,11 +14,18 @@ loop of ``jtok-eval``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lm_eval.evaluator import evaluate
+from lm_eval.tasks import get_task_dict
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+from jtok_train.config import ConfigError
+from jtok_train.evaluation.harness import TaskError, resolve_tasks
 from jtok_train.evaluation.lm import TokenScoringLM
 
 __all__ = ["DataParallelLM", "DownstreamEvaluator"]
@@ -63,12 +70,6 @@ class DownstreamEvaluator:
     """Built once per run (the tasks' data loaded once, on every rank); called with the step to evaluate."""
 
     def __init__(self, cfg: Any, model: Any, tokenizer: Any, device: torch.device):
-        from lm_eval.tasks import get_task_dict
-        from megatron.core import parallel_state as ps
-
-        from jtok_train.evaluation.harness import TaskError, resolve_tasks
-        from jtok_train.config import ConfigError
-
         ev = cfg.eval
         self.tasks = [str(t) for t in ev.tasks]
         self.interval = int(ev.interval)
@@ -106,10 +107,6 @@ class DownstreamEvaluator:
 
     def __call__(self) -> dict[str, float]:
         """Evaluate every task now (collective); the metrics on every rank."""
-        import logging
-
-        from lm_eval.evaluator import evaluate
-
         self.model.eval()
         quiet = logging.getLogger("lm-eval"), logging.getLogger("lm_eval")
         levels = [q.level for q in quiet]
@@ -123,8 +120,6 @@ class DownstreamEvaluator:
             for q, lv in zip(quiet, levels):
                 q.setLevel(lv)
             self.model.train()
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
         clear_aux_losses_tracker()      # the eval forwards' JTok-M aux losses must not reach the next step's log
         metrics: dict[str, float] = {}
         if res is not None:

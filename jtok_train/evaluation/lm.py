@@ -14,6 +14,7 @@ Importing ``jtok_train.evaluation`` registers the model; lm-eval 0.4 discovers m
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -22,7 +23,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
+from jtok_train.data.tokenizer import load_tokenizer
+from jtok_train.errors import CheckpointError
 from jtok_train.evaluation.scoring import LogitsFn, ScoreRequest, rolling_windows, score_requests
+from jtok_train.inference import SamplingParams, generate, load_for_inference
 
 __all__ = ["TokenScoringLM", "JTokLM", "EvalInputError", "check_tokenizer"]
 
@@ -151,8 +155,6 @@ class TokenScoringLM(TemplateLM):
 def check_tokenizer(tokenizer: Any, cfg: Any, given: bool) -> None:
     """A tokenizer that cannot be the model's: more ids than the model has, or (when one is passed) another file
     than the checkpoint's own data.tokenizer."""
-    from jtok_train.data.tokenizer import load_tokenizer
-
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise EvalInputError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more than the model's "
                              f"model.vocab_size={cfg.model.vocab_size}: pass the tokenizer the model was trained with")
@@ -192,15 +194,9 @@ class JTokLM(TokenScoringLM):
             raise EvalInputError(f"device={device} is invalid: use cpu, cuda or leave it out")
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI passes --device cuda:0 unless told otherwise: run where the model can
-            import warnings
-
             warnings.warn(f"device={device} but no GPU is visible: evaluating on the CPU")
             device = "cpu"
         verify = str(verify).lower() not in ("false", "0", "no")
-        from jtok_train.data.tokenizer import load_tokenizer
-        from jtok_train.inference import SamplingParams, generate, load_for_inference
-        from jtok_train.errors import CheckpointError
-
         loaded = load_for_inference(checkpoint, tables=tables, device=device, verify_checksums=verify)
         tok_path = tokenizer or str(loaded.cfg.data.tokenizer)
         if not os.path.isfile(tok_path):

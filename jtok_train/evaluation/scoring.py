@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 
 __all__ = ["LogitsFn", "ScoreRequest", "score_requests", "rolling_windows", "pad_batch"]
@@ -91,8 +92,6 @@ def score_requests(
 def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list[ScoreRequest]:
     """lm-eval's disjoint rolling windows over a document: every token scored once, the first one after
     ``prefix_id`` (end-of-document), each window with as much left context as fits in ``max_length``."""
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
     windows: Iterable = get_rolling_token_windows(token_list=list(ids), prefix_token=prefix_id,
                                                   max_seq_len=max_length, context_len=1)
     return [ScoreRequest(tuple(c), tuple(t)) for c, t in map(make_disjoint_window, windows)]
