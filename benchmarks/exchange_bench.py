@@ -102,11 +102,11 @@ def _measure(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for config, variant, overrides in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         cpu = _count_cpu_time(tr.module)
         res = tr.fit()
         rows = [json.loads(l) for l in (Path(tr.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -32,18 +32,18 @@ def _run(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for config, variant, overrides in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         history: list[dict] = []      # per step: the exchange counters of every model chunk's table, added
         pending: list[dict] = []
-        for table, _ in tr.own_tables:
+        for table, _ in tr.module.own_tables:
             def logged(pop=table.pop_stats):
                 stats = pop()
                 pending.append(stats)
-                if len(pending) == len(tr.own_tables):
+                if len(pending) == len(tr.module.own_tables):
                     history.append({k: sum(p[k] for p in pending) for k in pending[0]})
                     pending.clear()
                 return stats
@@ -54,7 +54,7 @@ def _run(runs: list[tuple[str, str, list[str]]]) -> list[dict]:
         out.append({"config": config, "variant": variant, "step_time_s": steps,
                     "rows_requested": statistics.median(h["exchange/rows_requested"] for h in history),
                     "bytes_sent": statistics.median(h["exchange/bytes_sent"] for h in history),
-                    "row_layers": tr.table.num_layers})   # a chunk's (all chunks hold as many)
+                    "row_layers": tr.module.table.num_layers})   # a chunk's (all chunks hold as many)
         dist.barrier()
     return out
 

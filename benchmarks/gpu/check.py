@@ -63,11 +63,11 @@ import sys, json
 import numpy as np
 from jtok_train.config import compose
 from jtok_train.testing.state import global_state
-from jtok_train.training.trainer import Trainer
+from jtok_train.training.trainer import build_trainer
 args, run, overlap = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 import os
 os.makedirs(run, exist_ok=True)
-tr = Trainer(compose(args + [f"parallel.overlap={overlap}", f"train.run_dir={run}/overlap_{overlap}"]))
+tr = build_trainer(compose(args + [f"parallel.overlap={overlap}", f"train.run_dir={run}/overlap_{overlap}"]))
 res = tr.fit()
 np.savez(f"{run}/overlap_{overlap}.npz", **global_state(tr))
 print(json.dumps({"exchange_wait_s_last_step": res.final_metrics.get("exchange/wait_s")}))

@@ -285,7 +285,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from jtok_train.planning.formulas import flops_per_token, formula_params
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     torch.set_num_threads(1)
     run_dir = Path(spec["run_dir"])
@@ -294,7 +294,7 @@ def run_one(spec: dict) -> dict:
     run_dir.mkdir(parents=True)
     cfg = _compose(spec["overrides"])
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.valid_ds = _fixed_valid(trainer)
     res = trainer.fit()
     wall = time.perf_counter() - t0

@@ -80,7 +80,7 @@ class PeakRSS:
 
 def _row_bytes(trainer) -> int:
     """Bytes of one token's rows over all layers and row sets (what one id fetches)."""
-    table = trainer.table
+    table = trainer.module.table
     if table is None:
         return 0
     cfg = trainer.cfg
@@ -108,20 +108,20 @@ def _measure(runs: list[tuple[str, list[str]]]) -> list[dict]:
     import torch.distributed as dist
 
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for variant, overrides in runs:
         gc.collect()
         dist.barrier()
         if variant.startswith("profile:"):
-            tr = Trainer(compose(overrides))
+            tr = build_trainer(compose(overrides))
             out.append({"variant": variant, "ops": _profiled_fit(tr), "steps": tr.cfg.train.train_iters})
             del tr
             dist.barrier()
             continue
         with PeakRSS() as mem:
-            tr = Trainer(compose(overrides))
+            tr = build_trainer(compose(overrides))
             tr.fit()
         rows = [json.loads(l) for l in (Path(tr.run_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "step_time_s" in r][2:]

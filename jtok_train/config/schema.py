@@ -287,6 +287,10 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     ("Peak TFLOP/s of one device, the MFU's denominator (e.g. 989 for an H100 in bf16); null: a known GPU's "
      "datasheet bf16 peak (H100, H200, A100, B200), and no MFU on CPU or on another GPU.")
+    callbacks: list[str] = field(default_factory=list)
+    ("Callbacks of your own, after the built-in ones (metrics, validation, downstream evaluation, checkpoints, "
+     "preemption, the non-finite policy: each on by its own settings): 'package.module:name', called with the run "
+     "config and returning a jtok_train.training.callbacks.Callback (a Callback subclass taking cfg works).")
 
 
 @dataclass
@@ -562,6 +566,9 @@ def _validate_train(cfg: Any) -> None:
           t.ckpt_optim_format, "dp_reshardable or fully_reshardable")
     _need(t.keep_last >= 0, "train.keep_last", t.keep_last, "must be >= 0 (0 keeps all)")
     _need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0 (0: only at the end)")
+    for c in t.callbacks:
+        _need(isinstance(c, str) and c.count(":") == 1 and all(c.split(":")), "train.callbacks", list(t.callbacks),
+              f"{c!r} is not 'package.module:name' (a callable taking the run config, returning a Callback)")
 
 
 def _validate_eval(ev: Any, p: Any) -> None:

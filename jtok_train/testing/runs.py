@@ -11,9 +11,9 @@ __all__ = ["logged_losses", "checkpoint_state", "assert_same_run", "train_run"]
 
 def _fit(overrides: list[str]) -> None:
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    Trainer(compose(overrides)).fit()
+    build_trainer(compose(overrides)).fit()
 
 
 def train_run(overrides: list[str], world_size: int = 1, timeout: float = 600) -> None:

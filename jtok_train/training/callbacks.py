@@ -150,7 +150,7 @@ class NonFinitePolicy(Callback):
                                  f"{path}; lower train.lr, check the data, or set train.nan_policy=skip")
 
 
-def default_callbacks(trainer: Any, last_saved: int | None, downstream: Any = None) -> list[Callback]:
+def default_callbacks(last_saved: int | None, downstream: Any = None) -> list[Callback]:
     """The callbacks of a training run, in the order they act."""
     checkpoints = CheckpointCallback(last_saved)
     out: list[Callback] = [NonFinitePolicy(checkpoints), MetricsCallback(), ValidationCallback()]

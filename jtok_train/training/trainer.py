@@ -10,20 +10,44 @@ k*G + i*m*W + r*m (``jtok_train.data.datasets.microbatch_indices``).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from jtok_train.checkpoint import (
+    checkpoint_dir,
+    data_fingerprint,
+    load_checkpoint,
+    read_meta,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from jtok_train.compat import device as compute_device
 from jtok_train.compat import init_distributed, init_model_parallel
+from jtok_train.compat.megatron import clear_aux_losses, versions, warn_if_untested
+from jtok_train.config import ConfigError, RunConfig, validate
+from jtok_train.data.datasets import build_datasets, get_microbatch, microbatch_indices, num_microbatches
+from jtok_train.data.indexed import DataFileError
+from jtok_train.data.tokenizer import Tokenizer, load_tokenizer
+from jtok_train.model.builder import virtual_stages
+from jtok_train.training.callbacks import Callback, default_callbacks
+from jtok_train.training.metrics import MetricsLogger, StepTimer, mfu_peak_tflops
+from jtok_train.training.signals import PreemptionFlag
+from jtok_train.training.train_module import TrainModule
 
-__all__ = ["Trainer", "TrainResult", "train"]
+__all__ = ["Trainer", "TrainResult", "ProcessSetup", "ResumePoint", "build_trainer", "setup_process",
+           "find_resume", "build_data", "build_callbacks", "train"]
 
 
 @dataclass
@@ -49,7 +73,7 @@ def _ranges(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
 
 
-def _set_threads(cfg: Any) -> int:
+def _set_threads(cfg: RunConfig) -> int:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local))
     if not torch.cuda.is_available():
@@ -57,93 +81,157 @@ def _set_threads(cfg: Any) -> int:
     return threads
 
 
+@dataclass
+class ProcessSetup:
+    """This process's place in the run: torch.distributed and Megatron's parallel state are set up."""
+
+    rank: int
+    world: int
+    threads: int
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+    num_micro: int          # micro-batches of one optimizer step on this rank
+    num_valid_micro: int    # micro-batches of one validation pass on this rank
+
+
+def setup_process(cfg: RunConfig, tokenizer: Tokenizer) -> ProcessSetup:
+    """torch.distributed (threads per rank, the backend), the config validated against the world size and the
+    tokenizer, then Megatron's parallel state (TP, PP with virtual stages, EP, the seeds)."""
+    p, t = cfg.parallel, cfg.train
+    threads = _set_threads(cfg)
+    init_distributed(p.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())    # which node each rank runs on, for the log
+    if rank == 0:
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+        print(f"ranks: {world} on {len(set(hosts))} host(s): " + "; ".join(
+            f"{h} {_ranges([r for r, x in enumerate(hosts) if x == h])}" for h in dict.fromkeys(hosts)), flush=True)
+        warn_if_untested()
+    validate(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
+    vpp = virtual_stages(cfg)
+    init_model_parallel(
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        ep=p.expert_model_parallel_size,
+        etp=p.expert_tensor_parallel_size,
+        seed=t.seed,
+        **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}),
+    )
+    dp_size = ps.get_data_parallel_world_size()
+    # Megatron's aux-loss tracker is process-global and sized by the first model's layer count.
+    clear_aux_losses(reset=True)
+    return ProcessSetup(rank=rank, world=world, threads=threads, device=compute_device(),
+                        dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size,
+                        num_micro=num_microbatches(t.global_batch_size, t.micro_batch_size, dp_size),
+                        num_valid_micro=num_microbatches(t.eval_samples, t.micro_batch_size, dp_size))
+
+
+@dataclass
+class ResumePoint:
+    """Where the run starts: the checkpoint to resume from (train.resume_from, else the run's latest with
+    train.auto_resume) and its metadata, read before the datasets are sized; ``data_offset``: the batch of step
+    k is dataset samples [data_offset + k*G, data_offset + (k+1)*G), so a resume at another global batch size
+    continues from the checkpoint's consumed samples."""
+
+    path: Path | None
+    meta: dict | None
+    data_offset: int
+    data_fingerprint: str
+
+
+def find_resume(cfg: RunConfig, setup: ProcessSetup, tokenizer: Tokenizer) -> ResumePoint:
+    t = cfg.train
+    random.seed(t.seed)            # Python's and numpy's global RNGs too: every checkpointed state is a
+    np.random.seed(t.seed)         # function of the seed and the step
+    path = resolve_resume_path(cfg)
+    if setup.rank == 0:    # a restart clears the previous preemption's requeue marker
+        (Path(t.run_dir) / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
+    meta = read_meta(path) if path is not None else None
+    offset = int(meta["consumed_samples"]) - int(meta["step"]) * t.global_batch_size if meta is not None else 0
+    return ResumePoint(path, meta, offset, data_fingerprint(cfg, tokenizer.sha256))
+
+
+def build_data(cfg: RunConfig, tokenizer: Tokenizer, resume: ResumePoint) -> tuple[Any, Any]:
+    """The training and validation datasets (Megatron's GPTDataset over the blend of data.prefixes), sized for
+    the rest of the run."""
+    t = cfg.train
+    prefixes = list(cfg.data.prefixes)
+    if not prefixes:
+        raise ConfigError("data.prefixes is empty: build a dataset with `jtok-data build` and list its prefix")
+    weights = list(cfg.data.weights) if cfg.data.weights is not None else None
+    blend = list(zip(prefixes, weights)) if weights is not None else prefixes
+    return build_datasets(blend, tokenizer, seq_length=cfg.model.seq_length, seed=t.seed,
+                          train_samples=resume.data_offset + t.train_iters * t.global_batch_size,
+                          valid_samples=t.eval_samples, split=cfg.data.split, cache_dir=cfg.data.cache_dir)
+
+
+def build_callbacks(cfg: RunConfig, module: TrainModule, tokenizer: Tokenizer, setup: ProcessSetup,
+                    resume: ResumePoint) -> list[Callback]:
+    """The built-in callbacks, each on by its own settings (downstream evaluation with eval.tasks), then
+    train.callbacks ('package.module:name', called with the config)."""
+    downstream = None
+    if cfg.get("eval") and cfg.eval.tasks:   # lm-eval tasks (jtok_train/evaluation/in_loop.py)
+        from jtok_train.evaluation.in_loop import DownstreamEvaluator   # lazy: cost (lm_eval, seconds)
+
+        downstream = DownstreamEvaluator(cfg, module.model, tokenizer, setup.device)
+    last_saved = int(resume.meta["step"]) if resume.meta is not None else None
+    return default_callbacks(last_saved, downstream) + [_own_callback(cfg, c) for c in cfg.train.callbacks]
+
+
+def _own_callback(cfg: RunConfig, spec: str) -> Callback:
+    mod, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"train.callbacks: {spec!r} cannot be imported ({type(e).__name__}: {e}); give "
+                          "'package.module:name' of an importable callable") from None
+    cb = factory(cfg)
+    if not isinstance(cb, Callback):
+        raise ConfigError(f"train.callbacks: {spec!r} returned {type(cb).__name__}, not a "
+                          "jtok_train.training.callbacks.Callback")
+    return cb
+
+
+def build_trainer(cfg: RunConfig, param_init: Any = None) -> "Trainer":
+    """Every part of a run, built in order (the tokenizer, this process's setup, the resume point, the data,
+    the train module with its model and optimizers, the callbacks), handed to a Trainer. ``param_init``:
+    optional callable(model) applied after wrapping, before the optimizer is built (tests use it to give
+    every parallel layout the same weights)."""
+    preemption = PreemptionFlag()     # first: a SIGTERM while the run is being built still saves and requeues
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    setup = setup_process(cfg, tokenizer)
+    resume = find_resume(cfg, setup, tokenizer)
+    train_ds, valid_ds = build_data(cfg, tokenizer, resume)
+    module = TrainModule(cfg, setup.device, setup.num_micro, setup.dp_size, param_init)
+    callbacks = build_callbacks(cfg, module, tokenizer, setup, resume)
+    return Trainer(cfg, setup=setup, tokenizer=tokenizer, resume=resume, train_ds=train_ds, valid_ds=valid_ds,
+                   module=module, callbacks=callbacks, preemption=preemption)
+
+
 class Trainer:
-    """``param_init``: optional callable(model) applied after wrapping, before the optimizer is built
-    (tests use it to give every parallel layout the same weights)."""
+    """The loop over a run's parts, built outside (``build_trainer`` assembles them from a config): it loads
+    the resume point's checkpoint into the module, then ``fit`` runs the steps and the callbacks."""
 
-    def __init__(self, cfg: Any, param_init: Any = None):
-        from megatron.core import parallel_state as ps
-
-        from jtok_train.config import validate
-        from jtok_train.data.tokenizer import load_tokenizer
-
-        self.cfg = cfg
-        self.param_init = param_init
-        p, t = cfg.parallel, cfg.train
-        self.threads = _set_threads(cfg)
-        init_distributed(p.backend)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        hosts = [None] * self.world
-        dist.all_gather_object(hosts, socket.gethostname())    # which node each rank runs on, for the log
-        if self.rank == 0:
-            from jtok_train.compat.megatron import versions, warn_if_untested
-
-            print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
-            print(f"ranks: {self.world} on {len(set(hosts))} host(s): " + "; ".join(
-                f"{h} {_ranges([r for r, x in enumerate(hosts) if x == h])}" for h in dict.fromkeys(hosts)), flush=True)
-            warn_if_untested()
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        validate(cfg, world_size=self.world, tokenizer_vocab=self.tokenizer.vocab_size)
-        from jtok_train.model.builder import virtual_stages
-
-        vpp = virtual_stages(cfg)
-        init_model_parallel(
-            tp=p.tensor_model_parallel_size,
-            pp=p.pipeline_model_parallel_size,
-            ep=p.expert_model_parallel_size,
-            etp=p.expert_tensor_parallel_size,
-            seed=t.seed,
-            **({"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}),
-        )
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp_size = ps.get_data_parallel_world_size()
-        from jtok_train.data.datasets import num_microbatches
-
-        self.num_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
-        self.num_valid_micro = num_microbatches(t.eval_samples, t.micro_batch_size, self.dp_size)
-        self.device = compute_device()
-        from jtok_train.compat.megatron import clear_aux_losses
-
-        # Megatron's aux-loss tracker is process-global and sized by the first model's layer count.
-        clear_aux_losses(reset=True)
-        self.run_dir = Path(t.run_dir)
-        self._prepare_resume()
-        self._build_data()
-        self._build_model()
+    def __init__(self, cfg: RunConfig, *, setup: ProcessSetup, tokenizer: Tokenizer, resume: ResumePoint,
+                 train_ds: Any, valid_ds: Any, module: TrainModule, callbacks: list[Callback],
+                 preemption: PreemptionFlag | None = None):
+        self.cfg, self.setup, self.tokenizer, self.module, self.callbacks = cfg, setup, tokenizer, module, callbacks
+        self.rank, self.world, self.threads, self.device = setup.rank, setup.world, setup.threads, setup.device
+        self.dp_rank, self.dp_size = setup.dp_rank, setup.dp_size
+        self.num_micro, self.num_valid_micro = setup.num_micro, setup.num_valid_micro
+        self.train_ds, self.valid_ds = train_ds, valid_ds
+        self.run_dir = Path(cfg.train.run_dir)
+        self.preemption = preemption if preemption is not None else PreemptionFlag()
+        self.resume_path, self.resume_meta = resume.path, resume.meta
+        self.data_offset, self.data_fingerprint = resume.data_offset, resume.data_fingerprint
+        self.start_step, self.skipped_steps, self.wandb_run_id = 0, 0, None
         if self.resume_path is not None:
             self._load(self.resume_path)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def _prepare_resume(self) -> None:
-        """Find the checkpoint to resume from (train.resume_from, else the run's latest with
-        train.auto_resume) and read its data position before the datasets are sized."""
-        from jtok_train.checkpoint import data_fingerprint, read_meta, resolve_resume_path
-        from jtok_train.training.signals import PreemptionFlag
-
-        t = self.cfg.train
-        self.preemption = PreemptionFlag()
-        import random
-
-        import numpy as np
-
-        random.seed(t.seed)            # Python's and numpy's global RNGs too: every checkpointed state is a
-        np.random.seed(t.seed)         # function of the seed and the step
-        self.data_fingerprint = data_fingerprint(self.cfg, self.tokenizer.sha256)
-        self.start_step, self.skipped_steps, self.wandb_run_id = 0, 0, None
-        # batch of step k = dataset samples [data_offset + k*G, data_offset + (k+1)*G): a resume at another
-        # global batch size continues from the checkpoint's consumed samples
-        self.data_offset = 0
-        self.resume_path = resolve_resume_path(self.cfg)
-        if self.rank == 0:    # a restart clears the previous preemption's requeue marker
-            (self.run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
-        self.resume_meta = read_meta(self.resume_path) if self.resume_path is not None else None
-        if self.resume_meta is not None:
-            m = self.resume_meta
-            self.data_offset = int(m["consumed_samples"]) - int(m["step"]) * t.global_batch_size
-
     def _load(self, path: Path) -> None:
-        from jtok_train.checkpoint import load_checkpoint
-
         meta = load_checkpoint(self, path)
         self.start_step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
@@ -158,34 +246,6 @@ class Trainer:
         """Stateful parts outside the model and Megatron's optimizer (the train module's)."""
         return self.module.checkpoint_components()
 
-    # -- setup ---------------------------------------------------------------------------------------
-    def _build_data(self) -> None:
-        from jtok_train.data.datasets import build_datasets
-
-        cfg, t = self.cfg, self.cfg.train
-        prefixes = list(cfg.data.prefixes)
-        if not prefixes:
-            from jtok_train.config import ConfigError
-
-            raise ConfigError("data.prefixes is empty: build a dataset with `jtok-data build` and list its prefix")
-        weights = list(cfg.data.weights) if cfg.data.weights is not None else None
-        blend = list(zip(prefixes, weights)) if weights is not None else prefixes
-        self.train_ds, self.valid_ds = build_datasets(
-            blend,
-            self.tokenizer,
-            seq_length=cfg.model.seq_length,
-            seed=t.seed,
-            train_samples=self.data_offset + t.train_iters * t.global_batch_size,
-            valid_samples=t.eval_samples,
-            split=cfg.data.split,
-            cache_dir=cfg.data.cache_dir,
-        )
-
-    def _build_model(self) -> None:
-        from jtok_train.training.train_module import TrainModule
-
-        self.module = TrainModule(self.cfg, self.device, self.num_micro, self.dp_size, self.param_init)
-
     # what checkpoints, tests and tools read of the model and its optimizers (the train module's)
     model = property(lambda self: self.module.model)
     unwrapped = property(lambda self: self.module.unwrapped)
@@ -194,17 +254,10 @@ class Trainer:
     optimizer = property(lambda self: self.module.optimizer)
     scheduler = property(lambda self: self.module.scheduler)
     tconfig = property(lambda self: self.module.tconfig)
-    table = property(lambda self: self.module.table)
-    table_opt = property(lambda self: self.module.table_opt)
-    tables = property(lambda self: self.module.tables)
-    table_opts = property(lambda self: self.module.table_opts)
-    own_tables = property(lambda self: self.module.own_tables)
 
     # -- batches -------------------------------------------------------------------------------------
     def _train_batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of optimizer step ``step``, checked against the vocabulary."""
-        from jtok_train.data.datasets import get_microbatch, microbatch_indices
-
         t = self.cfg.train
         if self.cfg.data.loader == "dali":  # the same samples in the same order, through a DALI pipeline
             return [self._check_ids(b) for b in self._dali_loader(step).batches(step)]
@@ -217,7 +270,7 @@ class Trainer:
 
     def _dali_loader(self, step: int):
         if getattr(self, "_dali", None) is None:
-            from jtok_train.data.dali import DaliTrainLoader
+            from jtok_train.data.dali import DaliTrainLoader   # lazy: optional (nvidia-dali)
 
             t = self.cfg.train
             self._dali = DaliTrainLoader(self.train_ds, micro_batch_size=t.micro_batch_size,
@@ -235,8 +288,6 @@ class Trainer:
         flag = torch.tensor([1.0 if bad.numel() else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            from jtok_train.data.indexed import DataFileError
-
             where = f"token id {int(bad[0])}" if bad.numel() else "a token id (on another rank)"
             raise DataFileError(f"{where} outside the vocabulary [0, {vocab}) in the training data "
                                 f"{list(self.cfg.data.prefixes)}: rebuild the data with this tokenizer or set "
@@ -245,8 +296,6 @@ class Trainer:
 
     def _valid_batches(self) -> Iterator[dict]:
         """The first eval_samples validation sequences, split over ranks like a training batch."""
-        from jtok_train.data.datasets import get_microbatch, microbatch_indices
-
         t = self.cfg.train
         for k in range(self.num_valid_micro):
             idx = microbatch_indices(0, k, self.dp_rank, self.dp_size, t.micro_batch_size, t.eval_samples)
@@ -259,11 +308,6 @@ class Trainer:
         return self.module.evaluate(list(self._valid_batches()))
 
     def fit(self) -> TrainResult:
-        import inspect
-
-        from jtok_train.training.callbacks import default_callbacks
-        from jtok_train.training.metrics import MetricsLogger, StepTimer, mfu_peak_tflops
-
         cfg, t = self.cfg, self.cfg.train
         G = t.global_batch_size
         result = TrainResult()
@@ -276,13 +320,7 @@ class Trainer:
         dist.all_gather_object(ids, getattr(self.logger, "run_id", None) or self.wandb_run_id)
         self.wandb_run_id = ids[0]
         peak = mfu_peak_tflops(t.peak_tflops)     # None: no MFU (CPU, or a GPU of unknown peak)
-        downstream = None
-        if cfg.get("eval") and cfg.eval.tasks:   # lm-eval tasks (jtok_train/evaluation/in_loop.py)
-            from jtok_train.evaluation.in_loop import DownstreamEvaluator
-
-            downstream = DownstreamEvaluator(cfg, self.model, self.tokenizer, self.device)
-        callbacks = default_callbacks(self, last_saved=start if self.resume_path is not None else None,
-                                      downstream=downstream)
+        callbacks = self.callbacks
         tokens_per_step = G * cfg.model.seq_length
         self.module.train()
         timer = StepTimer()
@@ -331,19 +369,15 @@ class Trainer:
         return result
 
     def checkpoint_path(self, step: int) -> Path:
-        from jtok_train.checkpoint import checkpoint_dir
-
         return checkpoint_dir(self.run_dir, step)
 
     def save(self, step: int) -> str:
         """Save the full training state after ``step`` optimizer steps (collective)."""
-        from jtok_train.checkpoint import save_checkpoint
-
         path = save_checkpoint(self, step, consumed_samples=self.data_offset + step * self.cfg.train.global_batch_size,
                                extra_meta={"skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_run_id})
         return str(path)
 
 
-def train(cfg: Any) -> TrainResult:
+def train(cfg: RunConfig) -> TrainResult:
     """Build a Trainer for ``cfg`` and run it."""
-    return Trainer(cfg).fit()
+    return build_trainer(cfg).fit()

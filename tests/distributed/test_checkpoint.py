@@ -45,23 +45,23 @@ def _state_hashes(trainer) -> dict[str, str]:
             dist.all_gather(parts, t.contiguous(), group=table.group)
             return torch.cat(parts)[: table.vocab_size][table.placement.position_of]
 
-        for name, t in (("table", table.shard), ("exp_avg", trainer.table_opt.exp_avg),
-                        ("exp_avg_sq", trainer.table_opt.exp_avg_sq)):
+        for name, t in (("table", table.shard), ("exp_avg", trainer.module.table_opt.exp_avg),
+                        ("exp_avg_sq", trainer.module.table_opt.exp_avg_sq)):
             out[f"sharded_table/{name}"] = hashlib.sha256(full(t).reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
     return out
 
 
 def _save_then_continue(data: dict, run_dir: str, extra: dict | None = None) -> dict:
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     extra = extra or {}
-    first = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))
+    first = build_trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))
     # train 3 of 5 steps (the LR schedule is that of a 5-step run), save at step 3
     first.cfg.train.train_iters = 3
     first.fit()
     saved = _state_hashes(first)
-    second = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))   # auto-resume
+    second = build_trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5}, **extra)))   # auto-resume
     assert second.start_step == 3
     loaded = _state_hashes(second)
     res = second.fit()
@@ -70,9 +70,9 @@ def _save_then_continue(data: dict, run_dir: str, extra: dict | None = None) -> 
 
 def _resume_from(data: dict, run_dir: str, ckpt: str, extra: dict | None = None) -> dict:
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt},
+    tr = build_trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt},
                                     **(extra or {}))))
     assert tr.start_step == 3 and tr.data_offset == 0
     loaded = _state_hashes(tr)
@@ -134,11 +134,11 @@ def _bad_inputs(data: dict, root: str) -> dict:
     from jtok_train.data.indexed import DataFileError, write_indexed_dataset
     from jtok_train.checkpoint import latest_checkpoint, verify_checkpoint
     from jtok_train.errors import CheckpointError, NonFiniteLossError
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     root = Path(root)
     good = root / "good"
-    Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
+    build_trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
     ckpt = latest_checkpoint(good)
     assert ckpt is not None and ckpt.name == "step_0000002"
     msgs = {}
@@ -148,7 +148,7 @@ def _bad_inputs(data: dict, root: str) -> dict:
         assert latest_checkpoint(good) == ckpt
 
     # a different model config: the message names the differing keys
-    msgs["model"] = _expect(CheckpointError, "model.ffn_hidden_size: 128 -> 96", lambda: Trainer(compose(
+    msgs["model"] = _expect(CheckpointError, "model.ffn_hidden_size: 128 -> 96", lambda: build_trainer(compose(
         _overrides(data, str(root / "m"), **{"train.resume_from": str(ckpt), "model.ffn_hidden_size": 96}))))
     intact()
     # truncated / corrupted shard files, a save that never finished (no checksums)
@@ -164,7 +164,7 @@ def _bad_inputs(data: dict, root: str) -> dict:
             (bad / "checksums.json").unlink()
         else:
             damage(sorted(bad.glob("*.distcp"))[0])
-        msgs[name] = _expect(CheckpointError, fragment, lambda: Trainer(compose(
+        msgs[name] = _expect(CheckpointError, fragment, lambda: build_trainer(compose(
             _overrides(data, str(root / f"r_{name}"), **{"train.resume_from": str(bad)}))))
     # a .metadata that would run code when unpickled is refused (checksums off to reach it)
     evil = root / "bad_evil"
@@ -176,25 +176,25 @@ def _bad_inputs(data: dict, root: str) -> dict:
             return (os.system, ("echo pwned > " + str(root / "pwned"),))
 
     (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
-    msgs["evil"] = _expect(CheckpointError, "not allowed", lambda: Trainer(compose(_overrides(
+    msgs["evil"] = _expect(CheckpointError, "not allowed", lambda: build_trainer(compose(_overrides(
         data, str(root / "r_evil"), **{"train.resume_from": str(evil), "train.verify_checksums": "false"}))))
     assert not (root / "pwned").exists()
     intact()
 
     # missing and truncated data files, token ids outside the vocabulary
-    msgs["missing"] = _expect(DataFileError, "is missing", lambda: Trainer(compose(
+    msgs["missing"] = _expect(DataFileError, "is missing", lambda: build_trainer(compose(
         _overrides({**data, "prefix": str(root / "nowhere" / "text_document")}, str(good)))))
     cut = root / "cut"
     cut.mkdir()
     for ext in (".bin", ".idx"):
         shutil.copy(data["prefix"] + ext, cut / ("text_document" + ext))
     os.truncate(cut / "text_document.bin", (cut / "text_document.bin").stat().st_size - 10)
-    msgs["truncated"] = _expect(DataFileError, "is truncated", lambda: Trainer(compose(
+    msgs["truncated"] = _expect(DataFileError, "is truncated", lambda: build_trainer(compose(
         _overrides({**data, "prefix": str(cut / "text_document")}, str(good)))))
     rng = np.random.default_rng(0)
     write_indexed_dataset(root / "big" / "text_document",
                           [rng.integers(0, 700, size=500).tolist() for _ in range(60)], vocab_size=1000, eod=0)
-    msgs["vocab"] = _expect(DataFileError, "holds token id", lambda: Trainer(compose(
+    msgs["vocab"] = _expect(DataFileError, "holds token id", lambda: build_trainer(compose(
         _overrides({**data, "prefix": str(root / "big" / "text_document")}, str(good)))))
     intact()
 
@@ -217,12 +217,12 @@ def _bad_inputs(data: dict, root: str) -> dict:
     TrainModule._nan_calls = 0
     try:
         stop_dir = root / "nan_stop"
-        tr = Trainer(compose(_overrides(data, str(stop_dir), **{"train.train_iters": 4})))
+        tr = build_trainer(compose(_overrides(data, str(stop_dir), **{"train.train_iters": 4})))
         msgs["nan_stop"] = _expect(NonFiniteLossError, "saved the last good step 2", tr.fit)
         assert latest_checkpoint(stop_dir).name == "step_0000002"
         verify_checkpoint(latest_checkpoint(stop_dir))
         TrainModule._nan_calls = 0
-        res = Trainer(compose(_overrides(data, str(root / "nan_skip"),
+        res = build_trainer(compose(_overrides(data, str(root / "nan_skip"),
                                          **{"train.train_iters": 4, "train.nan_policy": "skip"}))).fit()
         assert math.isnan(res.losses[2]) and res.final_metrics["skipped_steps"] == 1
         assert all(math.isfinite(x) for i, x in enumerate(res.losses) if i != 2)
@@ -247,9 +247,9 @@ def _save_at_3(data: dict, run_dir: str, extra: dict, finish: bool = False) -> d
     layout and finish the 5 steps ("final": the continuation a resharded load is compared with)."""
     from jtok_train.config import compose
     from jtok_train.testing.state import global_state
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, **LEARN, **extra})))
+    tr = build_trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, **LEARN, **extra})))
     tr.cfg.train.train_iters = 3          # the LR schedule is that of the 5-step run; saved at step 3
     tr.fit()
     out = {"state": global_state(tr)}
@@ -262,9 +262,9 @@ def _save_at_3(data: dict, run_dir: str, extra: dict, finish: bool = False) -> d
 def _load_and_finish(data: dict, run_dir: str, ckpt: str, extra: dict) -> dict:
     from jtok_train.config import compose
     from jtok_train.testing.state import global_state
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    tr = Trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt, **LEARN,
+    tr = build_trainer(compose(_overrides(data, run_dir, **{"train.train_iters": 5, "train.resume_from": ckpt, **LEARN,
                                                       **extra})))
     assert tr.start_step == 3
     loaded = global_state(tr)
@@ -350,14 +350,14 @@ def test_distributed_optimizer_fully_reshardable_4_to_2(small_dataset, tmp_path)
 def _switch_optimizer(data: dict, root: str) -> str:
     from jtok_train.config import compose
     from jtok_train.errors import CheckpointError
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     good = Path(root) / "good"
-    Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
-    msg = _expect(CheckpointError, "parallel.use_distributed_optimizer=false", lambda: Trainer(compose(_overrides(
+    build_trainer(compose(_overrides(data, str(good), **{"train.train_iters": 2}))).fit()
+    msg = _expect(CheckpointError, "parallel.use_distributed_optimizer=false", lambda: build_trainer(compose(_overrides(
         data, str(good), **{"train.train_iters": 4, "parallel.use_distributed_optimizer": "true"}))))
     # activation recompute is no model key: a run may switch it on when it resumes
-    tr = Trainer(compose(_overrides(data, str(good), **{"train.train_iters": 4, "model.recompute_granularity": "full",
+    tr = build_trainer(compose(_overrides(data, str(good), **{"train.train_iters": 4, "model.recompute_granularity": "full",
                                                         "model.recompute_method": "block",
                                                         "model.recompute_num_layers": 2})))
     assert tr.start_step == 2 and len(tr.fit().losses) == 2
@@ -435,12 +435,12 @@ def test_interleaved_checkpoints_reshard_vpp2_to_pp1_and_pp1_to_vpp2(small_datas
 def _dp_reshardable_pp_change(data: dict, root: str) -> str:
     from jtok_train.config import compose
     from jtok_train.errors import CheckpointError
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     run = str(Path(root) / "run")
-    Trainer(compose(_overrides(data, run, **{"train.train_iters": 2, **PRODUCTION, **PP2}))).fit()
+    build_trainer(compose(_overrides(data, run, **{"train.train_iters": 2, **PRODUCTION, **PP2}))).fit()
     ckpt = str(Path(run) / "checkpoints" / "step_0000002")
-    return _expect(CheckpointError, "train.ckpt_optim_format=fully_reshardable", lambda: Trainer(compose(_overrides(
+    return _expect(CheckpointError, "train.ckpt_optim_format=fully_reshardable", lambda: build_trainer(compose(_overrides(
         data, str(Path(root) / "other"), **{"train.train_iters": 4, "train.resume_from": ckpt, **PRODUCTION}))))
 
 
@@ -461,14 +461,14 @@ def _digest(path: Path) -> dict:
 def _plain_ep_change(data: dict, root: str) -> dict:
     from jtok_train.config import compose
     from jtok_train.errors import CheckpointError
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     run = str(Path(root) / "run")
     ep2 = {"train.precision": "bf16", "parallel.embedding": "sharded", "parallel.expert_model_parallel_size": 2}
-    Trainer(compose(_overrides(data, run, **{"train.train_iters": 2, **ep2}))).fit()
+    build_trainer(compose(_overrides(data, run, **{"train.train_iters": 2, **ep2}))).fit()
     ckpt = Path(run) / "checkpoints" / "step_0000002"
     before = _digest(ckpt)
-    msg = _expect(CheckpointError, "parallel.expert_model_parallel_size=2 (now 1)", lambda: Trainer(compose(_overrides(
+    msg = _expect(CheckpointError, "parallel.expert_model_parallel_size=2 (now 1)", lambda: build_trainer(compose(_overrides(
         data, str(Path(root) / "other"), **{"train.train_iters": 4, "train.resume_from": str(ckpt), **ep2,
                                             "parallel.expert_model_parallel_size": 1}))))
     # the refusal comes before anything is loaded, and the checkpoint is as it was

@@ -63,11 +63,11 @@ def _train(runs: list[tuple[list[str], int | None]]) -> list[dict]:
     """Each run: (overrides, stop_at): train to ``stop_at`` of a ``train.train_iters``-step run and save there
     (None: to the end). A run directory with a checkpoint resumes from it."""
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides, stop_at in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         rec = {"start_step": tr.start_step}
         if tr.start_step:
             rec["loaded"], rec["loaded_replicas"] = _table_state(tr), _replicas(tr)

@@ -24,9 +24,9 @@ def _eval_overrides(data: dict, run_dir: str, **extra) -> list[str]:
 
 def _fit(overrides: list[str]) -> dict:
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    res = Trainer(compose(overrides)).fit()
+    res = build_trainer(compose(overrides)).fit()
     return {k: v for k, v in res.final_metrics.items() if k.startswith("eval/")}
 
 

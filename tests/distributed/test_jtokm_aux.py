@@ -93,11 +93,11 @@ def _aux_gradients(cases: list[list[str]]) -> list[dict]:
     from jtok_train.compat.megatron import report_aux_losses, set_aux_loss_scale
     from jtok_train.config import compose
     from jtok_train.model.jtok import JTokM
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in cases:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         precision = tr.cfg.train.precision
         cfg = tr.cfg.jtok
         model = tr.unwrapped

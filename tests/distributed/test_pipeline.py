@@ -74,11 +74,11 @@ def _train_pp(runs: list[list[str]]) -> list[dict]:
     from jtok_train.config import compose
     from jtok_train.testing import fill_params_by_global_position
     from jtok_train.testing.state import global_state
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
-        tr = Trainer(compose(overrides), param_init=lambda m: fill_params_by_global_position(m, seed=3, skip=("token_table",)))
+        tr = build_trainer(compose(overrides), param_init=lambda m: fill_params_by_global_position(m, seed=3, skip=("token_table",)))
         res = tr.fit()
         tables = [getattr(m, "token_table", None) for m in tr.unwrapped_chunks]
         out.append({"losses": res.losses, "state": global_state(tr),

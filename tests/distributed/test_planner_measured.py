@@ -54,14 +54,14 @@ def _measure(runs: list[list[str]]) -> list[dict]:
     import torch
 
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         history: list[dict] = []
-        pop = tr.table.pop_stats
-        tr.table.pop_stats = lambda: history.append(pop()) or history[-1]
+        pop = tr.module.table.pop_stats
+        tr.module.table.pop_stats = lambda: history.append(pop()) or history[-1]
         tr.fit()
         params = list(tr.model.parameters())
         opt_tensors = []
@@ -71,7 +71,7 @@ def _measure(runs: list[list[str]]) -> list[dict]:
             for name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups", "shard_fp32_groups"):
                 for group in getattr(o, name, None) or []:
                     opt_tensors += list(group)
-        t, topt = tr.table, tr.table_opt
+        t, topt = tr.module.table, tr.module.table_opt
         from megatron.core import parallel_state as ps
 
         rec = {
@@ -240,11 +240,11 @@ def _measure_chunks(runs: list[list[str]]) -> list[dict]:
 
     from jtok_train.config import compose
     from jtok_train.data.datasets import get_microbatch, microbatch_indices
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         events: list[tuple[str, int]] = []
         forward_step = tr.module._forward_step
         chunk_of = {id(c): v for v, c in enumerate(tr.chunks)}
@@ -268,16 +268,16 @@ def _measure_chunks(runs: list[list[str]]) -> list[dict]:
             "params": _nbytes(params),
             "grads": _nbytes(b.grad_data for c in tr.chunks for b in c.buffers + c.expert_parallel_buffers),
             "optimizer": _nbytes(opt_tensors),
-            "table": _nbytes([t.shard for t, _ in tr.own_tables]),
-            "table_grad": _nbytes([x for t, _ in tr.own_tables for x in (t.shard_grad, t.touched)]),
-            "table_optimizer": _nbytes([x for _, o in tr.own_tables for x in (o.exp_avg, o.exp_avg_sq, o.steps)]),
+            "table": _nbytes([t.shard for t, _ in tr.module.own_tables]),
+            "table_grad": _nbytes([x for t, _ in tr.module.own_tables for x in (t.shard_grad, t.touched)]),
+            "table_optimizer": _nbytes([x for _, o in tr.module.own_tables for x in (o.exp_avg, o.exp_avg_sq, o.steps)]),
             "activations": [],
         }
         cfg = tr.cfg
         batch = get_microbatch(tr.train_ds, microbatch_indices(0, 0, tr.dp_rank, tr.dp_size,
                                                                cfg.train.micro_batch_size, cfg.train.global_batch_size))
         weights = {p.untyped_storage().data_ptr() for p in params} | \
-            {t.shard.untyped_storage().data_ptr() for t, _ in tr.own_tables}
+            {t.shard.untyped_storage().data_ptr() for t, _ in tr.module.own_tables}
         for chunk, m in zip(tr.chunks, tr.unwrapped_chunks):
             chunk.train()
             if not m.pre_process:

@@ -25,11 +25,11 @@ SELECTIVE = {"model.recompute_granularity": "selective", "model.recompute_module
 def _runs(runs: list[list[str]]) -> list[dict]:
     from jtok_train.config import compose
     from jtok_train.testing.state import global_state
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         res = tr.fit()
         replays = sum(getattr(layer, "replays", 0) for layer in tr.unwrapped.decoder.layers)
         out.append({"losses": res.losses, "state": global_state(tr), "replays": replays})
@@ -84,7 +84,7 @@ def _nan_gradient(data: dict, root: str) -> dict:
     from jtok_train.checkpoint import latest_checkpoint
     from jtok_train.errors import NonFiniteLossError
     from jtok_train.training.train_module import TrainModule
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     real = TrainModule.run_schedule
     hits = []
@@ -104,9 +104,9 @@ def _nan_gradient(data: dict, root: str) -> dict:
     prod = {"train.precision": "bf16", "parallel.use_distributed_optimizer": "true", "parallel.embedding": "sharded",
             "train.save": "true", "train.train_iters": 5}
     try:
-        res = Trainer(compose(tiny_overrides(data, f"{root}/skip", **{**prod, "train.nan_policy": "skip"}))).fit()
+        res = build_trainer(compose(tiny_overrides(data, f"{root}/skip", **{**prod, "train.nan_policy": "skip"}))).fit()
         out["skip"] = {"losses": res.losses, "skipped": res.final_metrics["skipped_steps"]}
-        tr = Trainer(compose(tiny_overrides(data, f"{root}/stop", **prod)))
+        tr = build_trainer(compose(tiny_overrides(data, f"{root}/stop", **prod)))
         try:
             tr.fit()
             out["stop"] = "no error"
@@ -127,10 +127,10 @@ def _nan_gradient(data: dict, root: str) -> dict:
             return loss
 
         TrainModule.run_schedule = nan_loss
-        tr = Trainer(compose(tiny_overrides(data, f"{root}/nanloss", **{**prod, "train.nan_policy": "skip"})))
+        tr = build_trainer(compose(tiny_overrides(data, f"{root}/nanloss", **{**prod, "train.nan_policy": "skip"})))
         pending = []
-        zero = tr.table.zero_grad
-        tr.table.zero_grad = lambda: pending.append(len(tr.table._in_backward)) or zero()
+        zero = tr.module.table.zero_grad
+        tr.module.table.zero_grad = lambda: pending.append(len(tr.module.table._in_backward)) or zero()
         res = tr.fit()
         out["nan_loss"] = {"skipped": res.final_metrics["skipped_steps"], "pending": pending}
     finally:

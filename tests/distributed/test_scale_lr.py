@@ -20,9 +20,9 @@ ONE_STEP = {"train.train_iters": 1, "train.lr": 1e-3, "train.min_lr": 1e-3, "tra
 
 def _one_step(data: dict, run_dir: str, mult: float) -> dict:
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
-    tr = Trainer(compose(tiny_overrides(data, run_dir, jtok="jtok", **ONE_STEP, **{"jtok.scale_lr_mult": mult})))
+    tr = build_trainer(compose(tiny_overrides(data, run_dir, jtok="jtok", **ONE_STEP, **{"jtok.scale_lr_mult": mult})))
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.fit()
     after = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
@@ -73,10 +73,10 @@ def _save_resume_refuse(data: dict, root: str, cell: dict) -> dict:
     from jtok_train.config import compose
     from jtok_train.testing.state import compare_states, global_state
     from jtok_train.errors import CheckpointError
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     def trainer(run_dir, **extra):
-        return Trainer(compose(tiny_overrides(data, run_dir, jtok="jtok", **{**PRODUCTION, "train.train_iters": 6,
+        return build_trainer(compose(tiny_overrides(data, run_dir, jtok="jtok", **{**PRODUCTION, "train.train_iters": 6,
                                                                               **cell, **extra})))
 
     whole = trainer(f"{root}/whole")

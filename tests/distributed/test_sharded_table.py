@@ -30,11 +30,11 @@ def _run(runs: list[list[str]]) -> list[dict]:
     import torch.distributed as dist
 
     from jtok_train.config import compose
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
-        tr = Trainer(compose(overrides), param_init=_keep_table_init)
+        tr = build_trainer(compose(overrides), param_init=_keep_table_init)
         res = tr.fit()
         table = tr.unwrapped.token_table
         full = table.full_table() if hasattr(table, "full_table") else table.weight.detach().clone()
@@ -335,12 +335,12 @@ def _exchange_device_reads(runs: list[tuple[list[str], bool | None]]) -> list[di
     from jtok_train.tables import exchange
     from jtok_train.tables.sharded import ShardedTokenTable
     from jtok_train.testing.syncs import DeviceReads
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides, defer in runs:
         ShardedTokenTable.DEFER_ROWS = defer
-        tr = Trainer(compose(overrides))
+        tr = build_trainer(compose(overrides))
         table = tr.module.tables[0]     # the provider, and the optimizer its step runs
         with DeviceReads() as reads:
             with reads.counting("canary"):      # the counter sees each kind of read it is meant to see

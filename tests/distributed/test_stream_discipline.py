@@ -21,7 +21,7 @@ def _recorded_training(runs: list[tuple[list[str], bool]]) -> list[dict]:
     from jtok_train.config import compose
     from jtok_train.tables import exchange
     from jtok_train.testing.streams import RecordingStreams
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides, break_grad_handoff in runs:
@@ -50,8 +50,8 @@ def _recorded_training(runs: list[tuple[list[str], bool]]) -> list[dict]:
 
             exchange.RowLookup.send_grads = send_grads
         try:
-            tr = Trainer(compose(overrides))
-            rec.host(tr.table.placement.position_of)   # a CPU tensor on a GPU too, read with host ids
+            tr = build_trainer(compose(overrides))
+            rec.host(tr.module.table.placement.position_of)   # a CPU tensor on a GPU too, read with host ids
             rec.start()
             try:
                 tr.fit()

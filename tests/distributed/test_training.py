@@ -32,12 +32,12 @@ def _train_many(runs: list[list[str]]) -> list[dict]:
     from jtok_train.config import compose
     from jtok_train.testing import fill_params_by_global_position
     from jtok_train.testing.state import global_state
-    from jtok_train.training.trainer import Trainer
+    from jtok_train.training.trainer import build_trainer
 
     out = []
     for overrides in runs:
         cfg = compose(overrides)
-        tr = Trainer(cfg, param_init=lambda m: fill_params_by_global_position(m, seed=3, skip=("token_table",)))
+        tr = build_trainer(cfg, param_init=lambda m: fill_params_by_global_position(m, seed=3, skip=("token_table",)))
         res = tr.fit()
         out.append({"losses": res.losses, "valid": res.valid_loss, "state": global_state(tr)})
     return out
