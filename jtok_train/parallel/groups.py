@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 __all__ = ["embedding_parallel_group", "embedding_parallel_host_group"]
 
@@ -18,8 +19,6 @@ def embedding_parallel_group():
     every rank creates every stage's group (torch's rule for new_group); made again for another stage layout
     in the same process."""
     global _GROUP, _HOST_GROUP, _KEY
-    from megatron.core import parallel_state as ps
-
     stage = ps.get_pipeline_model_parallel_rank()
     stages: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(stages, stage)

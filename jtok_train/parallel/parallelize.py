@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core import parallel_state as ps
 
 from jtok_train.model.builder import build_model_chunks, pipeline_stage_layers
+from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
 from jtok_train.tables.sharded import ShardedTokenTable
 
 __all__ = ["shards_tables", "sharded_token_table", "shard_token_tables", "build_parallel_model_chunks"]
@@ -29,10 +31,6 @@ def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | No
     """The row-sharded provider of this rank's pipeline stage (its model chunk ``vp_stage``), over the
     embedding-parallel group (the stage's ranks; collective: every rank calls it). ``hot_ids``: the token ids
     whose rows every rank replicates (``parallel.hot_rows``; the caller reads them from the data)."""
-    from megatron.core import parallel_state as ps
-
-    from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
-
     j, m, p = cfg.jtok, cfg.model, cfg.parallel
     layers = pipeline_stage_layers(cfg, device, vp_stage)
     tp = ps.get_tensor_model_parallel_world_size()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import numpy as np
+
 from jtok_train.planning.cluster import Cluster
 from jtok_train.planning.layout import Layout
 from jtok_train.planning.memory import local_positions, row_bytes
@@ -149,8 +151,6 @@ ZIPF_EXPONENT = 1.1
 def zipf_hot_share(vocab: int, tokens: float, hot_rows: int, exponent: float = ZIPF_EXPONENT) -> float:
     """Expected share of a micro-batch's unique ids among the ``hot_rows`` most frequent, for ``tokens`` draws
     from a Zipf(``exponent``) distribution over ``vocab`` ids (used where no data's counts are measured)."""
-    import numpy as np
-
     if hot_rows <= 0:
         return 0.0
     k = np.arange(1, vocab + 1, dtype=np.float64)

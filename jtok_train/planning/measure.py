@@ -9,9 +9,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from jtok_train.data.counts import counts_path
 from jtok_train.data.datasets import build_datasets, get_microbatch
 from jtok_train.data.tokenizer import load_tokenizer
 from jtok_train.planning.cluster import PlanError
+from jtok_train.planning.exchange import HOT_ROW_CANDIDATES
 from jtok_train.planning.layout import layout
 from jtok_train.tables.placement import RowPlacement
 
@@ -70,9 +72,6 @@ def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, to
 def _hot_share(cfg: Any, prefix: str, uniques: list) -> Optional[dict]:
     """{H: share of the micro-batches' unique ids among the data's H most frequent} for the planner's
     candidates, from the dataset's token counts (``jtok-data stats --count-ids``); None without them."""
-    from jtok_train.data.counts import counts_path
-    from jtok_train.planning.exchange import HOT_ROW_CANDIDATES
-
     path = counts_path(prefix)
     if not path.is_file():
         return None

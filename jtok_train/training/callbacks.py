@@ -11,8 +11,12 @@ rank 0 writes (the log, the requeue marker) is decided inside.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+from jtok_train.errors import NonFiniteLossError
+from jtok_train.training.signals import REQUEUE_EXIT_CODE, Preempted
 
 __all__ = ["Callback", "MetricsCallback", "ValidationCallback", "DownstreamEvalCallback", "CheckpointCallback",
            "PreemptionCallback", "NonFinitePolicy", "default_callbacks"]
@@ -109,8 +113,6 @@ class PreemptionCallback(Callback):
         self.checkpoints = checkpoints
 
     def on_step_end(self, trainer, done, metrics):
-        from jtok_train.training.signals import REQUEUE_EXIT_CODE, Preempted
-
         if not trainer.preemption.agreed():
             return
         path = self.checkpoints.ensure_saved(trainer, done)
@@ -130,10 +132,6 @@ class NonFinitePolicy(Callback):
         self.checkpoints = checkpoints
 
     def on_step_outcome(self, trainer, step, outcome):
-        import math
-
-        from jtok_train.errors import NonFiniteLossError
-
         if outcome.applied:
             return
         loss = outcome.loss

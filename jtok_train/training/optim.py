@@ -10,7 +10,9 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from jtok_train.config import ConfigError
@@ -20,9 +22,6 @@ __all__ = ["build_optimizer", "build_scheduler", "table_group_overrides", "Joint
 
 def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
     """Megatron's standard overrides (no weight decay on norms and biases) + the token-table group."""
-    from megatron.core.optimizer import get_standard_config_overrides
-    from megatron.core.optimizer.optimizer_config import ParamKey
-
     overrides = dict(get_standard_config_overrides(config=opt_config))
     j, t = cfg.jtok, cfg.train
     if j.variant != "none":
@@ -125,8 +124,6 @@ class JointOptimizer:
         coefficient for backbone and tables, as an unsharded model computes it) and (2) a non-finite norm
         under a finite loss (bf16 has no loss scaler, so Megatron's found-inf check never fires) is seen before
         anything is applied. Returns (applied, total grad norm); nothing is applied when it is not finite."""
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
         self.finish_backward()
         if self.optimizer.prepare_grads():      # Megatron's found-inf (fp16 loss scaler)
             return False, float("nan")

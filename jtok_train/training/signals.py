@@ -15,6 +15,9 @@ import signal
 import threading
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 __all__ = ["REQUEUE_EXIT_CODE", "PREEMPT_SIGNALS", "Preempted", "PreemptionFlag"]
 
 REQUEUE_EXIT_CODE = 75
@@ -44,9 +47,6 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank received a preemption signal (collective: call on all ranks)."""
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
