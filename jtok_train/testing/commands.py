@@ -24,9 +24,12 @@ The handle answers like ``subprocess.Popen``: ``pid``, ``poll()``, ``wait(timeou
 
 from __future__ import annotations
 
+import atexit
 import os
+import runpy
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +85,6 @@ def start_command(module: str, args: list[str], *, env: dict[str, str], log: str
 
 
 def _command_main(module: str, args: list[str], env: dict[str, str], log: str, cwd: str) -> None:
-    import atexit
-    import runpy
-    import sys
-
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -95,8 +94,9 @@ def _command_main(module: str, args: list[str], env: dict[str, str], log: str, c
     os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    # lazy: child process (after the redirect: a spawned command's import-time warnings go to its log)
     import numpy as np
-    import torch
+    import torch  # lazy: child process (as above; a forked one has both preloaded)
 
     torch.seed()             # a fresh interpreter's default RNG states, not the server's (random reseeds at fork)
     np.random.seed()

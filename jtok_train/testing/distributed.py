@@ -35,6 +35,7 @@ import os
 import queue
 import time
 import traceback
+import zlib
 from typing import Any, Callable
 
 __all__ = ["DistributedTestError", "run_distributed", "fill_params_by_global_position", "free_port", "PRELOAD"]
@@ -210,12 +211,14 @@ def _rank_main(
     rank = int(rank_env["RANK"])
     t_ready = t_done = time.time()
     try:
+        # imported inside the try, in the rank: a failing import goes back to the parent as the test's error
+        # lazy: child process (the rank's imports, inside the try)
         import torch
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: child process (as above)
 
-        from jtok_train.compat import destroy_model_parallel, init_distributed
+        from jtok_train.compat import destroy_model_parallel, init_distributed  # lazy: child process (as above)
 
-        import numpy as np
+        import numpy as np  # lazy: child process (as above)
 
         # a forked rank would otherwise start from the fork server's RNG states, the same in every rank: draw
         # fresh default seeds, as a newly started process does (Python's random reseeds itself at fork)
@@ -250,11 +253,11 @@ def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02,
     Norm weights keep a mean of 1. Keys containing any of ``skip`` keep their values (e.g. "token_table": the
     replicated and the sharded tables are initialised per token id already, identically).
     """
-    import zlib
-
+    # lazy: cost (torch + megatron.core, 5-8 s: the test process imports this module without them)
     import torch
+    # lazy: cost (as above; it runs in a rank, where they are preloaded)
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.dict_utils import nested_values  # lazy: cost (as above)
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     with torch.no_grad():
@@ -284,6 +287,6 @@ def fill_params_by_global_position(model: Any, seed: int = 0, std: float = 0.02,
 
 def free_port() -> int:
     """A free TCP port on this host (for a test's rendezvous)."""
-    from jtok_train.compat.cpu import free_port as _port
+    from jtok_train.compat.cpu import free_port as _port  # lazy: cost (torch, 2-5 s: the test process goes without it)
 
     return _port()

@@ -50,7 +50,7 @@ def faults_from_env(env: dict[str, str] | None = None) -> dict[str, tuple[int, i
 
 
 def _hits(fault: tuple[int, int | None] | None, checkpoint_dir: Any) -> bool:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: cost (torch, 2-5 s: tests import this module for its constants)
 
     m = _PARTIAL_RE.match(Path(checkpoint_dir).name)
     if fault is None or m is None or int(m.group(1)) != fault[0]:
@@ -97,7 +97,7 @@ def install(faults: dict[str, tuple[int, int | None]]) -> None:
     """Wrap the checkpoint save strategy so the saves ``faults`` names are killed (see the module docstring)."""
     if not faults:
         return
-    from jtok_train.checkpoint import megatron_io
+    from jtok_train.checkpoint import megatron_io  # lazy: cost (torch, 2-5 s: tests import the constants)
 
     base = megatron_io.save_strategy_class
 
@@ -123,7 +123,7 @@ def install(faults: dict[str, tuple[int, int | None]]) -> None:
 def main() -> None:
     """Install the environment's faults, then run jtok-train's command line (``sys.argv[1:]``)."""
     install(faults_from_env())
-    from jtok_train.cli.train import main as train_main
+    from jtok_train.cli.train import main as train_main  # lazy: cost (hydra, 0.3-0.6 s: tests import the constants)
 
     train_main()
 

@@ -16,7 +16,7 @@ def note_process_start() -> None:
     if not path or os.environ.get("JTOK_TEST_RANK") == "1":
         return
     try:
-        import psutil
+        import psutil  # lazy: cost (psutil, 0.05 s: only with the suite's timing on; its failure fails no run)
 
         startup = time.time() - psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - a timing record must never fail a run

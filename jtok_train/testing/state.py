@@ -23,9 +23,10 @@ __all__ = ["global_state", "compare_states"]
 
 
 def _pieces(sharded: Any, prefix: str) -> list[tuple[str, tuple, tuple, np.ndarray]]:
+    # lazy: cost (torch + megatron.core, 5-8 s: the test process imports this module for compare_states)
     import torch
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values  # lazy: cost (as above)
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories  # lazy: cost (as above)
 
     apply_factories(sharded)    # e.g. a GLU's fc1, stored as its two halves: without this it is skipped
     out = []
@@ -43,9 +44,9 @@ def _pieces(sharded: Any, prefix: str) -> list[tuple[str, tuple, tuple, np.ndarr
 
 
 def global_state(trainer: Any) -> dict[str, np.ndarray]:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: cost (torch, 2-5 s: the test process imports this module without it)
 
-    from jtok_train.checkpoint import model_sections
+    from jtok_train.checkpoint import model_sections  # lazy: cost (torch, as above)
 
     # every model chunk's pieces under model/ (their keys are global: chunks of interleaved stages fill
     # different layers of the same tensors)
