@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton reads TRITON_INTERPRET when it is first imported, and a test module that imports Megatron at collection
+# imports Triton with it: without a GPU the whole run is under Triton's interpreter, set before anything imports
+# it (the kernels' tests need it; the kernels' auto backend runs the PyTorch references on CPU tensors either way)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 

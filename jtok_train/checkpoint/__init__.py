@@ -55,6 +55,7 @@ from jtok_train.checkpoint.layout import (
 from jtok_train.checkpoint.megatron_io import load_sharded_state, param_groups_in_order, save_strategy
 from jtok_train.checkpoint.rng import rng_sharded, rng_tensors, set_rng
 from jtok_train.checkpoint.state import components, model_sections, optimizer_layout, trainer_state
+from jtok_train.config import RunConfig
 from jtok_train.errors import CheckpointError
 
 __all__ = [
@@ -138,7 +139,7 @@ def _publish(partial: Path, final: Path, keep_last: int) -> None:
     cleanup(final.parent, keep_last=keep_last, keep={final.name})
 
 
-def _check_optimizer_layout(path: Path, saved: dict, cfg: Any) -> None:
+def _check_optimizer_layout(path: Path, saved: dict, cfg: RunConfig) -> None:
     if saved["distributed"] != bool(cfg.parallel.use_distributed_optimizer):
         raise CheckpointError(f"checkpoint {path} holds the states of the "
                               f"{'distributed' if saved['distributed'] else 'plain'} optimizer: resume with "

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from jtok_train.config import RunConfig
 from jtok_train.config.schema import JTokConfig, ModelConfig
 from jtok_train.errors import CheckpointError
 
@@ -25,7 +26,7 @@ NOT_MODEL_KEYS = {"jtok.lr_mult", "jtok.weight_decay", "jtok.table_optimizer", "
                   "model.recompute_modules"}
 
 
-def data_fingerprint(cfg: Any, tokenizer_sha256: str) -> str:
+def data_fingerprint(cfg: RunConfig, tokenizer_sha256: str) -> str:
     """sha256 of what determines the sample order: each dataset's build fingerprint (its manifest.json, else
     the .idx/.bin sizes and the .idx sha256), the blend weights, split, sequence length, seed and tokenizer."""
     parts: list[Any] = []
@@ -68,7 +69,7 @@ def _schema_defaults(sec: str) -> dict[str, Any]:
     return _flat(OmegaConf.to_container(OmegaConf.structured(node)), f"{sec}.") if node else {}
 
 
-def config_differences(saved_yaml: str, cfg: Any, sections: tuple[str, ...] = MODEL_SECTIONS) -> list[str]:
+def config_differences(saved_yaml: str, cfg: RunConfig, sections: tuple[str, ...] = MODEL_SECTIONS) -> list[str]:
     """``key: saved -> now`` for every differing key of the given sections (NOT_MODEL_KEYS aside). A key the
     saved config lacks (a checkpoint from before the key existed) counts as the schema's default: a key is
     added with the default that keeps the earlier behaviour."""
@@ -84,7 +85,7 @@ def config_differences(saved_yaml: str, cfg: Any, sections: tuple[str, ...] = MO
     return diffs
 
 
-def check_compatible(path: Path, meta: dict, cfg: Any, data_fp: str | None) -> None:
+def check_compatible(path: Path, meta: dict, cfg: RunConfig, data_fp: str | None) -> None:
     """Raise CheckpointError when the checkpoint's model config or data differ from ``cfg``."""
     diffs = config_differences(meta["config"], cfg)
     if diffs:

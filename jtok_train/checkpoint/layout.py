@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
+from jtok_train.config import RunConfig
 from jtok_train.errors import CheckpointError
 
 __all__ = [
@@ -65,7 +65,7 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
     return done[-1] if done else None
 
 
-def resolve_resume_path(cfg: Any) -> Path | None:
+def resolve_resume_path(cfg: RunConfig) -> Path | None:
     """train.resume_from (a checkpoint directory, or a run directory: its latest), else with
     train.auto_resume the latest checkpoint of train.run_dir, else None."""
     t = cfg.train

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from jtok_train.compat import megatron as megatron_compat
+from jtok_train.config import RunConfig
 from jtok_train.errors import CheckpointError
 
 __all__ = ["optimizer_layout", "model_sections", "components", "trainer_state"]
@@ -32,7 +33,7 @@ def components(trainer: Any) -> dict[str, Any]:
     return dict(fn()) if fn is not None else {}
 
 
-def optimizer_layout(cfg: Any) -> dict:
+def optimizer_layout(cfg: RunConfig) -> dict:
     """How Megatron's optimizer is checkpointed: plain (states per parameter) or the distributed optimizer
     with its ``distrib_optim_sharding_type`` (train.ckpt_optim_format). Stored in the checkpoint's meta; a
     load uses the checkpoint's layout, not the current config's."""

@@ -66,14 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = parse_args(argv)
-        # lazy: cost (torch, lm_eval, transformers: 3-6 s; --help and bad keys answer without them)
-        from jtok_train.evaluation.lm import EvalInputError
-        from jtok_train.export import ExportError, export_checkpoint  # lazy: cost (as above)
+        # lazy: cost (torch, megatron.core, transformers: 3-6 s; --help and bad keys answer without them)
+        from jtok_train.export import ExportError, export_checkpoint
 
         try:
             out = export_checkpoint(args["checkpoint"], args["out"], args["tokenizer"], verify=args["verify"],
                                     overwrite=args["overwrite"])
-        except (ExportError, EvalInputError) as e:
+        except ExportError as e:
             raise UsageError(str(e)) from None
     except (UsageError, ConfigError, RunError) as e:
         print(f"jtok-export: {e}", file=sys.stderr)

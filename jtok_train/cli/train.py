@@ -36,8 +36,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jtok_train.config import (ConfigError, RunConfig, check_override_keys, config_dir, register_configs,
-                               resolve_vocab_size, resolved, validate)
+from jtok_train.config import (
+    ConfigError,
+    RunConfig,
+    check_override_keys,
+    config_dir,
+    register_configs,
+    resolve_vocab_size,
+    resolved,
+    validate,
+)
 from jtok_train.data.indexed import DataFileError
 from jtok_train.data.tokenizer import load_tokenizer
 from jtok_train.errors import RunError
@@ -77,7 +85,7 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_WORLD_SIZE"] = str(int(os.environ["WORLD_SIZE"]) // max(1, nnodes))
 
 
-def _precheck(cfg: Any) -> None:
+def _precheck(cfg: RunConfig) -> None:
     """What can be checked before any rank starts: keys, values, the world size the launcher announced
     (JTOK_WORLD_SIZE), the tokenizer's vocabulary."""
     world = int(os.environ["JTOK_WORLD_SIZE"]) if os.environ.get("JTOK_WORLD_SIZE") else None
@@ -97,7 +105,7 @@ def _command_line() -> str:
     return shlex.join(head + list(argv[1:]))
 
 
-def write_run_files(cfg: Any) -> Path:
+def write_run_files(cfg: RunConfig) -> Path:
     """Write ``config.yaml`` (resolved), append to ``command.txt`` and write ``launch.env``; return the
     path of ``launch.env``. Called once per launch, by one process."""
     run_dir = Path(cfg.train.run_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -13,7 +13,6 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size
 from jtok_train.config.schema import (
     ConfigError,
     DataConfig,
@@ -24,9 +23,10 @@ from jtok_train.config.schema import (
     ParallelConfig,
     RunConfig,
     TrainConfig,
-    validate,
     check_override_keys,
+    validate,
 )
+from jtok_train.data.tokenizer import load_tokenizer, padded_vocab_size
 
 __all__ = [
     "ConfigError", "DataConfig", "EvalConfig", "JTokConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
@@ -71,7 +71,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     return cfg
 
 
-def resolve_vocab_size(cfg: Any) -> None:
+def resolve_vocab_size(cfg: RunConfig) -> None:
     """``model.vocab_size=null``: set it to the tokenizer's vocabulary padded like Megatron's
     ``make_vocab_size_divisible_by`` (128 x TP), in place. A set value is left as it is (validate checks it
     covers the tokenizer). Part of composing a config (``compose``, ``jtok-train``)."""
@@ -85,7 +85,7 @@ def resolve_vocab_size(cfg: Any) -> None:
     cfg.model.vocab_size = padded_vocab_size(load_tokenizer(str(tok)).vocab_size, 128, tp)
 
 
-def resolved(cfg: Any) -> DictConfig:
+def resolved(cfg: RunConfig) -> DictConfig:
     """The config with interpolations resolved and the ``hydra`` node dropped."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     c.pop("hydra", None)

@@ -10,10 +10,15 @@ Longer than 400 lines: the dataclasses are the reference of every key (one docst
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from jtok_train.data.tokenizer import padded_vocab_size
 
 __all__ = [
     "ModelConfig",
@@ -176,8 +181,6 @@ RETIRED_KEYS = ("data.num_workers", "train.peak_flops")
 
 def drop_retired_keys(config: Any) -> Any:
     """A saved config (a dict or DictConfig, or YAML text) without the keys of ``RETIRED_KEYS``."""
-    from omegaconf import DictConfig, OmegaConf
-
     cfg = OmegaConf.create(config) if not isinstance(config, DictConfig) else config.copy()
     for key in RETIRED_KEYS:
         section, _, name = key.rpartition(".")
@@ -346,8 +349,6 @@ def _need(cond: bool, key: str, value: Any, expected: str) -> None:
 
 
 def _section_schema(name: str) -> Any:
-    import dataclasses
-
     sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     if name not in sections:
         raise ConfigError(f"unknown config section {name!r}: expected one of {sorted(sections)}")
@@ -355,9 +356,6 @@ def _section_schema(name: str) -> Any:
 
 
 def _check_key(name: str, key: str) -> None:
-    import dataclasses
-    import difflib
-
     known = {f.name for f in dataclasses.fields(_section_schema(name))}
     if key not in known:
         hint = difflib.get_close_matches(key, known, n=1)
@@ -365,7 +363,7 @@ def _check_key(name: str, key: str) -> None:
         raise ConfigError(f"unknown config key {name}.{key}{extra}")
 
 
-def _check_known_keys(cfg: Any) -> None:
+def _check_known_keys(cfg: RunConfig) -> None:
     """Hydra lets ``+section.key=...`` add keys even to a structured node; reject them here."""
     for name, node in cfg.items() if hasattr(cfg, "items") else []:
         if name == "hydra":
@@ -422,7 +420,7 @@ def _validate_recompute(m: Any) -> None:
             _need(name not in mods or ok, "model.recompute_modules", mods, f"{name} needs {why}")
 
 
-def validate(cfg: Any, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
+def validate(cfg: RunConfig, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Check keys, values and their relations; raise ConfigError naming the key. ``cfg`` is a RunConfig
     (dataclass or OmegaConf node). With ``world_size``: the parallel layout and batch sizes against it; with
     ``tokenizer_vocab``: the model's vocabulary against the tokenizer's."""
@@ -455,8 +453,6 @@ def _validate_model(m: Any) -> None:
     _need(m.transformer_impl in ("local", "transformer_engine"), "model.transformer_impl", m.transformer_impl,
           "local or transformer_engine")
     if m.transformer_impl == "transformer_engine":
-        import importlib.util
-
         _need(importlib.util.find_spec("transformer_engine") is not None, "model.transformer_impl",
               m.transformer_impl, "transformer-engine is not installed (GPU only: pip install 'jtok-train[gpu]', "
               "or use the docker image); use model.transformer_impl=local")
@@ -491,7 +487,7 @@ def _validate_jtok(j: Any) -> None:
         _need(j.scale_lr_mult > 0, "jtok.scale_lr_mult", j.scale_lr_mult, "must be > 0")
 
 
-def _validate_parallel(cfg: Any) -> None:
+def _validate_parallel(cfg: RunConfig) -> None:
     m, j, p = cfg.model, cfg.jtok, cfg.parallel
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         _need(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
@@ -537,7 +533,7 @@ def _validate_parallel(cfg: Any) -> None:
               p.tensor_model_parallel_size, f"must divide model.num_attention_heads={m.num_attention_heads}")
 
 
-def _validate_train(cfg: Any) -> None:
+def _validate_train(cfg: RunConfig) -> None:
     t = cfg.train
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_samples"):
         _need(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be a positive integer")
@@ -551,6 +547,7 @@ def _validate_train(cfg: Any) -> None:
     d = getattr(cfg, "data", None)
     if d is not None and getattr(d, "loader", "megatron") != "megatron":
         _need(d.loader == "dali", "data.loader", d.loader, "megatron or dali")
+        # lazy: cost (torch and Megatron's datasets, seconds: only with data.loader=dali)
         from jtok_train.data.dali import dali_missing_reason
 
         reason = dali_missing_reason()
@@ -582,7 +579,7 @@ def _validate_eval(ev: Any, p: Any) -> None:
               "with jtok-eval instead")
 
 
-def _validate_world(cfg: Any, world_size: int) -> None:
+def _validate_world(cfg: RunConfig, world_size: int) -> None:
     p, t = cfg.parallel, cfg.train
     vpp = p.virtual_pipeline_model_parallel_size
     mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
@@ -608,9 +605,8 @@ def _validate_world(cfg: Any, world_size: int) -> None:
                   f"{per_step * pp} (micro_batch_size x data-parallel size x PP)")
 
 
-def _validate_tokenizer_vocab(cfg: Any, tokenizer_vocab: int) -> None:
+def _validate_tokenizer_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     m, p, d = cfg.model, cfg.parallel, getattr(cfg, "data", None)
-    from jtok_train.data.tokenizer import padded_vocab_size
 
     tok = getattr(d, "tokenizer", None) if d is not None else None
     _need(m.vocab_size >= tokenizer_vocab, "model.vocab_size", m.vocab_size,

@@ -24,7 +24,7 @@ from lm_eval.tasks import get_task_dict
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-from jtok_train.config import ConfigError
+from jtok_train.config import ConfigError, RunConfig
 from jtok_train.evaluation.harness import TaskError, resolve_tasks
 from jtok_train.evaluation.lm import TokenScoringLM
 
@@ -69,7 +69,7 @@ def _leaf_tasks(task_dict: dict) -> list[Any]:
 class DownstreamEvaluator:
     """Built once per run (the tasks' data loaded once, on every rank); called with the step to evaluate."""
 
-    def __init__(self, cfg: Any, model: Any, tokenizer: Any, device: torch.device):
+    def __init__(self, cfg: RunConfig, model: Any, tokenizer: Any, device: torch.device):
         ev = cfg.eval
         self.tasks = [str(t) for t in ev.tasks]
         self.interval = int(ev.interval)

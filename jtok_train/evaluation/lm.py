@@ -24,11 +24,12 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from jtok_train.data.tokenizer import load_tokenizer
-from jtok_train.errors import CheckpointError
+from jtok_train.errors import CheckpointError, UsageError
 from jtok_train.evaluation.scoring import LogitsFn, ScoreRequest, rolling_windows, score_requests
 from jtok_train.inference import SamplingParams, generate, load_for_inference
+from jtok_train.inference.loading import check_tokenizer
 
-__all__ = ["TokenScoringLM", "JTokLM", "EvalInputError", "check_tokenizer"]
+__all__ = ["TokenScoringLM", "JTokLM", "EvalInputError"]
 
 
 class EvalInputError(ValueError):
@@ -152,19 +153,6 @@ class TokenScoringLM(TemplateLM):
         return out
 
 
-def check_tokenizer(tokenizer: Any, cfg: Any, given: bool) -> None:
-    """A tokenizer that cannot be the model's: more ids than the model has, or (when one is passed) another file
-    than the checkpoint's own data.tokenizer."""
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise EvalInputError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more than the model's "
-                             f"model.vocab_size={cfg.model.vocab_size}: pass the tokenizer the model was trained with")
-    own = str(cfg.data.tokenizer)
-    if given and os.path.isfile(own):
-        if load_tokenizer(own).sha256 != tokenizer.sha256:
-            raise EvalInputError(f"tokenizer {tokenizer.path} differs from the checkpoint's own {own}: drop "
-                                 "tokenizer= to use the one the model was trained with")
-
-
 @register_model("jtok")
 class JTokLM(TokenScoringLM):
     """A jtok-train checkpoint as an lm-eval model (``--model jtok --model_args checkpoint=PATH,...``).
@@ -203,7 +191,10 @@ class JTokLM(TokenScoringLM):
             raise CheckpointError(f"tokenizer {tok_path} (the checkpoint's data.tokenizer) does not exist: pass "
                                   "tokenizer=PATH/tokenizer.json")
         tok = load_tokenizer(tok_path)
-        check_tokenizer(tok, loaded.cfg, given=bool(tokenizer))
+        try:
+            check_tokenizer(tok, loaded.cfg, given=bool(tokenizer))
+        except UsageError as e:
+            raise EvalInputError(str(e)) from None
         self.loaded = loaded
         seq = int(loaded.cfg.model.seq_length)
         seed = int(seed)

@@ -22,7 +22,11 @@ from typing import Any
 
 import torch
 
+from jtok_train.config import RunConfig
+from jtok_train.data.tokenizer import EOD_TOKEN, load_tokenizer
 from jtok_train.errors import CheckpointError
+from jtok_train.inference import load_for_inference
+from jtok_train.inference.loading import check_tokenizer
 
 __all__ = ["ExportError", "hf_config", "hf_state_dict", "export_checkpoint", "MODELING_FILES"]
 
@@ -34,7 +38,7 @@ class ExportError(ValueError):
     """A model the export does not cover; the message names the setting."""
 
 
-def hf_config(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+def hf_config(cfg: RunConfig, tokenizer: Any) -> dict[str, Any]:
     """config.json of the HF model for a run config (raises ExportError for what modeling_jtok.py lacks)."""
     m, j = cfg.model, cfg.jtok
     if m.normalization != "RMSNorm":
@@ -135,12 +139,11 @@ def hf_state_dict(model: Any, table: torch.Tensor | None) -> dict[str, torch.Ten
 def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer_path: str = "",
                       verify: bool = True, overwrite: bool = False) -> Path:
     """Write the HF directory ``out`` for ``checkpoint`` (see module doc); returns ``out``."""
+    # lazy: cost (safetensors.torch: only an export writes weights)
     from safetensors.torch import save_file
-    from transformers import PreTrainedTokenizerFast
 
-    from jtok_train.data.tokenizer import EOD_TOKEN, load_tokenizer
-    from jtok_train.evaluation.lm import check_tokenizer
-    from jtok_train.inference import load_for_inference
+    # lazy: cost (transformers, ~1 s: only an export writes its tokenizer files)
+    from transformers import PreTrainedTokenizerFast
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 from torch import Tensor
 
 from jtok_train.tables.rows import TokenRowProvider
@@ -132,8 +133,6 @@ def generate(
     work per step as decoding, on a fixed continuation; benchmarks compare models on it). time_steps: record
     each decode step's wall time (synchronises the device every step).
     """
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
     if prompt_ids.numel() == 0:

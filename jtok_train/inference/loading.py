@@ -17,14 +17,27 @@ Then the JTok tables are handed to the provider inference wants:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
-from jtok_train.errors import CheckpointError
+from jtok_train.checkpoint import latest_checkpoint, load_sharded_state, read_dcp_metadata, read_meta, verify_checkpoint
+from jtok_train.compat import device as compute_device
+from jtok_train.compat import init_distributed, init_model_parallel
+from jtok_train.config.schema import RunConfig, drop_retired_keys
+from jtok_train.data.tokenizer import load_tokenizer
+from jtok_train.errors import CheckpointError, UsageError
+from jtok_train.model.builder import build_model, build_transformer_config, token_table_of
+from jtok_train.tables.host import HostTokenTable
+from jtok_train.tables.placement import RowPlacement
+from jtok_train.tables.replicated import ReplicatedTokenTable
 from jtok_train.tables.rows import check_provider
 
 __all__ = ["LoadedModel", "resolve_checkpoint", "load_for_inference", "place_tables", "TABLE_PLACEMENTS"]
@@ -36,7 +49,7 @@ TABLE_PLACEMENTS = ("host", "device")
 class LoadedModel:
     model: Any                 # what to call: the GPTModel (wrapped in Float16Module for bf16 checkpoints)
     unwrapped: Any             # the (JTok)GPTModel itself
-    cfg: Any                   # the checkpoint's resolved config (parallel sizes set to 1)
+    cfg: RunConfig                   # the checkpoint's resolved config (parallel sizes set to 1)
     meta: dict                 # the checkpoint's meta (step, world size, ...)
     path: Path                 # the checkpoint directory loaded
     device: torch.device
@@ -45,15 +58,11 @@ class LoadedModel:
     @property
     def provider(self) -> Any:
         """The model's token-row provider (``jtok_train.tables.rows.TokenRowProvider``; None without JTok)."""
-        from jtok_train.model.builder import token_table_of
-
         return token_table_of(self.unwrapped)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, a run directory (its latest checkpoint) or ``<run>/checkpoints``."""
-    from jtok_train.checkpoint import latest_checkpoint
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint={path} does not exist: pass a run directory (train.run_dir of a run "
@@ -72,8 +81,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _inference_config(meta: dict, path: Path) -> Any:
-    from jtok_train.config.schema import RunConfig, drop_retired_keys
-
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), drop_retired_keys(meta["config"]))
     except Exception as e:  # noqa: BLE001 - an unreadable or foreign config, in one line
@@ -95,15 +102,11 @@ def _table_in_token_order(table: Any) -> torch.Tensor:
     return table.weight.detach()
 
 
-def _read_sharded_table_as_replicated(state: dict, cfg: Any, prefix: str) -> Any:
+def _read_sharded_table_as_replicated(state: dict, cfg: RunConfig, prefix: str) -> Any:
     """A checkpoint of sharded tables stores them as one global [V, L, n_e, d] tensor in permuted row order
     (key ``token_table.shard``, ``ShardedTokenTable.sharded_tensor``), while the plain model inference builds
     holds a replicated table in token order (``token_table.weight``). Ask for the stored tensor instead of the
     weight; the returned function puts a loaded state's rows back in token order under the weight's key."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from jtok_train.tables.placement import RowPlacement
-
     wkey, skey = f"{prefix}token_table.weight", f"{prefix}token_table.shard"
     weight = state.pop(wkey).data
     state[skey] = ShardedTensor.from_rank_offsets(skey, torch.empty_like(weight))
@@ -120,8 +123,6 @@ def _read_sharded_table_as_replicated(state: dict, cfg: Any, prefix: str) -> Any
 def _model_key_prefix(path: Path) -> str:
     """What the training wrappers put before the model's own keys ("module." for Megatron's DDP, once more
     for Float16Module): read from the checkpoint's tensor names (allow-list unpickler, no code runs)."""
-    from jtok_train.checkpoint import read_dcp_metadata
-
     keys = read_dcp_metadata(path).state_dict_metadata.keys()
     anchor = "output_layer.weight"
     for alt in (anchor, "embedding.word_embeddings.weight"):
@@ -136,9 +137,6 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
     """Replace a JTokGPTModel's table provider by the one inference uses (host: ``HostTokenTable`` on
     ``device``; device: a ``ReplicatedTokenTable`` the caller moves with the model). Returns the placement
     (``none`` for a backbone-alone model). bf16: the model runs in bf16 (Float16Module), the table too."""
-    from jtok_train.model.builder import token_table_of
-    from jtok_train.tables.replicated import ReplicatedTokenTable
-
     if tables not in TABLE_PLACEMENTS:
         raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
     table = token_table_of(model)
@@ -149,8 +147,6 @@ def place_tables(model: Any, tables: str, device: torch.device | str, bf16: bool
         full = full.to(torch.bfloat16)
     del model.token_table                       # an nn.Module child: replaced by a provider below
     if tables == "host":
-        from jtok_train.tables.host import HostTokenTable
-
         provider: Any = HostTokenTable(full, device)
     else:
         v, L, n_e, d = full.shape
@@ -170,7 +166,6 @@ def load_for_inference(
     """Rebuild the checkpoint's model at world size 1, load its weights and place its JTok tables."""
     if tables not in TABLE_PLACEMENTS:
         raise ValueError(f"tables={tables!r} is invalid: use tables=host (rows copied per token) or tables=device")
-    from jtok_train.checkpoint import read_dcp_metadata, read_meta, verify_checkpoint
 
     # before the heavy imports: a wrong or damaged checkpoint fails in a moment
     path = resolve_checkpoint(checkpoint)
@@ -178,12 +173,6 @@ def load_for_inference(
         verify_checkpoint(path)
     read_dcp_metadata(path)
     meta = read_meta(path)
-
-    import torch.distributed as dist
-    from jtok_train.compat import device as compute_device
-    from jtok_train.compat import init_distributed, init_model_parallel
-    from jtok_train.model.builder import build_model, build_transformer_config
-    from jtok_train.checkpoint import load_sharded_state
 
     init_distributed()
     if dist.get_world_size() != 1:
@@ -218,10 +207,21 @@ def load_for_inference(
         torch.cuda.empty_cache()
     runner: Any = model
     if cfg.train.precision == "bf16":
-        from megatron.core.transformer.module import Float16Module
-
         runner = Float16Module(tconfig, model)
         runner.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model=runner, unwrapped=model, cfg=cfg, meta=meta, path=path, device=dev, tables=placement)
+
+
+def check_tokenizer(tokenizer: Any, cfg: RunConfig, given: bool) -> None:
+    """A tokenizer that cannot be the model's: more ids than the model has, or (when one is passed) another file
+    than the checkpoint's own data.tokenizer; a UsageError naming both (jtok-eval and jtok-export exit 2)."""
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UsageError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more than the model's "
+                         f"model.vocab_size={cfg.model.vocab_size}: pass the tokenizer the model was trained with")
+    own = str(cfg.data.tokenizer)
+    if given and os.path.isfile(own):
+        if load_tokenizer(own).sha256 != tokenizer.sha256:
+            raise UsageError(f"tokenizer {tokenizer.path} differs from the checkpoint's own {own}: drop "
+                             "tokenizer= to use the one the model was trained with")

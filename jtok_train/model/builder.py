@@ -18,16 +18,24 @@ from dataclasses import replace
 from typing import Any, Optional
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from jtok_train.config import RunConfig
 from jtok_train.config.schema import expert_tensor_parallel_size
 from jtok_train.model.layer import jtok_module_spec, with_jtok
 from jtok_train.tables.replicated import ReplicatedTokenTable
-from jtok_train.tables.rows import (LayerSlice, ReplayGradSink, RowGradJoin, TokenRowProvider, TokenRowsContext,
-                                    check_provider)
+from jtok_train.tables.rows import (
+    LayerSlice,
+    ReplayGradSink,
+    RowGradJoin,
+    TokenRowProvider,
+    TokenRowsContext,
+    check_provider,
+)
 
 __all__ = ["JTokGPTModel", "build_transformer_config", "build_layer_spec", "build_model", "build_model_chunks",
            "build_token_table", "pipeline_stage_layers", "virtual_stages", "token_table_of"]
@@ -79,7 +87,7 @@ def token_table_of(model: Any) -> Optional[TokenRowProvider]:
     return model.token_table if isinstance(model, JTokGPTModel) else None
 
 
-def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
+def build_transformer_config(cfg: RunConfig, **overrides: Any) -> TransformerConfig:
     """Megatron TransformerConfig from a RunConfig (model + parallel + train.precision)."""
     m, p = cfg.model, cfg.parallel
     bf16 = cfg.train.precision == "bf16"
@@ -143,12 +151,12 @@ def build_transformer_config(cfg: Any, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def virtual_stages(cfg: Any) -> int:
+def virtual_stages(cfg: RunConfig) -> int:
     """Model chunks per rank: parallel.virtual_pipeline_model_parallel_size, 1 when unset."""
     return int(getattr(cfg.parallel, "virtual_pipeline_model_parallel_size", None) or 1)
 
 
-def pipeline_stage_layers(cfg: Any, device: Any = None, vp_stage: Optional[int] = None) -> LayerSlice:
+def pipeline_stage_layers(cfg: RunConfig, device: Any = None, vp_stage: Optional[int] = None) -> LayerSlice:
     """The layers of the whole model this rank's pipeline stage (model chunk ``vp_stage`` of it, with
     interleaved stages) builds: all of them without PP, or for an accounting build on the meta device. Chunks
     hold equal counts (the config refuses other splits), in Megatron's order: with P stages and V chunks per
@@ -157,14 +165,13 @@ def pipeline_stage_layers(cfg: Any, device: Any = None, vp_stage: Optional[int] 
     pp = cfg.parallel.pipeline_model_parallel_size
     if pp == 1 or device == "meta":
         return LayerSlice(0, L, L)
-    from megatron.core import parallel_state as ps
 
     vpp = virtual_stages(cfg)
     count = L // (pp * vpp)
     return LayerSlice(((vp_stage or 0) * pp + ps.get_pipeline_model_parallel_rank()) * count, count, L)
 
 
-def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
+def build_token_table(cfg: RunConfig, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
                       vp_stage: Optional[int] = None, layers: Optional[LayerSlice] = None) -> ReplicatedTokenTable:
     """The replicated table of this pipeline stage's layers (of its model chunk ``vp_stage``): a model
     parameter. ``device='meta'`` allocates nothing (accounting, or a table that parallelize replaces);
@@ -185,12 +192,13 @@ def build_token_table(cfg: Any, dtype: torch.dtype = torch.float32, device: Opti
     )
 
 
-def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None, use_te: Optional[bool] = None) -> ModuleSpec:
+def build_layer_spec(cfg: RunConfig, token_context: Optional[TokenRowsContext] = None, use_te: Optional[bool] = None) -> ModuleSpec:
     """Megatron's GPT layer spec (local, or Transformer Engine on GPU), with JTok when enabled."""
     m, j = cfg.model, cfg.jtok
     if use_te is None:
         use_te = getattr(m, "transformer_impl", "local") == "transformer_engine"
     if use_te:
+        # lazy: optional (transformer_engine: Megatron's TE spec imports it)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=m.num_experts, moe_grouped_gemm=m.num_experts is not None)
@@ -220,7 +228,7 @@ def build_layer_spec(cfg: Any, token_context: Optional[TokenRowsContext] = None,
     return with_jtok(spec, jspec, token_context)
 
 
-def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None,
+def build_model(cfg: RunConfig, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None, device: Any = None,
                 vp_stage: Optional[int] = None, table_device: Any = None) -> GPTModel:
     """Build the (JTok)GPTModel for ``cfg``: this rank's pipeline stage, or its model chunk ``vp_stage`` with
     interleaved stages (``build_model_chunks`` builds them all), with replicated tables. ``device='meta'``
@@ -231,8 +239,6 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
         config = build_transformer_config(cfg)
     first = last = True
     if device != "meta" and cfg.parallel.pipeline_model_parallel_size > 1:
-        from megatron.core import parallel_state as ps
-
         interleaved = vp_stage is not None
         first = ps.is_pipeline_first_stage(ignore_virtual=not interleaved, vp_stage=vp_stage)
         last = ps.is_pipeline_last_stage(ignore_virtual=not interleaved, vp_stage=vp_stage)
@@ -268,7 +274,7 @@ def build_model(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Op
     return model
 
 
-def build_model_chunks(cfg: Any, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None,
+def build_model_chunks(cfg: RunConfig, config: Optional[TransformerConfig] = None, use_te: Optional[bool] = None,
                        table_device: Any = None) -> list[GPTModel]:
     """This rank's model chunks, in Megatron's order: one (its pipeline stage), or V with interleaved stages
     (parallel.virtual_pipeline_model_parallel_size), each holding its own layers and their JTok tables."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
+from jtok_train.config import RunConfig
 from jtok_train.model.builder import build_model_chunks, pipeline_stage_layers
 from jtok_train.parallel.groups import embedding_parallel_group, embedding_parallel_host_group
 from jtok_train.tables.sharded import ShardedTokenTable
@@ -21,12 +22,12 @@ from jtok_train.tables.sharded import ShardedTokenTable
 __all__ = ["shards_tables", "sharded_token_table", "shard_token_tables", "build_parallel_model_chunks"]
 
 
-def shards_tables(cfg: Any) -> bool:
+def shards_tables(cfg: RunConfig) -> bool:
     """Whether ``cfg`` row-shards the JTok tables over the ranks of each pipeline stage."""
     return cfg.jtok.variant != "none" and cfg.parallel.embedding == "sharded"
 
 
-def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | None = None,
+def sharded_token_table(cfg: RunConfig, device: torch.device | str, vp_stage: int | None = None,
                         hot_ids: Any = None) -> ShardedTokenTable:
     """The row-sharded provider of this rank's pipeline stage (its model chunk ``vp_stage``), over the
     embedding-parallel group (the stage's ranks; collective: every rank calls it). ``hot_ids``: the token ids
@@ -54,7 +55,7 @@ def sharded_token_table(cfg: Any, device: torch.device | str, vp_stage: int | No
     )
 
 
-def shard_token_tables(chunks: list, cfg: Any, device: torch.device | str, hot_ids: Any = None) -> list:
+def shard_token_tables(chunks: list, cfg: RunConfig, device: torch.device | str, hot_ids: Any = None) -> list:
     """Put the row-sharded provider in place of each model chunk's replicated table (in place; returns
     ``chunks``). A no-op unless ``cfg`` shards the tables."""
     if not shards_tables(cfg):
@@ -65,7 +66,7 @@ def shard_token_tables(chunks: list, cfg: Any, device: torch.device | str, hot_i
     return chunks
 
 
-def build_parallel_model_chunks(cfg: Any, config: Any, device: torch.device | str, use_te: bool | None = None,
+def build_parallel_model_chunks(cfg: RunConfig, config: Any, device: torch.device | str, use_te: bool | None = None,
                                 hot_ids: Any = None) -> list:
     """This rank's model chunks with the configured embedding parallelism: what training builds."""
     sharded = shards_tables(cfg)

@@ -17,10 +17,11 @@ last gradient exchange stay exposed.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
+from jtok_train.config import RunConfig
 from jtok_train.planning.cluster import Cluster
 from jtok_train.planning.layout import Layout
 from jtok_train.planning.memory import local_positions, row_bytes
@@ -44,7 +45,7 @@ def default_dedup_ratio(tokens: float) -> float:
     return pts[-1][1]
 
 
-def exchange_per_step(cfg: Any, lay: Layout, unique_ratio: float, remote_fraction: Optional[float] = None) -> dict:
+def exchange_per_step(cfg: RunConfig, lay: Layout, unique_ratio: float, remote_fraction: Optional[float] = None) -> dict:
     """Per GPU per optimizer step, with dedup (at ``unique_ratio``) and without."""
     T_local = local_positions(cfg, lay)
     W = lay.emb_world
@@ -89,7 +90,7 @@ def _a2a_seconds(nbytes: float, cl: Cluster, W: int) -> float:
     return max(t_intra, t_inter) + cl.latency_us * 1e-6
 
 
-def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch: dict) -> dict:
+def step_timing(cfg: RunConfig, lay: Layout, cl: Cluster, flops_per_token: float, exch: dict) -> dict:
     tokens_mb = cfg.model.seq_length * cfg.train.micro_batch_size
     # one stage's share of a micro-batch's compute (its layers; the embedding and head are counted evenly)
     t_c = flops_per_token * tokens_mb / lay.tp / lay.pp / (cl.peak_tflops * 1e12 * cl.mfu)
@@ -126,7 +127,7 @@ def step_timing(cfg: Any, lay: Layout, cl: Cluster, flops_per_token: float, exch
     return out
 
 
-def table_optimizer_traffic(cfg: Any, lay: Layout, cl: Cluster, ratio: float) -> dict:
+def table_optimizer_traffic(cfg: RunConfig, lay: Layout, cl: Cluster, ratio: float) -> dict:
     """Bytes the table optimizer reads and writes per step: dense AdamW touches the whole shard (p, g, m, v read;
     p, m, v written), sparse AdamW the rows that got a gradient (plus gathering and scattering them)."""
     rows = math.ceil(cfg.model.vocab_size / lay.emb_world)
@@ -168,7 +169,7 @@ def _ring_all_reduce_seconds(nbytes: float, cl: Cluster, W: int) -> float:
     return 2 * (W - 1) / W * nbytes / (link * 1e9) + 2 * (W - 1) * cl.latency_us * 1e-6
 
 
-def hot_rows_options(cfg: Any, lay: Layout, cl: Cluster, exch: dict, timing: dict, hot_share: dict) -> dict:
+def hot_rows_options(cfg: RunConfig, lay: Layout, cl: Cluster, exch: dict, timing: dict, hot_share: dict) -> dict:
     """parallel.hot_rows = H for each H of ``hot_share`` ({H: share of a micro-batch's unique ids among the H
     most frequent}): per GPU the replicas' memory (the rows, their gradient and 2 Adam moments, fp32), the
     exchange bytes and time of the tail, the all-reduce of the replicas' gradient (once per step; counted as

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from jtok_train.config import RunConfig
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -64,7 +66,7 @@ class ParamRoles:
     final_norm: int
 
 
-def param_roles(cfg: Any) -> ParamRoles:
+def param_roles(cfg: RunConfig) -> ParamRoles:
     m, j = cfg.model, cfg.jtok
     d, V = m.hidden_size, m.vocab_size
     heads = m.num_attention_heads
@@ -97,7 +99,7 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def count_model(model: "nn.Module", cfg: Any) -> ParamCounts:
+def count_model(model: "nn.Module", cfg: RunConfig) -> ParamCounts:
     """Count an instantiated (meta or real, world size 1) model by parameter role."""
     table = _numel(model.token_table.parameters()) if hasattr(model, "token_table") else 0
     jtok_dense = sum(_numel(layer.jtok.parameters()) for layer in model.decoder.layers if hasattr(layer, "jtok"))
@@ -111,7 +113,7 @@ def count_model(model: "nn.Module", cfg: Any) -> ParamCounts:
     return ParamCounts(backbone, jtok_dense, table, embedding, routed).finish(cfg.model.num_experts, cfg.model.moe_router_topk)
 
 
-def formula_params(cfg: Any) -> ParamCounts:
+def formula_params(cfg: RunConfig) -> ParamCounts:
     """Closed-form count for the local layer spec (RMSNorm weights, no biases): ``param_roles`` summed."""
     m, r = cfg.model, param_roles(cfg)
     L = m.num_layers
@@ -122,14 +124,14 @@ def formula_params(cfg: Any) -> ParamCounts:
     return ParamCounts(backbone, jtok_dense, token, r.embedding, routed).finish(m.num_experts, m.moe_router_topk)
 
 
-def flops_per_token(cfg: Any, counts: ParamCounts) -> float:
+def flops_per_token(cfg: RunConfig, counts: ParamCounts) -> float:
     m, j = cfg.model, cfg.jtok
     d, L, s = m.hidden_size, m.num_layers, m.seq_length
     elementwise = {"none": 0, "jtok": 4 * d, "jtokm": (2 * j.top_k + 5) * d}[j.variant]
     return 6.0 * counts.active_params + 12.0 * L * s * d + 3.0 * L * elementwise
 
 
-def plan(cfg: Any, model: "nn.Module | None" = None) -> dict[str, Any]:
+def plan(cfg: RunConfig, model: "nn.Module | None" = None) -> dict[str, Any]:
     """The jtok-plan report. Counts ``model`` if given, else the closed form."""
     counts = count_model(model, cfg) if model is not None else formula_params(cfg)
     rho = (cfg.jtok.top_k / cfg.jtok.num_sets) if cfg.jtok.variant != "none" else 0.0

@@ -15,8 +15,9 @@ activations, the last stage's last chunk with the logits), and the bubble is (PP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
+from jtok_train.config import RunConfig
 from jtok_train.config.schema import validate
 
 __all__ = ["Layout", "layout", "schedule_events", "peak_in_flight"]
@@ -98,7 +99,7 @@ def peak_in_flight(events: list[tuple[str, int]], weight: list[float]) -> float:
     return peak
 
 
-def layout(cfg: Any, world: int) -> Layout:
+def layout(cfg: RunConfig, world: int) -> Layout:
     """The layout of ``cfg`` on ``world`` ranks (the config validated for that world size)."""
     validate(cfg, world_size=world)
     p, t = cfg.parallel, cfg.train

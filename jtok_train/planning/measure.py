@@ -4,11 +4,12 @@ The one planning module that imports data/ and tables/: it reads the dataset, it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
+from jtok_train.config import RunConfig
 from jtok_train.data.counts import counts_path
 from jtok_train.data.datasets import build_datasets, get_microbatch
 from jtok_train.data.tokenizer import load_tokenizer
@@ -20,7 +21,7 @@ from jtok_train.tables.placement import RowPlacement
 __all__ = ["measure_dedup"]
 
 
-def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, tokenizer: Optional[str] = None,
+def measure_dedup(cfg: RunConfig, prefix: str, world: int, micro_batches: int = 64, tokenizer: Optional[str] = None,
                   train_samples: Optional[int] = None, valid_samples: int = 0) -> dict:
     """unique/total ids per micro-batch and the remote share of the unique ids, on the training micro-batches
     the trainer would read first (Megatron GPTDataset order, this config's seq_length, micro-batch size and seed),
@@ -69,7 +70,7 @@ def measure_dedup(cfg: Any, prefix: str, world: int, micro_batches: int = 64, to
 
 
 
-def _hot_share(cfg: Any, prefix: str, uniques: list) -> Optional[dict]:
+def _hot_share(cfg: RunConfig, prefix: str, uniques: list) -> Optional[dict]:
     """{H: share of the micro-batches' unique ids among the data's H most frequent} for the planner's
     candidates, from the dataset's token counts (``jtok-data stats --count-ids``); None without them."""
     path = counts_path(prefix)

@@ -56,13 +56,14 @@ import math
 from dataclasses import replace
 from typing import Any, Optional
 
+from jtok_train.config import RunConfig
 from jtok_train.planning.formulas import param_roles
 from jtok_train.planning.layout import Layout, peak_in_flight, schedule_events
 
 __all__ = ["params_per_rank", "activation_bytes", "row_bytes", "memory_per_rank", "local_positions"]
 
 
-def params_per_rank(cfg: Any, lay: Layout) -> dict[str, float]:
+def params_per_rank(cfg: RunConfig, lay: Layout) -> dict[str, float]:
     """Parameters one rank holds, by role: ``formulas.param_roles`` of one pipeline stage's layers, split over
     the ranks that shard them."""
     r = param_roles(cfg)
@@ -88,12 +89,12 @@ def params_per_rank(cfg: Any, lay: Layout) -> dict[str, float]:
     return out
 
 
-def local_positions(cfg: Any, lay: Layout) -> float:
+def local_positions(cfg: RunConfig, lay: Layout) -> float:
     """Token positions of one micro-batch on one rank (its sequence shard with sequence parallelism)."""
     return cfg.model.seq_length * cfg.train.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
 
 
-def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, float]:
+def activation_bytes(cfg: RunConfig, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, float]:
     """Bytes saved for backward by one micro-batch's forward on one rank (see the module doc). ``flash``: a fused
     (flash) attention kernel keeps only the output and the softmax statistics (4 a s b bytes) instead of the
     a s^2 b probabilities; default: on for model.transformer_impl=transformer_engine, off for the local spec."""
@@ -180,13 +181,13 @@ def activation_bytes(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional
             "in_flight": lay.in_flight, "total": total}
 
 
-def row_bytes(cfg: Any) -> int:
+def row_bytes(cfg: RunConfig) -> int:
     """Bytes of one token's row on one pipeline stage: its layers' n_e vectors, fp32 (ShardedTokenTable)."""
     L = cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
     return 4 * L * param_roles(cfg).table_row
 
 
-def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
+def memory_per_rank(cfg: RunConfig, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
     """Bytes per GPU by component (see the module doc). With pipeline parallelism: the stage that needs the most
     (its figures, with ``stage`` and every stage's total in ``per_stage``)."""
     if lay.pp > 1 and lay.stage is None:
@@ -196,7 +197,7 @@ def memory_per_rank(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[
     return _memory_of_stage(cfg, lay, unique_ratio, flash)
 
 
-def _memory_of_stage(cfg: Any, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
+def _memory_of_stage(cfg: RunConfig, lay: Layout, unique_ratio: float, flash: Optional[bool] = None) -> dict[str, Any]:
     p = params_per_rank(cfg, lay)
     bf16 = cfg.train.precision == "bf16"
     pbytes, opt_bytes = (2, 12) if bf16 else (4, 8)

@@ -13,11 +13,19 @@ does, on 2 gloo ranks). ``capacity_plan`` puts together:
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Optional
 
+from jtok_train.config import RunConfig
 from jtok_train.planning.cluster import Cluster, PlanError
-from jtok_train.planning.exchange import (HOT_ROW_CANDIDATES, default_dedup_ratio, exchange_per_step,
-                                         hot_rows_options, step_timing, table_optimizer_traffic, zipf_hot_share)
+from jtok_train.planning.exchange import (
+    HOT_ROW_CANDIDATES,
+    default_dedup_ratio,
+    exchange_per_step,
+    hot_rows_options,
+    step_timing,
+    table_optimizer_traffic,
+    zipf_hot_share,
+)
 from jtok_train.planning.formulas import flops_per_token, formula_params
 from jtok_train.planning.layout import layout
 from jtok_train.planning.memory import local_positions, memory_per_rank
@@ -27,7 +35,7 @@ __all__ = ["GiB", "capacity_plan"]
 GiB = 2**30
 
 
-def capacity_plan(cfg: Any, cluster: Cluster, dedup_ratio: Optional[float] = None,
+def capacity_plan(cfg: RunConfig, cluster: Cluster, dedup_ratio: Optional[float] = None,
                   dedup_measured: Optional[dict] = None, flash: Optional[bool] = None) -> dict:
     """Memory per GPU, exchange bytes per step and exchange vs compute time for ``cfg`` on ``cluster``; the
     compute from the closed-form FLOPs per token (``formulas``). ``dedup_measured``: ``measure.measure_dedup``'s

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import Tensor
 
 from jtok_train.tables.rows import TokenRows, check_token_ids, dedup, positions
@@ -145,8 +146,6 @@ class HostTokenTable:
     def state(self, prefix: str = "") -> dict:
         """The whole table in token order as the replicated table's ``weight`` at one rank (the layout of the
         model's ``token_table.weight``; inference does not save, so nothing calls it today)."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         return {f"{prefix}weight": ShardedTensor.from_rank_offsets(f"{prefix}weight", self.table)}
 
     # -- training hooks: inference only, the rows carry no gradient ------------------------------------

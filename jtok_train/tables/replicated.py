@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import Tensor, nn
 
 from jtok_train.tables.init import init_rows_for_permuted_range, row_permutation
@@ -64,9 +66,6 @@ class ReplicatedTokenTable(nn.Module):
     def state(self, prefix: str = "") -> dict:
         """``weight`` as this stage's layers [offset, offset + L) of the global [V, L_total, n_e, d] tensor,
         replicated over tensor and data parallel ranks (the replica ids Megatron gives a plain parameter)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         sl = self.layers
         replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
         return {f"{prefix}weight": ShardedTensor.from_rank_offsets(

@@ -25,10 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import Tensor, nn
 
-from jtok_train.tables.exchange import (EVENT_CLOCK, ExchangeStats, RowLookup, SideStream, host_ids, make_plan,
-                                        rows_with_grad_exchange)
+from jtok_train.tables.exchange import (
+    EVENT_CLOCK,
+    ExchangeStats,
+    RowLookup,
+    SideStream,
+    host_ids,
+    make_plan,
+    rows_with_grad_exchange,
+)
 from jtok_train.tables.hot import HotRows
 from jtok_train.tables.init import init_rows_for_permuted_range
 from jtok_train.tables.placement import RowPlacement
@@ -334,8 +342,6 @@ class ShardedTokenTable(nn.Module):
         tensor in permuted row order: any world size cuts the same global tensor into its own blocks. A
         [block, L, ...] tensor is this stage's layers of the global [V, L_total, ...] one; a per-row tensor
         ([block]: the same on every stage, which all see the same token ids) is a replica on stages > 0."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         rows = self.stop_row - self.start_row
         data = local[:rows]
         sl = self.layers

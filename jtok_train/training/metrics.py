@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from jtok_train.config import RunConfig
 
 __all__ = ["mfu_peak_tflops", "GPU_PEAK_TFLOPS", "StepTimer", "MetricsLogger", "MoEBalanceProbe", "memory_metrics",
            "read_wandb_history", "WANDB_ID_FILE"]
@@ -52,8 +60,6 @@ def memory_metrics() -> dict[str, float]:
     """Host RSS of this process and, on GPU, the peak allocated/reserved device memory (GiB)."""
     out: dict[str, float] = {}
     try:
-        import psutil
-
         out["mem/rss_gib"] = psutil.Process().memory_info().rss / 2**30
     except Exception:  # pragma: no cover - psutil is a dependency
         pass
@@ -110,7 +116,7 @@ class MetricsLogger:
     ``run_id``: the W&B run id to continue (a checkpoint's); else the one in ``<run_dir>/wandb_run_id``;
     else a new one. ``self.run_id`` is the id in use (None on the other ranks and without W&B)."""
 
-    def __init__(self, cfg: Any, run_dir: Path, total_steps: int, start_step: int, is_logging_rank: bool,
+    def __init__(self, cfg: RunConfig, run_dir: Path, total_steps: int, start_step: int, is_logging_rank: bool,
                  run_id: str | None = None, model: Any = None):
         self.enabled = is_logging_rank
         self.cfg = cfg
@@ -127,8 +133,6 @@ class MetricsLogger:
         if cfg.logging.metrics_file:
             self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.train.progress:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if cfg.logging.wandb:
             self.wandb_run = self._init_wandb(run_dir, run_id)
@@ -139,16 +143,13 @@ class MetricsLogger:
             self.probe = MoEBalanceProbe(model)
 
     def _init_wandb(self, run_dir: Path, run_id: str | None):
+        # lazy: cost (wandb, seconds: only with logging.wandb=true)
         import wandb
-        from omegaconf import OmegaConf
 
         id_file = run_dir / WANDB_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         if run_id is None:
-            import secrets
-            import string
-
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")
         self.run_id = run_id
@@ -230,8 +231,6 @@ _BLOCK = 32 * 1024
 
 
 def _wandb_records(path: Path):
-    import struct
-
     data = Path(path).read_bytes()
     ident, magic, version = struct.unpack("<4sHB", data[:7])
     if ident != b":W&B" or magic != 0xBEE1:
@@ -261,6 +260,7 @@ def _wandb_records(path: Path):
 def read_wandb_history(path: Path | str) -> tuple[str | None, list[dict[str, Any]]]:
     """(run id, history rows) of one offline run file ``run-<id>.wandb`` or of every run file under a
     directory (a run resumed offline writes one file per start), rows in file order."""
+    # lazy: cost (wandb, seconds: only with logging.wandb=true)
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)

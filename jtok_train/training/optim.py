@@ -4,10 +4,8 @@ group (LR multiplier and weight decay of ``jtok.*``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
@@ -15,12 +13,12 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from jtok_train.config import ConfigError
+from jtok_train.config import ConfigError, RunConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "table_group_overrides", "JointOptimizer"]
 
 
-def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
+def table_group_overrides(cfg: RunConfig, opt_config: OptimizerConfig) -> dict:
     """Megatron's standard overrides (no weight decay on norms and biases) + the token-table group."""
     overrides = dict(get_standard_config_overrides(config=opt_config))
     j, t = cfg.jtok, cfg.train
@@ -44,7 +42,7 @@ def table_group_overrides(cfg: Any, opt_config: OptimizerConfig) -> dict:
     return overrides
 
 
-def build_optimizer(cfg: Any, model: "torch.nn.Module | list[torch.nn.Module]"):
+def build_optimizer(cfg: RunConfig, model: "torch.nn.Module | list[torch.nn.Module]"):
     """Megatron's optimizer over the model, or over its chunks (interleaved pipeline stages)."""
     t = cfg.train
     opt_config = OptimizerConfig(
@@ -64,7 +62,7 @@ def build_optimizer(cfg: Any, model: "torch.nn.Module | list[torch.nn.Module]"):
     return get_megatron_optimizer(opt_config, chunks, config_overrides=table_group_overrides(cfg, opt_config))
 
 
-def build_scheduler(cfg: Any, optimizer) -> OptimizerParamScheduler:
+def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Schedules counted in samples (Megatron's convention), so they survive a change of batch layout."""
     t = cfg.train
     total = t.train_iters * t.global_batch_size

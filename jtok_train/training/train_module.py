@@ -13,10 +13,25 @@ the optimizers and the LR schedule, and runs one step on the micro-batches it is
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from jtok_train.compat.megatron import clear_aux_losses, report_aux_losses, set_aux_loss_scale
+from jtok_train.config import RunConfig
+from jtok_train.data.counts import hot_token_ids
+from jtok_train.model.builder import build_transformer_config, token_table_of
+from jtok_train.parallel.parallelize import build_parallel_model_chunks
+from jtok_train.planning.formulas import flops_per_token, formula_params
+from jtok_train.tables.optimizer import ChunkTableOptimizerState, ShardedTableOptimizer
+from jtok_train.tables.rows import check_provider
+from jtok_train.training.optim import JointOptimizer, build_optimizer, build_scheduler
 
 __all__ = ["TrainModule", "StepOutcome"]
 
@@ -32,23 +47,11 @@ class TrainModule:
     """``param_init``: optional callable(model chunk) applied after wrapping, before the optimizer is built
     (tests use it to give every parallel layout the same weights)."""
 
-    def __init__(self, cfg: Any, device: torch.device, num_micro: int, dp_size: int, param_init: Any = None):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.transformer.module import Float16Module
-
-        from jtok_train.model.builder import build_transformer_config, token_table_of
-        from jtok_train.parallel.parallelize import build_parallel_model_chunks
-        from jtok_train.planning.formulas import flops_per_token, formula_params
-        from jtok_train.tables.optimizer import ShardedTableOptimizer
-        from jtok_train.tables.rows import check_provider
-        from jtok_train.training.optim import JointOptimizer, build_optimizer, build_scheduler
-
+    def __init__(self, cfg: RunConfig, device: torch.device, num_micro: int, dp_size: int, param_init: Any = None):
         self.cfg, self.device, self.num_micro, self.dp_size = cfg, device, num_micro, dp_size
         self.tconfig = build_transformer_config(cfg)
         hot_ids = None
         if cfg.parallel.hot_rows:   # the most frequent ids' rows, replicated on every rank of the group
-            from jtok_train.data.counts import hot_token_ids
-
             p = cfg.parallel
             hot_ids = hot_token_ids(list(cfg.data.prefixes), p.hot_rows, cfg.model.vocab_size, p.hot_rows_file)
         self.unwrapped_chunks = build_parallel_model_chunks(cfg, self.tconfig, device, hot_ids=hot_ids)
@@ -102,8 +105,6 @@ class TrainModule:
         object with sharded_state_dict(prefix) and load_state_dict(state). Model chunk v > 0 (interleaved
         stages) adds its table optimizer as table_optimizer_vp{v}: the same global keys as chunk 0's (each
         chunk holds other layers of the same [V, L, ...] tensors)."""
-        from jtok_train.tables.optimizer import ChunkTableOptimizerState
-
         out: dict[str, Any] = {}
         for v, opt in enumerate(self.table_opts):
             if opt is not None:
@@ -131,8 +132,6 @@ class TrainModule:
         return [self._with_prefetch(batches, table) for table in self.tables]
 
     def _forward_step(self, data_iterator, model):
-        from jtok_train.compat.megatron import set_aux_loss_scale
-
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device)
         labels = batch["labels"].to(self.device)
@@ -154,9 +153,6 @@ class TrainModule:
     def run_schedule(self, batches: list[dict], forward_only: bool) -> float:
         """Megatron's forward(/backward) schedule over ``batches`` (this rank's micro-batches); returns the
         loss averaged over micro-batches and data-parallel ranks (every rank gets it)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         t = self.cfg.train
         outs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -177,8 +173,6 @@ class TrainModule:
         """Zero the gradients, forward and backward over ``batches``, then the joint optimizer step (skipped,
         with nothing applied, when the loss or the gradient norm is not finite: both are reduced over ranks,
         so every rank decides the same). The LR schedule advances only on an applied step."""
-        import math
-
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.joint.zero_grad()
@@ -193,8 +187,6 @@ class TrainModule:
 
     def evaluate(self, batches: list[dict]) -> float:
         """The mean loss over ``batches`` without gradients (the chunks go back to training mode after)."""
-        from jtok_train.compat.megatron import clear_aux_losses
-
         for chunk in self.chunks:
             chunk.eval()
         with torch.no_grad():
@@ -211,8 +203,6 @@ class TrainModule:
     # -- metrics -------------------------------------------------------------------------------------
     def step_metrics(self, step: int) -> dict[str, float]:
         """The model's own metrics of the last step: aux losses, JTok-M's router balance, the exchange."""
-        from jtok_train.compat.megatron import report_aux_losses
-
         # As Megatron's training log: each aux loss without its coefficient, averaged over micro-batches, data
         # parallel ranks and layers (the router's load_balancing_loss, JTok-M's jtokm_load_balancing_loss).
         out = {f"aux/{name}": v for name, v in
@@ -241,8 +231,6 @@ class TrainModule:
         parallel group's size, the share of model weights held in bf16, the layers replayed by full recompute in
         this step, and the table rows its own optimizer updated (all rows for adamw, the touched ones for
         sparse_adamw)."""
-        from megatron.core import parallel_state as ps
-
         if not hasattr(self, "_setup_facts"):
             opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
             held = sum(v.numel() for o in opts for st in getattr(o, "optimizer", o).state.values()

@@ -25,20 +25,6 @@ PKG = Path(__file__).resolve().parents[2] / "jtok_train"
 REASONS = ("cost", "optional", "cycle", "version", "child process")
 _LAZY = re.compile(r"#\s*lazy:\s*(?P<reason>[a-z][a-z ]*?)\s*\(\s*\S.*\)")
 
-# converted by another change in progress; remove when done
-PENDING = {
-    "config/schema.py",
-    "export/hf.py",
-    "inference/generation.py",
-    "inference/loading.py",
-    "model/builder.py",
-    "tables/host.py",
-    "tables/replicated.py",
-    "tables/sharded.py",
-    "training/metrics.py",
-    "training/train_module.py",
-}
-
 
 def _says_why(text: str) -> bool:
     m = _LAZY.search(text)
@@ -71,16 +57,10 @@ def test_every_import_inside_a_function_says_why():
     bad = []
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
-        if rel in PENDING:
-            continue
         bad += [f"jtok_train/{rel}:{line}: {text}" for line, text in uncommented_imports(path.read_text())]
     assert not bad, ("imports inside functions without a reason: move them to the top of the module, or say "
                      "why on the line or the line above, as '# lazy: <reason> (...)' with reason one of "
                      f"{', '.join(REASONS)}:\n" + "\n".join(bad))
-
-
-def test_pending_names_files_that_exist():
-    assert not [p for p in sorted(PENDING) if not (PKG / p).is_file()]
 
 
 def test_the_check_finds_a_planted_violation():
