@@ -133,83 +133,33 @@ def generate(
     work per step as decoding, on a fixed continuation; benchmarks compare models on it). time_steps: record
     each decode step's wall time (synchronises the device every step).
     """
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids.unsqueeze(0)
-    if prompt_ids.numel() == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive number")
     device = next(iter(model.parameters())).device
-    tokens = prompt_ids.to(device=device, dtype=torch.long)
+    tokens, forced_tokens = _checked_inputs(prompt_ids, max_new_tokens, max_sequence_length, forced_tokens, device)
     b, s = tokens.shape
-    total = s + max_new_tokens
-    if max_sequence_length is not None and total > max_sequence_length:
-        raise ValueError(f"the prompt ({s} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds the "
-                         f"model's sequence length {max_sequence_length}: shorten the prompt or lower "
-                         "max_new_tokens")
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator(device=device).manual_seed(int(sampling.seed))
+    run = _Decoding(model, provider, sampling, eos_id, vocab_limit, return_logits, forced_tokens, device,
+                    StaticInferenceContext(b, s + max_new_tokens) if use_cache else None)
     if provider is not None:
         provider.pop_stats()    # count this call's transfer only
-    context = StaticInferenceContext(b, total) if use_cache else None
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    step_logits: list[Tensor] = []
-
-    if forced_tokens is not None:
-        forced_tokens = forced_tokens.to(device=device, dtype=torch.long).view(b, -1)
-        if forced_tokens.shape[1] < max_new_tokens:
-            raise ValueError(f"forced_tokens has {forced_tokens.shape[1]} tokens per sequence, fewer than "
-                             f"max_new_tokens={max_new_tokens}")
-
-    def pick(logits: Tensor, index: int) -> Tensor:
-        """The index-th new token from the last position's logits."""
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits = logits[:, :vocab_limit]
-        if return_logits:
-            step_logits.append(logits.detach().cpu())
-        nxt = sample_next(logits, sampling, generator) if forced_tokens is None else forced_tokens[:, index]
-        if eos_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-        return nxt
-
     _sync(device)
     t0 = time.perf_counter()
-    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    if provider is not None:
-        provider.prefetch(tokens)
-    logits = _forward_last(model, tokens, positions, context)
-    if context is not None:
-        context.increment_sequence_len_offset(s)
-    nxt = pick(logits, 0)
-    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    tokens = run.append(tokens, run.forward(tokens, torch.arange(s, device=device).unsqueeze(0).expand(b, s)), 0)
     num_new, decode_steps = 1, 0
-    if eos_id is not None:
-        finished |= nxt == eos_id
     _sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
     step_s: list[float] = []
-    while num_new < max_new_tokens and not (eos_id is not None and bool(finished.all())):
+    while num_new < max_new_tokens and not (eos_id is not None and bool(run.finished.all())):
         ts = time.perf_counter()
         cur = tokens.shape[1]
-        if context is not None:
+        if run.context is not None:     # the KV cache holds the rest: only the last token goes in
             step_ids = tokens[:, -1:]
             step_pos = torch.full((b, 1), cur - 1, device=device, dtype=torch.long)
-            context.enable_decode_mode()
+            run.context.enable_decode_mode()
         else:
             step_ids = tokens
             step_pos = torch.arange(cur, device=device).unsqueeze(0).expand(b, cur)
-        if provider is not None:
-            provider.prefetch(step_ids)
-        logits = _forward_last(model, step_ids, step_pos, context)
-        if context is not None:
-            context.increment_sequence_len_offset(1)
-        nxt = pick(logits, num_new)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        tokens = run.append(tokens, run.forward(step_ids, step_pos), num_new)
         num_new += 1
         decode_steps += 1
-        if eos_id is not None:
-            finished |= nxt == eos_id
         if time_steps:
             _sync(device)
             step_s.append(time.perf_counter() - ts)
@@ -218,4 +168,70 @@ def generate(
     transfer = provider.pop_stats() if provider is not None else {}
     return GenerationOutput(tokens=tokens.cpu(), num_new=num_new, prefill_s=t1 - t0, decode_s=t2 - t1,
                             decode_steps=decode_steps, decode_cpu_s=c2 - c1, step_s=step_s,
-                            step_logits=step_logits, transfer=transfer)
+                            step_logits=run.step_logits, transfer=transfer)
+
+
+def _checked_inputs(prompt_ids: Tensor, max_new_tokens: int, max_sequence_length: Optional[int],
+                    forced_tokens: Optional[Tensor], device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """The prompt as [b, s] ids on ``device`` and the forced continuation as [b, n], or a ValueError naming the
+    bad value and the fix."""
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    if prompt_ids.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive number")
+    tokens = prompt_ids.to(device=device, dtype=torch.long)
+    b, s = tokens.shape
+    total = s + max_new_tokens
+    if max_sequence_length is not None and total > max_sequence_length:
+        raise ValueError(f"the prompt ({s} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds the "
+                         f"model's sequence length {max_sequence_length}: shorten the prompt or lower "
+                         "max_new_tokens")
+    if forced_tokens is not None:
+        forced_tokens = forced_tokens.to(device=device, dtype=torch.long).view(b, -1)
+        if forced_tokens.shape[1] < max_new_tokens:
+            raise ValueError(f"forced_tokens has {forced_tokens.shape[1]} tokens per sequence, fewer than "
+                             f"max_new_tokens={max_new_tokens}")
+    return tokens, forced_tokens
+
+
+class _Decoding:
+    """One generate call's state: the KV cache's context, the sampler, which sequences produced eos, and the
+    logits kept per step (``return_logits``)."""
+
+    def __init__(self, model: Any, provider: Optional[TokenRowProvider], sampling: SamplingParams,
+                 eos_id: Optional[int], vocab_limit: Optional[int], return_logits: bool,
+                 forced_tokens: Optional[Tensor], device: torch.device, context: Any):
+        self.model, self.provider, self.sampling, self.eos_id = model, provider, sampling, eos_id
+        self.vocab_limit, self.return_logits, self.forced_tokens, self.context = (vocab_limit, return_logits,
+                                                                                 forced_tokens, context)
+        self.generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(int(sampling.seed))
+        self.step_logits: list[Tensor] = []
+        self.finished: Tensor | None = None
+
+    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """The last position's logits for ``ids`` (the provider's rows prefetched first); the cache advances."""
+        if self.provider is not None:
+            self.provider.prefetch(ids)
+        logits = _forward_last(self.model, ids, positions, self.context)
+        if self.context is not None:
+            self.context.increment_sequence_len_offset(ids.shape[1])
+        return logits
+
+    def append(self, tokens: Tensor, logits: Tensor, index: int) -> Tensor:
+        """``tokens`` with the index-th new token (sampled, or forced) appended; a finished sequence gets eos."""
+        if self.finished is None:
+            self.finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits = logits[:, :self.vocab_limit]
+        if self.return_logits:
+            self.step_logits.append(logits.detach().cpu())
+        if self.forced_tokens is None:
+            nxt = sample_next(logits, self.sampling, self.generator)
+        else:
+            nxt = self.forced_tokens[:, index]
+        if self.eos_id is not None:
+            nxt = torch.where(self.finished, torch.full_like(nxt, self.eos_id), nxt)
+            self.finished |= nxt == self.eos_id
+        return torch.cat([tokens, nxt[:, None]], dim=1)
