@@ -42,15 +42,20 @@ def test_unknown_key_is_rejected_by_the_schema():
 
 @pytest.mark.e2e
 def test_the_command_prints_the_unknown_key_and_exits_2():
-    """The README's example, through the real command line."""
+    """The README's example, taken from the README (its "$ jtok-train ..." line and the line after it) and run
+    through the real command line."""
+    import shlex
     import subprocess
     import sys
+    from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-m", "jtok_train", "model=tiny", "model.hiden_size=128"],
-                         capture_output=True, text=True, timeout=120)
+    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    (i,) = [k for k, x in enumerate(lines) if x.strip().startswith("$ jtok-train ")]
+    argv, expected = shlex.split(lines[i].strip()[2:])[1:], lines[i + 1].strip()
+    out = subprocess.run([sys.executable, "-m", "jtok_train", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == ("jtok-train: bad config: unknown config key model.hiden_size "
-                                                   "(did you mean model.hidden_size?)")
+    assert out.stderr.strip().splitlines()[-1] == expected
+    assert "unknown config key model.hiden_size (did you mean model.hidden_size?)" in expected   # the example
 
 
 def test_wrong_type_is_rejected():
