@@ -16,11 +16,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.jtok-installed   # holds the extras installed
-extras=dev,triton
-case "${1:-}" in --test|--test-fast|--docs) extras=dev,triton,docs ;; esac   # docs: make docs (a CI tier)
+extras=dev,triton,analysis
+case "${1:-}" in --test|--test-fast|--docs) extras=dev,triton,analysis,docs ;; esac   # docs: make docs (a CI tier)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements/cpu.txt -nt "$stamp" ] \
-   || { [ "$have" != "$extras" ] && [ "$have" != dev,triton,docs ]; }; then
+   || { [ "$have" != "$extras" ] && [ "$have" != dev,triton,analysis,docs ]; }; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -r requirements/cpu.txt
   .venv/bin/pip install -q -e ".[$extras]"
